@@ -1,0 +1,75 @@
+"""Typed broker settings shared by the dispatcher and the runner.
+
+These are plain pydantic models; the process's top-level settings object embeds
+them and is built once in ``main()`` (never at import time).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+
+
+class QueueNames(BaseModel):
+    """Destinations of the contract; defaults are the legacy names."""
+
+    pending: str = "/queue/ReductionPending"
+    started: str = "/queue/ReductionStarted"
+    complete: str = "/queue/ReductionComplete"
+    error: str = "/queue/ReductionError"
+    skipped: str = "/queue/ReductionSkipped"
+    # Where messages that can never be processed go, with the reason in a header.
+    dead_letter: str = "/queue/ReductionPending.DLQ"
+
+
+class BrokerSettings(BaseModel):
+    """How to reach ActiveMQ over STOMP."""
+
+    # "host:port" entries tried in order on every (re)connect: failover.
+    hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1:61613"])
+    username: str = "admin"
+    # The password itself, or a file holding it (a mounted Secret). The file wins.
+    password: SecretStr = SecretStr("")
+    password_file: Path | None = None
+    # Heartbeats in ms (send, receive). 10 s notices a dead broker or a frozen
+    # one (SIGSTOP) within ~15 s without chattering.
+    heartbeat_ms: int = Field(default=10_000, ge=0)
+    # Seconds to wait for a broker RECEIPT on a send before treating it as failed.
+    receipt_timeout_s: float = Field(default=15.0, gt=0)
+    # Reconnect backoff: first wait and ceiling, seconds.
+    reconnect_initial_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    queues: QueueNames = Field(default_factory=QueueNames)
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one broker host:port is required")
+        for entry in value:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"broker host must be host:port, got {entry!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _read_password_file(self) -> BrokerSettings:
+        if self.password_file is not None:
+            secret = self.password_file.read_text(encoding="utf-8").strip()
+            object.__setattr__(self, "password", SecretStr(secret))
+        return self
+
+    def host_and_ports(self) -> list[tuple[str, int]]:
+        pairs = []
+        for entry in self.hosts:
+            host, _, port = entry.rpartition(":")
+            pairs.append((host, int(port)))
+        return pairs

@@ -1,0 +1,187 @@
+"""Fixtures that give tests the real broker and the real Kubernetes control plane.
+
+Real components only: a broker or API server that cannot start fails the run with
+the reason (in CI) instead of skipping. Set AUTOREDUCE_TEST_BROKER=host:port (with
+AUTOREDUCE_TEST_BROKER_USER / _PASSWORD) or AUTOREDUCE_TEST_KUBECONFIG to run the
+suite against components that already exist (a kind cluster, say).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autoreduce_common.broker_settings import BrokerSettings, QueueNames
+from autoreduce_common.stomp_client import Delivery, StompClient
+from tests.harness.activemq import ActiveMQ, free_port
+
+WORK_ROOT = Path(os.environ.get("AUTOREDUCE_TEST_WORKDIR", tempfile.gettempdir()))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="run the long fault/fuzz suites")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long run: pass --long")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Iterator[Path]:
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="autoreduce-test-", dir=WORK_ROOT))
+    yield path
+
+
+# -- broker -------------------------------------------------------------------------
+
+
+class ExistingBroker:
+    """A broker we did not start: no restart support."""
+
+    def __init__(self, host: str, user: str, password: str) -> None:
+        self.host, self.user, self.password = host, user, password
+
+    def restart(self, **_: Any) -> None:
+        pytest.skip("cannot restart a broker this suite did not start")
+
+
+@pytest.fixture(scope="session")
+def broker(session_dir: Path) -> Iterator[ActiveMQ | ExistingBroker]:
+    existing = os.environ.get("AUTOREDUCE_TEST_BROKER")
+    if existing:
+        yield ExistingBroker(
+            existing,
+            os.environ.get("AUTOREDUCE_TEST_BROKER_USER", "admin"),
+            os.environ.get("AUTOREDUCE_TEST_BROKER_PASSWORD", "admin"),
+        )
+        return
+    amq = ActiveMQ(workdir=session_dir / "activemq", port=free_port())
+    amq.workdir.mkdir(parents=True, exist_ok=True)
+    amq.start()  # raises BrokerStartError with the reason: never a silent skip
+    yield amq
+    amq.stop()
+
+
+@pytest.fixture
+def queues() -> QueueNames:
+    """Queue names unique to this test, so tests sharing a broker never see each other."""
+    tag = uuid.uuid4().hex[:8]
+    base = QueueNames()
+    return QueueNames(
+        **{name: f"{value}.t{tag}" for name, value in base.model_dump().items()}
+    )
+
+
+@pytest.fixture
+def broker_settings(broker: ActiveMQ | ExistingBroker, queues: QueueNames) -> BrokerSettings:
+    return BrokerSettings(
+        hosts=[broker.host],
+        username=broker.user,
+        password=broker.password,
+        heartbeat_ms=2000,
+        reconnect_initial_s=0.2,
+        reconnect_max_s=2.0,
+        queues=queues,
+    )
+
+
+@pytest.fixture
+def stomp(broker_settings: BrokerSettings) -> Iterator[StompClient]:
+    client = StompClient(settings=broker_settings, client_name="test")
+    client.connect()
+    yield client
+    client.disconnect()
+
+
+class QueueReader:
+    """Collects messages from destinations on its own connection, acking each."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self._client = StompClient(settings=settings, client_name="test-reader")
+        self._client.connect()
+        self._sink: queue.Queue[Delivery] = queue.Queue()
+        self.seen: list[Delivery] = []
+
+    def watch(self, destination: str) -> None:
+        self._client.subscribe(destination=destination, sink=self._sink, prefetch=100)
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            delivery = self._sink.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._client.ack(delivery)
+        self.seen.append(delivery)
+
+    def wait_for(
+        self, predicate: Callable[[list[Delivery]], bool], *, timeout: float = 60.0
+    ) -> list[Delivery]:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.seen):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                summary = [(d.destination, d.body[:200]) for d in self.seen]
+                raise AssertionError(f"timed out after {timeout}s; seen: {summary}")
+            self._drain(min(remaining, 0.5))
+        return self.seen
+
+    def bodies(self, destination: str) -> list[dict[str, Any]]:
+        return [json.loads(d.body) for d in self.seen if d.destination == destination]
+
+    def settle(self, seconds: float) -> None:
+        """Collect for a while longer (to prove that nothing else arrives)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self._drain(deadline - time.monotonic())
+
+    def close(self) -> None:
+        self._client.disconnect()
+
+
+@pytest.fixture
+def reader(broker_settings: BrokerSettings) -> Iterator[QueueReader]:
+    """Subscribed to every outcome queue and the dead-letter queue of this test."""
+    r = QueueReader(broker_settings)
+    q = broker_settings.queues
+    for destination in (q.started, q.complete, q.error, q.skipped, q.dead_letter):
+        r.watch(destination)
+    yield r
+    r.close()
+
+
+# -- kubernetes ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kube(session_dir: Path) -> Iterator[Any]:
+    """The real control plane (etcd, kube-apiserver, kube-controller-manager) plus the
+    test node agent, or an existing cluster named by AUTOREDUCE_TEST_KUBECONFIG."""
+    from tests.harness.controlplane import start_local_stack
+
+    stack = start_local_stack(workdir=session_dir / "kube")
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def namespace(kube: Any) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kube.create_namespace(name)
+    yield name
+    kube.delete_namespace(name)

@@ -1,0 +1,205 @@
+"""A real ActiveMQ Classic broker (Debian's package) run as a plain Java process.
+
+The Debian wrapper forces a 512 MB heap and a fixed base dir, so we start the
+broker's own launcher jar with our config: STOMP on a free loopback port,
+``schedulerSupport`` (so AMQ_SCHEDULED_DELAY works), simple authentication, and
+KahaDB in the given directory so a restart keeps persistent messages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+ACTIVEMQ_JAR = Path("/usr/share/activemq/bin/activemq.jar")
+ACTIVEMQ_HOME = Path("/usr/share/activemq")
+LOG4J_CONF = Path("/etc/activemq/instances-available/main/log4j2.properties")
+
+_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
+<beans xmlns="http://www.springframework.org/schema/beans"
+       xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+       xsi:schemaLocation="http://www.springframework.org/schema/beans
+         http://www.springframework.org/schema/beans/spring-beans-2.0.xsd
+         http://activemq.apache.org/schema/core
+         http://activemq.apache.org/schema/core/activemq-core.xsd">
+  <broker xmlns="http://activemq.apache.org/schema/core" brokerName="autoreduce-test"
+          useJmx="false" schedulerSupport="true" persistent="true"
+          dataDirectory="{data}" schedulerDirectory="{data}/scheduler">
+    <destinationPolicy>
+      <policyMap>
+        <policyEntries>
+          <!-- JMS priority (run detection 9, manual 1, reruns 0) must order delivery. -->
+          <policyEntry queue=">" prioritizedMessages="true" useCache="false"
+                       expireMessagesPeriod="0"/>
+        </policyEntries>
+      </policyMap>
+    </destinationPolicy>
+    <plugins>
+      <simpleAuthenticationPlugin anonymousAccessAllowed="false">
+        <users>
+          <authenticationUser username="{user}" password="{password}" groups="admins,users"/>
+        </users>
+      </simpleAuthenticationPlugin>
+    </plugins>
+    <persistenceAdapter>
+      <kahaDB directory="{data}/kahadb"/>
+    </persistenceAdapter>
+    <systemUsage>
+      <systemUsage>
+        <memoryUsage><memoryUsage limit="64 mb"/></memoryUsage>
+        <storeUsage><storeUsage limit="2 gb"/></storeUsage>
+        <tempUsage><tempUsage limit="512 mb"/></tempUsage>
+      </systemUsage>
+    </systemUsage>
+    <transportConnectors>
+      <transportConnector name="stomp"
+          uri="stomp://127.0.0.1:{port}?transport.closeAsync=false"/>
+    </transportConnectors>
+  </broker>
+</beans>
+"""
+
+
+class BrokerStartError(RuntimeError):
+    """The broker did not come up; the message says why and where its log is."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stomp_answers(port: int, *, user: str, password: str) -> bool:
+    """True when a STOMP CONNECT on ``port`` gets CONNECTED back."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            frame = (
+                f"CONNECT\naccept-version:1.2\nhost:localhost\nlogin:{user}\n"
+                f"passcode:{password}\n\n\x00"
+            )
+            sock.sendall(frame.encode())
+            reply = sock.recv(4096)
+            sock.sendall(b"DISCONNECT\n\n\x00")
+            return reply.startswith(b"CONNECTED")
+    except OSError:
+        return False
+
+
+@dataclass
+class ActiveMQ:
+    """One broker process; ``restart`` keeps its KahaDB, so persistent messages survive."""
+
+    workdir: Path
+    port: int
+    user: str = "autoreduce"
+    password: str = "test-password"  # noqa: S105 - a throwaway test broker
+    heap_mb: int = 256
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "broker.log"
+
+    def _write_config(self) -> Path:
+        conf = self.workdir / "conf"
+        conf.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "data").mkdir(exist_ok=True)
+        text = _CONFIG.format(
+            data=escape(str(self.workdir / "data")),
+            user=escape(self.user),
+            password=escape(self.password),
+            port=self.port,
+        )
+        (conf / "activemq.xml").write_text(text)
+        if LOG4J_CONF.exists():
+            shutil.copy(LOG4J_CONF, conf / "log4j2.properties")
+        return conf
+
+    def start(self, *, timeout: float = 90.0) -> None:
+        if not ACTIVEMQ_JAR.exists():
+            raise BrokerStartError(
+                f"ActiveMQ is not installed ({ACTIVEMQ_JAR} missing): apt-get install activemq"
+            )
+        java = shutil.which("java")
+        if java is None:
+            raise BrokerStartError("no java on PATH: apt-get install default-jre-headless")
+        conf = self._write_config()
+        argv = [
+            java,
+            f"-Xms{min(64, self.heap_mb)}m",
+            f"-Xmx{self.heap_mb}m",
+            "-XX:+UseSerialGC",
+            f"-Dactivemq.home={ACTIVEMQ_HOME}",
+            f"-Dactivemq.base={self.workdir}",
+            f"-Dactivemq.conf={conf}",
+            f"-Dactivemq.data={self.workdir / 'data'}",
+            f"-Dlog4j2.configurationFile={conf / 'log4j2.properties'}",
+            "-jar",
+            str(ACTIVEMQ_JAR),
+            "start",
+            f"xbean:file:{conf / 'activemq.xml'}",
+        ]
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+        )
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise BrokerStartError(
+                    f"ActiveMQ exited with {self.process.returncode} while starting; "
+                    f"see {self.log_path}:\n{self._log_tail()}"
+                )
+            if stomp_answers(self.port, user=self.user, password=self.password):
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise BrokerStartError(
+            f"ActiveMQ did not answer STOMP on 127.0.0.1:{self.port} within {timeout:.0f}s; "
+            f"see {self.log_path}:\n{self._log_tail()}"
+        )
+
+    def _log_tail(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, *, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def restart(self, *, sig: int = signal.SIGTERM) -> None:
+        self.stop(sig=sig)
+        self.start()
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections hang instead of closing (fault tests)."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGCONT)
