@@ -98,6 +98,11 @@ class StompClient:
     # -- connection -----------------------------------------------------------------
 
     @property
+    def generation(self) -> int:
+        """Changes on every (re)connect: deliveries of older generations cannot be acked."""
+        return self._generation
+
+    @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
@@ -166,6 +171,9 @@ class StompClient:
     def _teardown(self) -> None:
         conn, self._conn = self._conn, None
         self._connected.clear()
+        # A deliberate disconnect: the listener's on_disconnected must not cry wolf,
+        # and acks for deliveries of the old connection become no-ops.
+        self._generation += 1
         if conn is None:
             return
         try:
@@ -200,8 +208,9 @@ class StompClient:
             conn = self._require_conn()
             self._receipts[receipt] = waiter
             try:
-                conn.send(destination=destination, body=body, headers=frame_headers,
-                          receipt=receipt)
+                conn.send(
+                    destination=destination, body=body, headers=frame_headers, receipt=receipt
+                )
             except (stomp.exception.StompException, OSError) as error:
                 self._receipts.pop(receipt, None)
                 raise BrokerError(f"send to {destination} failed: {error}") from error
@@ -277,7 +286,7 @@ class StompClient:
                     Delivery(
                         body=body,
                         headers=headers,
-                        ack_id=headers.get("ack", headers.get("message-id", "")),
+                        ack_id=str(headers.get("ack") or headers.get("message-id") or ""),
                         generation=generation,
                         destination=sub.destination,
                     )

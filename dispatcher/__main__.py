@@ -1,0 +1,162 @@
+"""``python -m dispatcher``: build settings and clients once, run until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from autoreduce_common.stomp_client import BrokerError, StompClient
+
+from dispatcher.admission import Caps
+from dispatcher.config import DispatcherSettings, load_settings
+from dispatcher.consumer import Consumer
+from dispatcher.controller import Controller
+from dispatcher.dispatch import Dispatcher
+from dispatcher.identity import Labels
+from dispatcher.kube import Kube
+from dispatcher.manifests import load_template
+from dispatcher.metrics import Metrics, serve
+from dispatcher.reporting import Reporter
+
+log = logging.getLogger("dispatcher")
+
+EXIT_CONFIG = 2
+EXIT_BROKER = 3
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(settings: DispatcherSettings) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    if settings.log_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+    logging.getLogger("stomp").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="autoreduce-dispatcher", description=__doc__)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("AUTOREDUCE_CONFIG_FILE"),
+        help="YAML settings file (environment variables override it)",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=os.environ.get("KUBECONFIG"),
+        help="kubeconfig; in-cluster credentials when unset",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        settings = load_settings(config_file=args.config)
+        template = load_template(settings.jobs.template_path)
+    except (OSError, ValueError) as error:
+        print(f"autoreduce-dispatcher: bad configuration: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    _configure_logging(settings)
+    return run(settings=settings, kubeconfig=args.kubeconfig, template=template)
+
+
+def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: object) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    metrics = Metrics()
+    kube = Kube.connect(
+        kubeconfig=kubeconfig,
+        namespace=settings.jobs.namespace,
+        qps=settings.api_qps,
+        burst=settings.api_burst,
+    )
+    client = StompClient(settings=settings.broker, client_name=settings.identity)
+    reporter = Reporter(client=client, queues=settings.broker.queues)
+    labels = Labels(settings.jobs.label_prefix)
+    caps = Caps(
+        max_running=settings.caps.max_running,
+        per_instrument={
+            name: o.max_running for name, o in settings.instruments.items() if o.max_running
+        },
+    )
+    controller = Controller(
+        kube=kube,
+        labels=labels,
+        identity=settings.identity,
+        caps=caps,
+        resync_seconds=settings.resync_seconds,
+    )
+    dispatcher = Dispatcher(
+        settings=settings,
+        kube=kube,
+        controller=controller,
+        reporter=reporter,
+        template=template,  # type: ignore[arg-type]
+        metrics=metrics,
+    )
+    consumer = Consumer(
+        client=client,
+        dispatcher=dispatcher,
+        destination=settings.broker.queues.pending,
+        workers=settings.concurrency,
+    )
+    server = None
+    if settings.http_port:
+        server = serve(
+            port=settings.http_port,
+            metrics=metrics,
+            live=lambda: True,
+            ready=lambda: client.connected and controller.api_healthy,
+        )
+    controller.start()
+    if not controller.wait_synced(timeout=60):
+        log.warning("no Job list from the API yet; consuming anyway (runs wait in the broker)")
+    if not client.ensure_connected(stop=stop):
+        return 0
+    consumer.start()
+    log.info(
+        "dispatcher %s consuming %s into namespace %s",
+        settings.identity,
+        settings.broker.queues.pending,
+        settings.jobs.namespace,
+    )
+    stop.wait()
+    log.info("SIGTERM: finishing in-flight dispatches")
+    consumer.stop(timeout=30)
+    controller.stop()
+    if server is not None:
+        server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BrokerError as error:
+        print(f"autoreduce-dispatcher: {error}", file=sys.stderr)
+        sys.exit(EXIT_BROKER)

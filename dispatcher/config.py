@@ -1,0 +1,161 @@
+"""The dispatcher's settings: one typed tree, built once in ``main()`` and passed down.
+
+Sources, later wins: defaults < YAML/JSON file (``AUTOREDUCE_CONFIG_FILE`` or
+``--config``) < environment (``AUTOREDUCE_`` prefix, ``__`` between levels, e.g.
+``AUTOREDUCE_BROKER__HOSTS=amq-a:61613,amq-b:61613``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from autoreduce_common.broker_settings import BrokerSettings
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "job.yaml.j2"
+
+
+class Resources(BaseModel):
+    """Container resources. Requests make pending pods drive the cluster autoscaler."""
+
+    requests: dict[str, str] = Field(default_factory=lambda: {"cpu": "1", "memory": "2Gi"})
+    limits: dict[str, str] = Field(default_factory=lambda: {"memory": "8Gi"})
+
+
+class Volume(BaseModel):
+    """A volume for runner pods: ``source`` is a Kubernetes volume source object
+    (e.g. ``{"persistentVolumeClaim": {"claimName": "archive"}}``)."""
+
+    name: str
+    mount_path: str
+    source: dict[str, Any]
+    read_only: bool = True
+
+
+class RunnerSpec(BaseModel):
+    """What a reduction pod looks like; every field can be overridden per instrument."""
+
+    image: str = "autoreduce-runner:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    command: list[str] = Field(default_factory=lambda: ["python", "-m", "autoreduce_runner"])
+    resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    # Seconds a reduction may run before Kubernetes kills it (legacy timeout: 3600).
+    active_deadline_seconds: int = Field(default=4 * 3600, gt=0)
+    # Archive volumes are mounted read-only, the output volume read-write.
+    archive_volumes: list[Volume] = Field(default_factory=list)
+    output_volumes: list[Volume] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    priority_class_name: str | None = None
+    run_as_user: int | None = 1000
+    run_as_group: int | None = 1000
+
+
+class InstrumentOverrides(BaseModel):
+    """Per-instrument differences from ``runner`` (unset fields inherit)."""
+
+    image: str | None = None
+    resources: Resources | None = None
+    node_selector: dict[str, str] | None = None
+    tolerations: list[dict[str, Any]] | None = None
+    active_deadline_seconds: int | None = Field(default=None, gt=0)
+    archive_volumes: list[Volume] | None = None
+    output_volumes: list[Volume] | None = None
+    env: dict[str, str] | None = None
+    # At most this many runs of the instrument reduce at once (None: no cap).
+    max_running: int | None = Field(default=None, ge=1)
+
+
+class JobSettings(BaseModel):
+    """Cluster-side naming and hygiene of reduction Jobs."""
+
+    namespace: str = "autoreduce"
+    template_path: Path = DEFAULT_TEMPLATE
+    # Prefix of every label and annotation we own: one selector finds all our Jobs.
+    label_prefix: str = "autoreduce.io"
+    # Finished Jobs (and their ConfigMaps, by owner reference) vanish after a day:
+    # long enough for an operator to read logs the morning after.
+    ttl_seconds_after_finished: int = Field(default=86_400, ge=0)
+    # Secret holding the broker password, mounted into runner pods (never in the spec).
+    broker_secret_name: str = "autoreduce-broker"  # noqa: S105 - a name, not a secret
+    broker_secret_key: str = "password"  # noqa: S105 - a key name
+    # ConfigMap with the runner's own config file (directory templates, roots).
+    runner_config_map: str | None = None
+
+    @field_validator("label_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if len(value) > 200 or not _DNS_SUBDOMAIN.match(value):
+            raise ValueError(f"label_prefix must be a DNS subdomain, got {value!r}")
+        return value
+
+
+class Caps(BaseModel):
+    """Bounds on a burst; runs beyond them wait in the cluster like RB-blocked runs."""
+
+    max_running: int | None = Field(default=None, ge=1)
+
+
+class DispatcherSettings(BaseSettings):
+    """Everything the dispatcher needs; see helm/autoreduce/values.yaml for the docs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AUTOREDUCE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    runner: RunnerSpec = Field(default_factory=RunnerSpec)
+    instruments: dict[str, InstrumentOverrides] = Field(default_factory=dict)
+    caps: Caps = Field(default_factory=Caps)
+    # Messages handled at once (and so the broker prefetch). More helps a burst;
+    # each worker holds at most one unacked message.
+    concurrency: int = Field(default=4, ge=1, le=64)
+    # Client-side API budget so a burst cannot flood the apiserver.
+    api_qps: float = Field(default=50.0, gt=0)
+    api_burst: int = Field(default=100, ge=1)
+    # Safety-net resync; admission itself is driven by the Job watch, not by this.
+    resync_seconds: float = Field(default=300.0, gt=0)
+    # Where /healthz, /readyz and /metrics are served (0 disables).
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    # Name of this replica (the pod name in a cluster): who took a Lease.
+    identity: str = "dispatcher"
+    # Run-identity-tagged JSON log lines instead of text.
+    log_json: bool = False
+    log_level: str = "INFO"
+    # Cap on the bytes of one run's message (ConfigMaps hold at most 1 MiB).
+    max_message_bytes: int = Field(default=1_000_000, ge=1024, le=1_040_000)
+
+    @field_validator("instruments")
+    @classmethod
+    def _upper(cls, value: dict[str, InstrumentOverrides]) -> dict[str, InstrumentOverrides]:
+        return {name.upper(): overrides for name, overrides in value.items()}
+
+
+def load_settings(*, config_file: Path | None) -> DispatcherSettings:
+    """Build settings from an optional file plus the environment (env wins)."""
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        loaded = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: settings file must hold a mapping")
+        file_values = loaded or {}
+    env_only = DispatcherSettings()
+    merged = _deep_merge(file_values, env_only.model_dump(exclude_unset=True))
+    return DispatcherSettings.model_validate(merged)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    result = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = _deep_merge(result[key], value)
+        else:
+            result[key] = value
+    return result

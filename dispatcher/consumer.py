@@ -1,0 +1,119 @@
+"""The STOMP side: N workers take deliveries off the subscription and settle them.
+
+stomp.py calls us on its receiver thread; we only queue the frame there. Workers
+handle messages on their own threads, and whether a message is acked is decided
+in one place, ``_settle``, after the handling returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from autoreduce_common.stomp_client import Delivery, StompClient
+
+from dispatcher.dispatch import Dispatcher, Received, TryLater, Verdict
+
+log = logging.getLogger(__name__)
+
+
+class Consumer:
+    def __init__(
+        self,
+        *,
+        client: StompClient,
+        dispatcher: Dispatcher,
+        destination: str,
+        workers: int,
+        retry_initial_s: float = 0.5,
+        retry_max_s: float = 15.0,
+    ) -> None:
+        self._client = client
+        self._dispatcher = dispatcher
+        self._destination = destination
+        self._workers = workers
+        self._sink: queue.Queue[Delivery] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._client.subscribe(
+            destination=self._destination, sink=self._sink, prefetch=self._workers
+        )
+        for index in range(self._workers):
+            thread = threading.Thread(target=self._work, name=f"dispatch-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        watchdog = threading.Thread(target=self._keep_connected, name="broker", daemon=True)
+        watchdog.start()
+        self._threads.append(watchdog)
+
+    def stop(self, *, timeout: float) -> None:
+        """Stop taking work, let in-flight dispatches finish, then disconnect."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0.1))
+        # Unacked deliveries still queued here go back to the broker on disconnect.
+        self._client.disconnect()
+
+    def _keep_connected(self) -> None:
+        while not self._stop.is_set():
+            if not self._client.connected:
+                self._client.ensure_connected(stop=self._stop)
+            self._stop.wait(0.5)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                delivery = self._sink.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            with self._lock:
+                self.in_flight += 1
+            try:
+                self._process(delivery)
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+
+    def _process(self, delivery: Delivery) -> None:
+        received = Received(body=delivery.body, headers=delivery.headers)
+        delay = self._retry_initial_s
+        verdict: Verdict | None = None
+        bugs = 0
+        while verdict is None and not self._stop.is_set():
+            try:
+                verdict = self._dispatcher.handle(received)
+            except TryLater as error:
+                if delivery.generation != self._client.generation:
+                    log.info("connection changed; the message will be redelivered")
+                    break
+                log.warning("cannot dispatch yet (%s); retrying in %.1fs", error, delay)
+            except Exception as error:
+                # A bug, not bad input. Retry a little (it may be transient), then
+                # park the message on the DLQ with the reason rather than block a
+                # worker forever: it is kept there, never silently acked away.
+                bugs += 1
+                log.exception("unexpected error dispatching %s", delivery.headers.get("message-id"))
+                if bugs >= 3:
+                    verdict = self._dispatcher.park(received, f"dispatcher error: {error!r}")
+                    break
+            if verdict is None:
+                self._stop.wait(delay)
+                delay = min(delay * 2, self._retry_max_s)
+        self._settle(delivery, verdict)
+
+    def _settle(self, delivery: Delivery, verdict: Verdict | None) -> None:
+        """The only place a delivery is acked: when the run is safe in the cluster."""
+        if verdict is Verdict.ACK:
+            if not self._client.ack(delivery):
+                log.info("ack lost with its connection; the redelivery will meet 409")
+            return
+        log.info("message %s left unacked for redelivery", delivery.headers.get("message-id"))

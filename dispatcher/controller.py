@@ -1,0 +1,304 @@
+"""The admission loop: watch Jobs, and when an RB frees up admit its next waiting run.
+
+The Job cache here is only a cache: it is rebuilt from a list on every start (and
+after any watch gap), and every decision that matters is made true by a Lease
+compare-and-swap against the API. Admission is driven by watch events, so a run
+waiting on a finished RB is unsuspended within one API round trip, not a poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dispatcher import admission
+from dispatcher.admission import Action
+from dispatcher.identity import Labels
+from dispatcher.kube import Gone, Kube, KubeError, NotFound, Unavailable
+from dispatcher.leases import RbLeases, holder_of
+
+log = logging.getLogger(__name__)
+Job = dict[str, Any]
+FinishedHook = Callable[[Job], None]
+
+
+def _rv(job: Job) -> int:
+    try:
+        return int(job.get("metadata", {}).get("resourceVersion", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+class RbQueue:
+    """A de-duplicating work queue of RB numbers (an RB queued twice runs once)."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, None] = {}
+        self._cond = threading.Condition()
+
+    def put(self, rb: str) -> None:
+        with self._cond:
+            self._items[rb] = None
+            self._cond.notify()
+
+    def get(self, *, timeout: float) -> str | None:
+        with self._cond:
+            if not self._items and not self._cond.wait(timeout):
+                return None
+            if not self._items:
+                return None
+            rb = next(iter(self._items))
+            del self._items[rb]
+            return rb
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+class JobCache:
+    """Jobs by name, fed by list+watch and by our own writes (read-your-writes)."""
+
+    def __init__(self, labels: Labels) -> None:
+        self._labels = labels
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def replace_all(self, jobs: list[Job]) -> None:
+        with self._lock:
+            self._jobs = {admission.name_of(job): job for job in jobs}
+
+    def upsert(self, job: Job) -> None:
+        name = admission.name_of(job)
+        with self._lock:
+            known = self._jobs.get(name)
+            if known is None or _rv(job) >= _rv(known):
+                self._jobs[name] = job
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._jobs.pop(name, None)
+
+    def get(self, name: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(name)
+
+    def rb_of(self, job: Job) -> str:
+        labels = job.get("metadata", {}).get("labels") or {}
+        return str(labels.get(self._labels.key("rb-number"), ""))
+
+    def of_rb(self, rb: str) -> list[Job]:
+        with self._lock:
+            return [job for job in self._jobs.values() if self.rb_of(job) == rb]
+
+    def running(self) -> list[Job]:
+        with self._lock:
+            return [job for job in self._jobs.values() if admission.is_running(job)]
+
+    def all(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def rbs(self) -> set[str]:
+        with self._lock:
+            return {self.rb_of(job) for job in self._jobs.values()}
+
+
+class Controller:
+    """Keeps every RB's Lease and Jobs consistent: at most one running run per RB."""
+
+    def __init__(
+        self,
+        *,
+        kube: Kube,
+        labels: Labels,
+        identity: str,
+        caps: admission.Caps,
+        resync_seconds: float,
+        on_finished: FinishedHook | None = None,
+    ) -> None:
+        self.kube = kube
+        self.labels = labels
+        self.caps = caps
+        self.cache = JobCache(labels)
+        self.leases = RbLeases(kube=kube, labels=labels, identity=identity)
+        self.queue = RbQueue()
+        self._resync_seconds = resync_seconds
+        self._on_finished = on_finished
+        self._stop = threading.Event()
+        self._synced = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._cap_blocked: set[str] = set()
+        self._finished_seen: set[str] = set()
+        self.admissions = 0
+        self.api_healthy = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        for target, name in ((self._watch_loop, "job-watch"), (self._work_loop, "admission")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.put("")  # wake the worker
+
+    def wait_synced(self, timeout: float) -> bool:
+        return self._synced.wait(timeout)
+
+    def observe(self, job: Job) -> None:
+        """Our own write, seen before the watch delivers it."""
+        self.cache.upsert(job)
+
+    def enqueue(self, rb: str) -> None:
+        if rb:
+            self.queue.put(rb)
+
+    # -- watch ---------------------------------------------------------------------
+
+    def _watch_loop(self) -> None:
+        selector = f"{self.labels.managed}=true"
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                resource_version = self._relist(selector)
+                backoff = 0.2
+                self._follow(selector, resource_version)
+            except Gone:
+                log.info("Job watch expired; re-listing")
+            except KubeError as error:
+                self.api_healthy = False
+                log.warning("Job watch failed (%s); re-listing in %.1fs", error, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _relist(self, selector: str) -> str:
+        jobs, resource_version = self.kube.list_jobs(selector=selector)
+        self.cache.replace_all(jobs)
+        self.api_healthy = True
+        self._synced.set()
+        for rb in self.cache.rbs():
+            self.enqueue(rb)
+        for job in jobs:
+            self._maybe_finished(job)
+        return resource_version
+
+    def _follow(self, selector: str, resource_version: str) -> None:
+        last_resync = time.monotonic()
+        while not self._stop.is_set():
+            for event in self.kube.watch_jobs(
+                selector=selector, resource_version=resource_version, timeout_s=60
+            ):
+                if event.kind == "BOOKMARK":
+                    resource_version = event.obj["metadata"]["resourceVersion"]
+                    continue
+                resource_version = event.obj.get("metadata", {}).get(
+                    "resourceVersion", resource_version
+                )
+                self._on_event(event.kind, event.obj)
+                if self._stop.is_set():
+                    return
+            if time.monotonic() - last_resync > self._resync_seconds:
+                return  # re-list: the safety net, not the admission mechanism
+
+    def _on_event(self, kind: str, job: Job) -> None:
+        name = admission.name_of(job)
+        if kind == "DELETED":
+            self.cache.remove(name)
+            self._finished_seen.discard(name)
+        else:
+            self.cache.upsert(job)
+            self._maybe_finished(job)
+        if kind == "DELETED" or admission.is_finished(job) or admission.is_waiting(job):
+            self.enqueue(self.cache.rb_of(job))
+            if admission.is_finished(job) or kind == "DELETED":
+                self._requeue_cap_blocked()
+
+    def _maybe_finished(self, job: Job) -> None:
+        name = admission.name_of(job)
+        if admission.is_finished(job) and name not in self._finished_seen:
+            self._finished_seen.add(name)
+            if self._on_finished is not None:
+                try:
+                    self._on_finished(job)
+                except Exception:
+                    # The hook reports outcomes; a bug there must not stop admission.
+                    log.exception("finished-Job hook failed for %s", name)
+
+    def _requeue_cap_blocked(self) -> None:
+        blocked, self._cap_blocked = self._cap_blocked, set()
+        for rb in blocked:
+            self.enqueue(rb)
+
+    # -- admission -----------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            rb = self.queue.get(timeout=1.0)
+            if not rb:
+                continue
+            try:
+                self.reconcile(rb)
+            except Unavailable as error:
+                log.warning("RB %s: API unavailable (%s); will retry", rb, error)
+                self._stop.wait(0.5)
+                self.enqueue(rb)
+            except KubeError as error:
+                log.error("RB %s: %s", rb, error)
+                self._stop.wait(1.0)
+                self.enqueue(rb)
+
+    def reconcile(self, rb: str) -> None:
+        """Bring one RB to its right state; safe to run any number of times anywhere."""
+        lease = self.leases.read(rb)
+        holder = holder_of(lease)
+        jobs = self.cache.of_rb(rb)
+        if holder and self.cache.get(holder) is None:
+            # Not in our cache: maybe another replica just made it. Ask the API
+            # before treating the Lease as stale.
+            confirmed = self.kube.get_job(holder)
+            if confirmed is not None:
+                self.cache.upsert(confirmed)
+                jobs = self.cache.of_rb(rb)
+        plan = admission.plan_rb(
+            labels=self.labels, holder=holder, jobs=jobs, lease_exists=lease is not None
+        )
+        if plan.action is Action.RESUME and plan.job is not None:
+            self._unsuspend(plan.job)
+        elif plan.action is Action.ADMIT and plan.job is not None:
+            self._admit(rb, plan.job, lease)
+        elif (
+            plan.action is Action.RELEASE
+            and lease is not None
+            and not self.leases.release(rb=rb, base=lease)
+        ):
+            self.enqueue(rb)  # the Lease moved under us: look again
+
+    def _admit(self, rb: str, job: Job, lease: Job | None) -> None:
+        running = [other for other in self.cache.running() if other is not job]
+        if not admission.caps_allow(labels=self.labels, caps=self.caps, job=job, running=running):
+            self._cap_blocked.add(rb)
+            return
+        name = admission.name_of(job)
+        if not self.leases.grant(rb=rb, job=name, base=lease):
+            self.enqueue(rb)  # someone else moved the Lease: look again
+            return
+        self._unsuspend(job)
+        self.admissions += 1
+        self.kube.record_event(job=job, reason="Admitted", note=f"RB {rb} is free: reducing")
+
+    def _unsuspend(self, job: Job) -> None:
+        name = admission.name_of(job)
+        try:
+            updated = self.kube.set_suspend(name, suspend=False)
+        except NotFound:
+            # Cancelled between our read and now: the Lease is stale, look again.
+            self.cache.remove(name)
+            self.enqueue(self.cache.rb_of(job))
+            return
+        self.cache.upsert(updated)

@@ -1,0 +1,255 @@
+"""Turning one pending-queue message into durable cluster state.
+
+``handle`` returns ACK only when the run is safely in the cluster (its Job and
+ConfigMap exist), was cancelled, or was dead-lettered with a reason; it raises
+``TryLater`` when the API or broker is away, and the message stays unacked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import jinja2
+from autoreduce_common.messages import MessageError, Outcome, ReductionMessage, parse_run
+from autoreduce_common.stomp_client import BrokerError
+
+from dispatcher import admission
+from dispatcher.config import DispatcherSettings
+from dispatcher.controller import Controller
+from dispatcher.identity import Labels, RunKey, job_name, run_key, tombstone_name
+from dispatcher.kube import AlreadyExists, Forbidden, Invalid, Kube, KubeError, Unavailable
+from dispatcher.manifests import (
+    Arrival,
+    TemplateError,
+    message_size,
+    owned_by,
+    render_config_map,
+    render_job,
+)
+from dispatcher.reporting import Reporter, error_body
+
+log = logging.getLogger(__name__)
+
+
+class Verdict(StrEnum):
+    ACK = "ack"
+
+
+class TryLater(Exception):
+    """Transient: leave the message unacked and try again (or let it be redelivered)."""
+
+
+@dataclass(frozen=True)
+class Received:
+    body: bytes
+    headers: Mapping[str, str]
+
+
+def arrival_of(headers: Mapping[str, str]) -> Arrival:
+    def number(key: str, default: int) -> int:
+        try:
+            return int(headers.get(key, default))
+        except (TypeError, ValueError):
+            return default
+
+    return Arrival(
+        priority=min(max(number("priority", 4), 0), 9),
+        enqueued_ms=number("timestamp", int(time.time() * 1000)),
+        message_id=str(headers.get("message-id", "")),
+    )
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        settings: DispatcherSettings,
+        kube: Kube,
+        controller: Controller,
+        reporter: Reporter,
+        template: jinja2.Template,
+        metrics: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.controller = controller
+        self.reporter = reporter
+        self.template = template
+        self.labels = Labels(settings.jobs.label_prefix)
+        self.metrics = metrics
+
+    # -- entry point ---------------------------------------------------------------
+
+    def handle(self, received: Received) -> Verdict:
+        try:
+            raw, message = parse_run(received.body)
+        except MessageError as error:
+            return self._reject(received, error.reason, raw=error.raw)
+        if message.cancel and not (message.instrument and message.rb_number):
+            return self._reject(
+                received, "cancel message needs instrument, rb_number and run_number", raw=raw
+            )
+        try:
+            if message.cancel:
+                return self._cancel(raw, message)
+            return self._accept(received, raw, message)
+        except (Unavailable, Forbidden, BrokerError) as error:
+            # Forbidden is an RBAC fault of the deployment, not of the message:
+            # keep the message until an operator fixes it.
+            raise TryLater(str(error)) from error
+        except (Invalid, TemplateError) as error:
+            return self._reject(received, f"the cluster refused the run's Job: {error}", raw=raw)
+
+    # -- runs ----------------------------------------------------------------------
+
+    def _accept(
+        self, received: Received, raw: dict[str, Any], message: ReductionMessage
+    ) -> Verdict:
+        key = run_key(message)
+        size = message_size(raw)
+        if size > self.settings.max_message_bytes:
+            return self._reject(
+                received,
+                f"message is {size} bytes; a run's message (with its script) may be at most "
+                f"{self.settings.max_message_bytes} bytes (Kubernetes ConfigMap limit)",
+                raw=raw,
+            )
+        if self._cancelled_in_advance(key, raw):
+            return Verdict.ACK
+        job = self._ensure_job(key, arrival_of(received.headers))
+        self._ensure_config_map(key, raw, job)
+        self.controller.observe(job)
+        self.controller.enqueue(key.rb_number)
+        log.info("accepted %s as Job %s", key.describe(), job_name(key))
+        return Verdict.ACK
+
+    def _ensure_job(self, key: RunKey, arrival: Arrival) -> dict[str, Any]:
+        manifest = render_job(
+            settings=self.settings, template=self.template, key=key, arrival=arrival
+        )
+        try:
+            job = self.kube.create_job(manifest)
+            if self.metrics is not None:
+                self.metrics.accepted.inc()
+            return job
+        except AlreadyExists:
+            # A redelivery (or a duplicate): the run is already in the cluster.
+            existing = self.kube.get_job(job_name(key))
+            if existing is None:
+                raise TryLater(f"Job {job_name(key)} exists and vanished; retrying") from None
+            if self.metrics is not None:
+                self.metrics.duplicates.inc()
+            return existing
+
+    def _ensure_config_map(self, key: RunKey, raw: dict[str, Any], job: dict[str, Any]) -> None:
+        config_map = owned_by(
+            render_config_map(settings=self.settings, key=key, raw=raw),
+            job_uid=job["metadata"]["uid"],
+            job=job_name(key),
+        )
+        with contextlib.suppress(AlreadyExists):
+            self.kube.create_config_map(config_map)
+
+    # -- cancellations -------------------------------------------------------------
+
+    def _cancelled_in_advance(self, key: RunKey, raw: dict[str, Any]) -> bool:
+        tombstone = tombstone_name(key)
+        if self.kube.get_config_map(tombstone) is None:
+            return False
+        self.reporter.post(
+            Outcome.ERROR, error_body(raw, message="Run cancelled before it was dispatched")
+        )
+        self.kube.delete_config_map(tombstone)
+        log.info("dropped %s: it was cancelled before it arrived", key.describe())
+        return True
+
+    def _cancel(self, raw: dict[str, Any], message: ReductionMessage) -> Verdict:
+        key = run_key(message)
+        job = self.kube.get_job(job_name(key))
+        if job is None:
+            self._remember_cancel(key)
+            return Verdict.ACK
+        if admission.is_finished(job) or admission.is_deleting(job):
+            log.info("cancel for %s ignored: it already finished", key.describe())
+            return Verdict.ACK
+        running = not admission.is_suspended(job)
+        note = "Run cancelled while reducing" if running else "Run cancelled while waiting"
+        run_raw = self._message_of(key) or {k: v for k, v in raw.items() if k != "cancel"}
+        outcome_key = self.labels.key("outcome")
+        annotations = (job.get("metadata") or {}).get("annotations") or {}
+        if annotations.get(outcome_key) != "Error":
+            # Claim the outcome first so the finished-Job hook never posts a second
+            # one; mark it posted only after the broker confirmed the send.
+            self.kube.annotate_job(job_name(key), {outcome_key: "Cancelling"})
+            self.reporter.post(Outcome.ERROR, error_body(run_raw, message=note))
+            self.kube.annotate_job(job_name(key), {outcome_key: "Error"})
+            self.kube.record_event(job=job, reason="Cancelled", note=note)
+        self.kube.delete_job(
+            job_name(key), propagation="Foreground" if running else "Background", grace_s=30
+        )
+        self.controller.enqueue(key.rb_number)
+        log.info("cancelled %s (%s)", key.describe(), "running" if running else "waiting")
+        return Verdict.ACK
+
+    def _remember_cancel(self, key: RunKey) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": tombstone_name(key),
+                "labels": {**self.labels.for_run(key), self.labels.key("cancel"): "true"},
+            },
+            "data": {"run": key.describe()},
+        }
+        with contextlib.suppress(AlreadyExists):
+            self.kube.create_config_map(body)
+        log.info("cancel for unknown %s remembered", key.describe())
+
+    def _message_of(self, key: RunKey) -> dict[str, Any] | None:
+        config_map = self.kube.get_config_map(job_name(key))
+        if config_map is None:
+            return None
+        try:
+            loaded = json.loads((config_map.get("data") or {}).get("message.json", ""))
+        except ValueError:
+            return None
+        return loaded if isinstance(loaded, dict) else None
+
+    def park(self, received: Received, reason: str) -> Verdict:
+        """Dead-letter a message we failed on repeatedly (TryLater if the broker is away)."""
+        try:
+            raw = parse_run(received.body)[0]
+        except MessageError:
+            raw = None
+        return self._reject(received, reason, raw=raw)
+
+    # -- rejects -------------------------------------------------------------------
+
+    def _reject(self, received: Received, reason: str, *, raw: dict[str, Any] | None) -> Verdict:
+        """Dead-letter with the reason; ReductionError too when the run is identifiable."""
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason=reason.split(":", maxsplit=1)[0][:60]).inc()
+        try:
+            self.reporter.dead_letter(
+                body=received.body, headers=dict(received.headers), reason=reason
+            )
+            if raw is not None and _identifiable(raw):
+                self.reporter.post(Outcome.ERROR, error_body(raw, message=reason))
+        except BrokerError as error:
+            raise TryLater(f"could not dead-letter: {error}") from error
+        return Verdict.ACK
+
+
+def _identifiable(raw: dict[str, Any]) -> bool:
+    """Consumers find a run by its run number (and instrument); without it, no error post."""
+    return raw.get("run_number") not in (None, "", []) and bool(raw.get("instrument"))
+
+
+__all__ = ["Dispatcher", "KubeError", "Received", "TryLater", "Verdict"]

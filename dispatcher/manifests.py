@@ -1,0 +1,155 @@
+"""Rendering a run into its Job and ConfigMap (pure: values in, dicts out)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from autoreduce_common.messages import encode
+
+from dispatcher.config import DispatcherSettings, RunnerSpec
+from dispatcher.identity import Labels, RunKey, job_name
+
+MESSAGE_KEY = "message.json"
+
+
+class TemplateError(ValueError):
+    """The Job template is broken or renders something that is not a Job."""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """How a message arrived: decides its place among the RB's waiting runs."""
+
+    priority: int  # JMS priority, 0-9; higher first
+    enqueued_ms: int  # broker timestamp; earlier first
+    message_id: str
+
+
+def effective_runner(settings: DispatcherSettings, instrument: str) -> RunnerSpec:
+    """The instrument's runner spec: its overrides on top of the defaults."""
+    overrides = settings.instruments.get(instrument.upper())
+    if overrides is None:
+        return settings.runner
+    changes = overrides.model_dump(exclude_none=True, exclude={"max_running"})
+    merged = settings.runner.model_dump() | changes
+    if overrides.env is not None:
+        merged["env"] = settings.runner.env | overrides.env
+    return RunnerSpec.model_validate(merged)
+
+
+def load_template(path: Path) -> jinja2.Template:
+    """Load a Job template once at start-up; StrictUndefined fails loudly."""
+    env = jinja2.Environment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # noqa: S701 - YAML, not HTML; values go through tojson
+        keep_trailing_newline=True,
+    )
+    env.policies["json.dumps_kwargs"] = {"sort_keys": True, "ensure_ascii": True}
+    try:
+        return env.from_string(path.read_text(encoding="utf-8"))
+    except (OSError, jinja2.TemplateError) as error:
+        raise TemplateError(f"cannot load Job template {path}: {error}") from error
+
+
+def annotations_for(labels: Labels, key: RunKey, arrival: Arrival) -> dict[str, str]:
+    return {
+        labels.key("priority"): str(arrival.priority),
+        labels.key("enqueued-at"): str(arrival.enqueued_ms),
+        labels.key("message-id"): arrival.message_id[:250],
+        labels.key("run"): key.describe(),
+        labels.key("runs"): ",".join(map(str, key.runs))[:4000],
+    }
+
+
+def render_job(
+    *,
+    settings: DispatcherSettings,
+    template: jinja2.Template,
+    key: RunKey,
+    arrival: Arrival,
+) -> dict[str, Any]:
+    """The Job manifest for a run, as a dict ready for the API."""
+    labels = Labels(settings.jobs.label_prefix)
+    name = job_name(key)
+    run_labels = labels.for_run(key)
+    context = {
+        "job": {
+            "name": name,
+            "namespace": settings.jobs.namespace,
+            "labels": run_labels,
+            "annotations": annotations_for(labels, key, arrival),
+            "pod_labels": run_labels,
+            "pod_annotations": {
+                # Scale-down must not kill a reduction half way through.
+                "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+                # `kubectl logs job/<name>` picks the runner without -c.
+                "kubectl.kubernetes.io/default-container": "runner",
+            },
+            "config_map": name,
+        },
+        "runner": effective_runner(settings, key.instrument).model_dump(),
+        "jobs": settings.jobs.model_dump(mode="json"),
+        "broker": {
+            "hosts": settings.broker.hosts,
+            "username": settings.broker.username,
+            "queues": settings.broker.queues.model_dump(),
+        },
+    }
+    try:
+        text = template.render(**context)
+        manifest = yaml.safe_load(text)
+    except (jinja2.TemplateError, yaml.YAMLError) as error:
+        raise TemplateError(f"Job template failed to render: {error}") from error
+    _check_job(manifest, name=name)
+    return manifest  # type: ignore[no-any-return]
+
+
+def _check_job(manifest: object, *, name: str) -> None:
+    if not isinstance(manifest, dict) or manifest.get("kind") != "Job":
+        raise TemplateError("Job template must render a single batch/v1 Job")
+    if manifest.get("metadata", {}).get("name") != name:
+        raise TemplateError("Job template must keep metadata.name = {{ job.name }}")
+    if manifest.get("spec", {}).get("suspend") is not True:
+        raise TemplateError("Job template must create the Job suspended (spec.suspend: true)")
+
+
+def render_config_map(
+    *, settings: DispatcherSettings, key: RunKey, raw: dict[str, Any]
+) -> dict[str, Any]:
+    """The ConfigMap carrying the run's message; owner reference added once the Job exists."""
+    labels = Labels(settings.jobs.label_prefix)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": job_name(key),
+            "namespace": settings.jobs.namespace,
+            "labels": labels.for_run(key),
+        },
+        "data": {MESSAGE_KEY: encode(raw).decode("utf-8")},
+    }
+
+
+def owned_by(config_map: dict[str, Any], *, job_uid: str, job: str) -> dict[str, Any]:
+    """Make the ConfigMap garbage-collected with its Job."""
+    meta = dict(config_map["metadata"])
+    meta["ownerReferences"] = [
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": job,
+            "uid": job_uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    return {**config_map, "metadata": meta}
+
+
+def message_size(raw: dict[str, Any]) -> int:
+    return len(json.dumps(raw, ensure_ascii=False).encode("utf-8"))

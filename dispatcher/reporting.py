@@ -1,0 +1,59 @@
+"""Messages the dispatcher sends: outcomes on a run's behalf and dead letters."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from autoreduce_common.broker_settings import QueueNames
+from autoreduce_common.messages import Outcome, bound_text, echo, encode
+from autoreduce_common.stomp_client import StompClient
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "autoreduce-reason"
+# A DLQ header must stay small: brokers and consoles choke on huge headers.
+MAX_REASON = 900
+
+
+def error_body(raw: dict[str, Any], *, message: str, retry_in: int | None = None) -> dict[str, Any]:
+    """ReductionError for ``raw``, with a bounded reason (consumers store it)."""
+    fields: dict[str, Any] = {"message": bound_text(message, limit=4000)}
+    if retry_in is not None:
+        fields["retry_in"] = retry_in
+    return echo(raw, **fields)
+
+
+@dataclass
+class Reporter:
+    client: StompClient
+    queues: QueueNames
+
+    def destination(self, outcome: Outcome) -> str:
+        return {
+            Outcome.STARTED: self.queues.started,
+            Outcome.COMPLETE: self.queues.complete,
+            Outcome.ERROR: self.queues.error,
+            Outcome.SKIPPED: self.queues.skipped,
+        }[outcome]
+
+    def post(self, outcome: Outcome, body: dict[str, Any]) -> None:
+        """Persistent send, confirmed by a broker receipt (BrokerError otherwise)."""
+        self.client.send(destination=self.destination(outcome), body=encode(body))
+
+    def dead_letter(self, *, body: bytes, headers: dict[str, str], reason: str) -> None:
+        """Park a message we cannot process, with why, for an operator to inspect or requeue."""
+        kept = {
+            f"original-{key}": value[:200]
+            for key, value in headers.items()
+            if key in {"message-id", "destination", "priority", "timestamp"}
+        }
+        kept[REASON_HEADER] = _header_safe(reason)[:MAX_REASON]
+        self.client.send(destination=self.queues.dead_letter, body=body, headers=kept)
+        log.warning("dead-lettered message %s: %s", headers.get("message-id", "?"), reason)
+
+
+def _header_safe(text: str) -> str:
+    # STOMP 1.2 escapes \n, \r and ':' itself; keep the header on one readable line.
+    return " ".join(text.split())
