@@ -29,6 +29,7 @@ WORK_ROOT = Path(os.environ.get("AUTOREDUCE_TEST_WORKDIR", tempfile.gettempdir()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="run the long fault/fuzz suites")
+    parser.addoption("--update-golden", action="store_true", help="rewrite golden files")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -185,3 +186,7 @@ def namespace(kube: Any) -> Iterator[str]:
     kube.create_namespace(name)
     yield name
     kube.delete_namespace(name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "golden: compares against files in tests/unit/golden")

@@ -1,0 +1,221 @@
+"""Run the product's own processes against the real stack: dispatchers and run messages.
+
+Used by the integration/e2e tests and by the demo. A dispatcher here is the real
+``python -m dispatcher`` process with a settings file, so tests can SIGKILL it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autoreduce_common.broker_settings import BrokerSettings
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHONPATH = os.pathsep.join(str(REPO / part) for part in ("", "common", "runner-image"))
+
+
+def pod_user() -> int | None:
+    """uid for runner pods: 1000 when an unprivileged user can run the project's Python
+    (the node agent runs pod processes as that user), else None (root) with a warning."""
+    probe = subprocess.run(
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups",
+         sys.executable, "-c", "import autoreduce_common"],
+        env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"},
+        capture_output=True, check=False,
+    )
+    if probe.returncode == 0:
+        return 1000
+    print(f"WARNING: uid 1000 cannot run {sys.executable}; runner pods run as root here",
+          file=sys.stderr)
+    return None
+
+
+@dataclass
+class Facility:
+    """Folders standing in for the archive (read-only in pods) and the output share."""
+
+    root: Path
+
+    @property
+    def archive(self) -> Path:
+        return self.root / "archive"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    def create(self) -> Facility:
+        for path in (self.archive, self.output):
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o777)  # pods run as uid 1000
+        self.root.chmod(0o755)
+        return self
+
+    def data_file(self, instrument: str, run: int, cycle: str = "23_4") -> str:
+        """A raw data file in the archive; returns its path as pods see it (/isis/...)."""
+        relative = Path(f"NDX{instrument}/Instrument/data/cycle_{cycle}/{instrument}{run:08d}.nxs")
+        path = self.archive / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"raw data of {instrument} run {run}\n")
+        return f"/isis/{relative}"
+
+
+def dispatcher_settings(
+    *,
+    broker: BrokerSettings,
+    password_file: Path,
+    namespace: str,
+    facility: Facility,
+    run_as_user: int | None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A settings file for a dispatcher on the local stack (plain dict, YAML-ready)."""
+    settings: dict[str, Any] = {
+        "broker": {
+            "hosts": broker.hosts,
+            "username": broker.username,
+            "password_file": str(password_file),
+            "queues": broker.queues.model_dump(),
+            "heartbeat_ms": 2000,
+            "reconnect_initial_s": 0.2,
+            "reconnect_max_s": 2.0,
+        },
+        "jobs": {"namespace": namespace, "ttl_seconds_after_finished": 3600},
+        "runner": {
+            "image": "autoreduce-runner:dev",
+            "run_as_user": run_as_user,
+            "run_as_group": run_as_user,
+            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                          "limits": {"memory": "1Gi"}},
+            "active_deadline_seconds": 300,
+            "archive_volumes": [{"name": "archive", "mount_path": "/isis",
+                                 "source": {"hostPath": {"path": str(facility.archive)}}}],
+            "output_volumes": [{"name": "output", "mount_path": "/instrument",
+                                "source": {"hostPath": {"path": str(facility.output)}}}],
+            "env": {"AUTOREDUCE_TIMEOUT_S": "120"},
+        },
+        "concurrency": 4,
+        "http_port": 0,
+        "log_level": "INFO",
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(settings.get(key), dict):
+            settings[key] = {**settings[key], **value}
+        else:
+            settings[key] = value
+    return settings
+
+
+@dataclass
+class DispatcherProcess:
+    """``python -m dispatcher`` as a child process with its own settings file."""
+
+    workdir: Path
+    settings: dict[str, Any]
+    kubeconfig: Path
+    name: str = "dispatcher"
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = field(default=0)
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def start(self) -> DispatcherProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / f"{self.name}.yaml"
+        config.write_text(yaml.safe_dump(self.settings))
+        env = {
+            **os.environ,
+            "PYTHONPATH": PYTHONPATH,
+            "AUTOREDUCE_IDENTITY": f"{self.name}-{self.starts}",
+        }
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dispatcher", "--config", str(config),
+                 "--kubeconfig", str(self.kubeconfig)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(60)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def run_message(
+    *,
+    facility: Facility,
+    instrument: str,
+    rb: int | str,
+    run: int,
+    script: str,
+    version: int = 0,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A run message as a legacy producer sends it."""
+    return {
+        "data": facility.data_file(instrument, run),
+        "facility": "ISIS",
+        "instrument": instrument,
+        "rb_number": rb,
+        "run_number": run,
+        "run_version": version,
+        "reduction_script": script,
+        "reduction_arguments": {"standard_vars": {}, "advanced_vars": {}},
+        "started_by": 0,
+        **extra,
+    }
+
+
+SLEEPY_SCRIPT = """
+import json, os, time
+def main(input_file, output_dir):
+    # Record precise start/end so tests can check per-RB exclusivity.
+    timeline = "/instrument/timeline.jsonl"
+    with open(timeline, "a") as f:
+        f.write(json.dumps({"event": "start", "file": input_file, "t": time.time()}) + "\\n")
+    time.sleep(float(os.environ.get("SLEEP", "0.3")))
+    with open(os.path.join(output_dir, "reduced.txt"), "w") as out:
+        out.write("reduced " + input_file)
+    with open(timeline, "a") as f:
+        f.write(json.dumps({"event": "end", "file": input_file, "t": time.time()}) + "\\n")
+"""
+
+
+def read_timeline(facility: Facility) -> list[dict[str, Any]]:
+    path = facility.output / "timeline.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_until(predicate: Any, *, timeout: float, interval: float = 0.2, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")

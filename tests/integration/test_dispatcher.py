@@ -1,0 +1,294 @@
+"""Dispatcher core on the real broker and the real API server (issue 4 acceptance)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+
+from autoreduce_common.broker_settings import BrokerSettings
+from autoreduce_common.stomp_client import StompClient
+from dispatcher.identity import RunKey, job_name
+from tests.conftest import QueueReader
+from tests.harness.product import (
+    SLEEPY_SCRIPT,
+    DispatcherProcess,
+    Facility,
+    dispatcher_settings,
+    pod_user,
+    read_timeline,
+    run_message,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+SELECTOR = "autoreduce.io/managed=true"
+
+
+@pytest.fixture
+def facility(tmp_path: Path) -> Facility:
+    return Facility(tmp_path / "facility").create()
+
+
+@pytest.fixture(scope="session")
+def runner_uid() -> int | None:
+    return pod_user()
+
+
+@pytest.fixture
+def batch(kube: Any) -> k8s.BatchV1Api:
+    return k8s.BatchV1Api(kube.api_client())
+
+
+@pytest.fixture
+def start_dispatcher(
+    kube: Any, namespace: str, broker_settings: BrokerSettings, facility: Facility,
+    tmp_path: Path, runner_uid: int | None,
+) -> Iterator[Callable[..., DispatcherProcess]]:
+    """Start dispatcher processes on this test's namespace and queues."""
+    password = tmp_path / "broker-password"
+    password.write_text(broker_settings.password.get_secret_value())
+    core = k8s.CoreV1Api(kube.api_client())
+    core.create_namespaced_secret(namespace, {
+        "metadata": {"name": "autoreduce-broker"},
+        "stringData": {"password": broker_settings.password.get_secret_value()},
+    })
+    started: list[DispatcherProcess] = []
+
+    def start(name: str = "dispatcher", **overrides: Any) -> DispatcherProcess:
+        settings = dispatcher_settings(
+            broker=broker_settings, password_file=password, namespace=namespace,
+            facility=facility, run_as_user=runner_uid, **overrides,
+        )
+        proc = DispatcherProcess(workdir=tmp_path / "dispatchers", settings=settings,
+                                 kubeconfig=kube.kubeconfig, name=name).start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+        if proc.process is not None and proc.process.returncode not in (0, None, -9):
+            print(proc.log()[-5000:])
+
+
+def send(stomp: StompClient, settings: BrokerSettings, body: Any, *, priority: int = 4) -> None:
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    stomp.send(destination=settings.queues.pending, body=payload, priority=priority)
+
+
+def outcomes(reader: QueueReader, settings: BrokerSettings, kind: str) -> list[dict[str, Any]]:
+    return reader.bodies(getattr(settings.queues, kind))
+
+
+def count_outcomes(settings: BrokerSettings, n: int) -> Callable[[list[Any]], bool]:
+    final = {settings.queues.complete, settings.queues.error, settings.queues.skipped}
+    return lambda seen: sum(1 for d in seen if d.destination in final) >= n
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def assert_exclusive(facility: Facility, jobs: list[Any]) -> dict[str, list[tuple[float, float]]]:
+    """No two runs of one RB overlap: from the scripts' own timeline and the Jobs."""
+    rb_of = {}
+    for job in jobs:
+        runs = job.metadata.annotations["autoreduce.io/runs"]
+        rb_of[runs] = job.metadata.labels["autoreduce.io/rb-number"]
+    spans: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for event in read_timeline(facility):
+        run = str(int(Path(event["file"]).stem[-8:]))
+        spans[rb_of[run]].setdefault(run, []).append(event["t"])
+    by_rb: dict[str, list[tuple[float, float]]] = {}
+    for rb, runs in spans.items():
+        intervals = sorted((min(ts), max(ts)) for ts in runs.values())
+        for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+            assert start >= end, f"RB {rb}: a run started at {start} before {end}"
+        by_rb[rb] = intervals
+    # The Jobs' own times (1 s resolution) tell the same story.
+    per_rb: dict[str, list[Any]] = defaultdict(list)
+    for job in jobs:
+        if job.status.start_time and job.status.completion_time:
+            per_rb[job.metadata.labels["autoreduce.io/rb-number"]].append(job)
+    for rb, rb_jobs in per_rb.items():
+        rb_jobs.sort(key=lambda j: j.status.start_time)
+        for prev, nxt in zip(rb_jobs, rb_jobs[1:], strict=False):
+            assert nxt.status.start_time >= prev.status.completion_time, f"RB {rb} overlap"
+    return by_rb
+
+
+def test_two_rbs_reduce_in_parallel_one_run_at_a_time_within_each(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, batch: k8s.BatchV1Api,
+) -> None:
+    start_dispatcher()
+    for i in range(10):
+        for rb, instrument in ((1100001, "WISH"), (1100002, "LET")):
+            send(stomp, broker_settings, run_message(
+                facility=facility, instrument=instrument, rb=rb, run=1000 + i,
+                script=SLEEPY_SCRIPT))
+    reader.wait_for(count_outcomes(broker_settings, 20), timeout=240)
+    complete = outcomes(reader, broker_settings, "complete")
+    assert len(complete) == 20, outcomes(reader, broker_settings, "error")
+    jobs = batch.list_namespaced_job(namespace, label_selector=SELECTOR).items
+    assert len(jobs) == 20
+    by_rb = assert_exclusive(facility, jobs)
+    assert set(by_rb) == {"1100001", "1100002"}
+    # In parallel: the two RBs' busy periods overlap.
+    (a_start, a_end), (b_start, b_end) = (
+        (by_rb[rb][0][0], by_rb[rb][-1][1]) for rb in ("1100001", "1100002")
+    )
+    assert a_start < b_end and b_start < a_end
+    # Each run of an RB in arrival order (same priority).
+    order = [int(Path(e["file"]).stem[-8:]) for e in read_timeline(facility)
+             if e["event"] == "start" and "WISH" in e["file"]]
+    assert order == sorted(order)
+
+
+def test_duplicate_and_redelivered_messages_give_one_job(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, batch: k8s.BatchV1Api, kube: Any,
+) -> None:
+    message = run_message(facility=facility, instrument="WISH", rb=1200001, run=7,
+                          script=SLEEPY_SCRIPT)
+    # A previous dispatcher created the Job and died before acking: the message is
+    # redelivered. We stand in for it by creating the same Job first (suspended).
+    from dispatcher.config import DispatcherSettings
+    from dispatcher.manifests import Arrival, load_template, render_job
+
+    settings = DispatcherSettings.model_validate({"jobs": {"namespace": namespace}})
+    key = RunKey(facility="ISIS", instrument="WISH", runs=(7,), version=0, rb_number="1200001")
+    manifest = render_job(settings=settings, template=load_template(settings.jobs.template_path),
+                          key=key, arrival=Arrival(priority=4, enqueued_ms=0, message_id="x"))
+    manifest["spec"]["template"]["spec"]["containers"][0]["image"] = "autoreduce-runner:dev"
+    batch.create_namespaced_job(namespace, manifest)
+    start_dispatcher()
+    send(stomp, broker_settings, message)
+    send(stomp, broker_settings, message)
+    reader.wait_for(count_outcomes(broker_settings, 1), timeout=120)
+    reader.settle(3)
+    jobs = batch.list_namespaced_job(namespace, label_selector=SELECTOR).items
+    assert [j.metadata.name for j in jobs] == [job_name(key)]
+
+
+def test_killed_dispatcher_restarts_and_waiting_runs_still_reduce_in_order(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, batch: k8s.BatchV1Api,
+) -> None:
+    first = start_dispatcher()
+    for run in range(1, 6):
+        send(stomp, broker_settings, run_message(
+            facility=facility, instrument="WISH", rb=1300001, run=run, script=SLEEPY_SCRIPT))
+    wait_until(lambda: len(batch.list_namespaced_job(namespace, label_selector=SELECTOR).items)
+               == 5, timeout=60, what="5 Jobs")
+    first.kill(signal.SIGKILL)
+    time.sleep(2)  # runs finish meanwhile: nobody admits the next one
+    start_dispatcher(name="dispatcher-restarted")
+    reader.wait_for(count_outcomes(broker_settings, 5), timeout=180)
+    assert len(outcomes(reader, broker_settings, "complete")) == 5
+    starts = [int(Path(e["file"]).stem[-8:]) for e in read_timeline(facility)
+              if e["event"] == "start"]
+    assert starts == [1, 2, 3, 4, 5]
+    assert_exclusive(facility, batch.list_namespaced_job(namespace, label_selector=SELECTOR).items)
+
+
+def test_two_dispatchers_keep_exclusivity(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, batch: k8s.BatchV1Api,
+) -> None:
+    start_dispatcher(name="a")
+    start_dispatcher(name="b")
+    for i in range(8):
+        send(stomp, broker_settings, run_message(
+            facility=facility, instrument="WISH", rb=1400001, run=100 + i, script=SLEEPY_SCRIPT))
+        send(stomp, broker_settings, run_message(
+            facility=facility, instrument="LET", rb=1400002, run=200 + i, script=SLEEPY_SCRIPT))
+    reader.wait_for(count_outcomes(broker_settings, 16), timeout=240)
+    assert len(outcomes(reader, broker_settings, "complete")) == 16
+    assert_exclusive(facility, batch.list_namespaced_job(namespace, label_selector=SELECTOR).items)
+
+
+def test_cancel_waiting_run_and_run_cancelled_before_it_arrives(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, batch: k8s.BatchV1Api,
+) -> None:
+    start_dispatcher()
+    slow = SLEEPY_SCRIPT.replace('"0.3"', '"3"')
+    holder = run_message(facility=facility, instrument="WISH", rb=1500001, run=1, script=slow)
+    waiting = run_message(facility=facility, instrument="WISH", rb=1500001, run=2,
+                          script=SLEEPY_SCRIPT)
+    send(stomp, broker_settings, holder)
+    send(stomp, broker_settings, waiting)
+    wait_until(lambda: len(batch.list_namespaced_job(namespace, label_selector=SELECTOR).items)
+               == 2, timeout=60, what="2 Jobs")
+    send(stomp, broker_settings, {**waiting, "cancel": True})
+    # A cancellation for run 3, before run 3 exists.
+    early = run_message(facility=facility, instrument="WISH", rb=1500001, run=3,
+                        script=SLEEPY_SCRIPT)
+    send(stomp, broker_settings, {**early, "cancel": True})
+    time.sleep(1)
+    send(stomp, broker_settings, early)
+    reader.wait_for(count_outcomes(broker_settings, 3), timeout=120)
+    reader.settle(2)
+    complete = outcomes(reader, broker_settings, "complete")
+    errors = outcomes(reader, broker_settings, "error")
+    assert [m["run_number"] for m in complete] == [1]
+    assert sorted(m["run_number"] for m in errors) == [2, 3]
+    assert all("ancel" in m["message"] for m in errors)
+    starts = [e for e in read_timeline(facility) if e["event"] == "start"]
+    assert len(starts) == 1  # neither cancelled run ever ran
+
+
+BAD_BODIES = [
+    (b"this is not json", "not JSON", False),
+    (b"[1, 2, 3]", "not an object", False),
+    (json.dumps({"instrument": "WISH", "run_number": 5}).encode(), "missing required", True),
+    (json.dumps({"data": "/isis/x", "instrument": "WISH", "rb_number": "12\n34",
+                 "run_number": 5, "reduction_script": "x", "reduction_arguments": {}}).encode(),
+     "rb_number", True),
+    (json.dumps({"data": "/isis/x", "instrument": "WI SH", "rb_number": 1,
+                 "run_number": 5, "reduction_script": "x", "reduction_arguments": {}}).encode(),
+     "instrument", True),
+    (json.dumps({"data": "/isis/x", "instrument": "WISH", "rb_number": 1, "run_number": 6,
+                 "reduction_script": "#" * 1_100_000, "reduction_arguments": {}}).encode(),
+     "at most", True),
+]
+
+
+def test_bad_input_is_dead_lettered_with_a_reason_and_the_line_keeps_moving(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+) -> None:
+    dispatcher = start_dispatcher()
+    for body, _, _ in BAD_BODIES:
+        send(stomp, broker_settings, body)
+    good = run_message(facility=facility, instrument="WISH", rb=1600001, run=9,
+                       script=SLEEPY_SCRIPT)
+    send(stomp, broker_settings, good)
+    dlq = broker_settings.queues.dead_letter
+    reader.wait_for(lambda seen: sum(d.destination == dlq for d in seen) >= len(BAD_BODIES)
+                    and count_outcomes(broker_settings, 1)(seen) and any(
+                        d.destination == broker_settings.queues.complete for d in seen),
+                    timeout=120)
+    dead = {d.body: d for d in reader.seen if d.destination == dlq}
+    for body, fragment, _ in BAD_BODIES:
+        assert body in dead  # the original, untouched
+        assert fragment in dead[body].headers["autoreduce-reason"], dead[body].headers
+    errors = outcomes(reader, broker_settings, "error")
+    assert len(errors) == sum(1 for *_, identifiable in BAD_BODIES if identifiable)
+    assert dispatcher.alive()

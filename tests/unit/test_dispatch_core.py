@@ -1,0 +1,205 @@
+"""Naming, rendering and admission decisions: pure functions on plain values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from autoreduce_common.messages import parse_run
+from dispatcher import admission
+from dispatcher.config import DispatcherSettings, InstrumentOverrides, load_settings
+from dispatcher.identity import MAX_NAME, Labels, RunKey, job_name, lease_name, run_key
+from dispatcher.manifests import (
+    Arrival,
+    TemplateError,
+    effective_runner,
+    load_template,
+    owned_by,
+    render_config_map,
+    render_job,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+LABELS = Labels("autoreduce.io")
+
+
+def key(**overrides: Any) -> RunKey:
+    values: dict[str, Any] = {
+        "facility": "ISIS", "instrument": "WISH", "runs": (12345,), "version": 0,
+        "rb_number": "1234567",
+    }
+    values.update(overrides)
+    return RunKey(**values)
+
+
+def test_job_name_is_deterministic_and_fits() -> None:
+    assert job_name(key()) == job_name(key())
+    assert job_name(key()) != job_name(key(version=1))
+    assert job_name(key()) != job_name(key(runs=(12345, 12346)))
+    long = key(instrument="A" * 40, runs=(10**12,), version=9999)
+    assert len(job_name(long)) <= MAX_NAME
+    assert job_name(key()).startswith("red-wish-12345-v0-")
+
+
+def test_run_key_from_message_sorts_batches() -> None:
+    body = {"data": "/d", "instrument": "wish", "rb_number": 7, "run_number": [3, 1, 2],
+            "reduction_script": "x", "reduction_arguments": {}}
+    _, message = parse_run(json.dumps(body))
+    assert run_key(message).runs == (1, 2, 3)
+    assert lease_name("ABC123") == "rb-abc123"
+
+
+def _settings(**overrides: Any) -> DispatcherSettings:
+    return DispatcherSettings.model_validate(overrides)
+
+
+def test_instrument_overrides_merge_over_defaults() -> None:
+    settings = _settings(
+        runner={"env": {"A": "1"}},
+        instruments={"wish": InstrumentOverrides(image="mantid:6.9", env={"B": "2"})},
+    )
+    runner = effective_runner(settings, "WISH")
+    assert runner.image == "mantid:6.9"
+    assert runner.env == {"A": "1", "B": "2"}
+    assert effective_runner(settings, "LET").image == settings.runner.image
+
+
+def render(settings: DispatcherSettings, run: RunKey) -> dict[str, Any]:
+    template = load_template(settings.jobs.template_path)
+    return render_job(settings=settings, template=template, key=run,
+                      arrival=Arrival(priority=9, enqueued_ms=1000, message_id="ID:1"))
+
+
+def test_default_template_matches_golden_file(request: pytest.FixtureRequest) -> None:
+    settings = _settings(
+        runner={"archive_volumes": [{"name": "archive", "mount_path": "/archive",
+                                     "source": {"hostPath": {"path": "/srv/archive"}}}],
+                "output_volumes": [{"name": "output", "mount_path": "/output",
+                                    "source": {"persistentVolumeClaim": {"claimName": "out"}}}]},
+    )
+    rendered = yaml.safe_dump(render(settings, key()), sort_keys=True)
+    golden = GOLDEN / "job-default.yaml"
+    if request.config.getoption("--update-golden", default=False) or not golden.exists():
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(rendered)
+    assert rendered == golden.read_text(), "rerun with --update-golden if the change is intended"
+
+
+def test_job_properties_the_design_relies_on() -> None:
+    job = render(_settings(), key())
+    spec = job["spec"]
+    assert spec["suspend"] is True and spec["backoffLimit"] == 0
+    pod = spec["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["restartPolicy"] == "Never"
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert job["metadata"]["labels"]["autoreduce.io/rb-number"] == "1234567"
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert "AUTOREDUCE_BROKER__PASSWORD" not in env  # credentials only via the Secret
+
+
+def test_hostile_strings_stay_values(tmp_path: Path) -> None:
+    settings = _settings(runner={"env": {"X": "a\"\nkind: Secret\n{{ 1 }}"}})
+    job = render(settings, key())
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["X"] == "a\"\nkind: Secret\n{{ 1 }}"
+    assert job["kind"] == "Job"
+
+
+def test_broken_template_fails_loudly(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml.j2"
+    path.write_text("kind: Job\nmetadata: {name: {{ job.nmae }}}\n")
+    with pytest.raises(TemplateError, match="nmae"):
+        render(_settings(jobs={"template_path": path}), key())
+    path.write_text("kind: Pod\n")
+    with pytest.raises(TemplateError, match="single batch/v1 Job"):
+        render(_settings(jobs={"template_path": path}), key())
+
+
+def test_config_map_carries_message_and_is_owned() -> None:
+    raw = {"a": 1, "unknown": [1]}
+    cm = owned_by(render_config_map(settings=_settings(), key=key(), raw=raw),
+                  job_uid="uid-1", job=job_name(key()))
+    assert json.loads(cm["data"]["message.json"]) == raw
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_settings_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "settings.yaml"
+    path.write_text("jobs: {namespace: facility}\nbroker: {hosts: 'a:1,b:2', username: u}\n")
+    monkeypatch.setenv("AUTOREDUCE_BROKER__USERNAME", "from-env")
+    settings = load_settings(config_file=path)
+    assert settings.jobs.namespace == "facility"
+    assert settings.broker.hosts == ["a:1", "b:2"]
+    assert settings.broker.username == "from-env"
+    path.write_text("jobz: {}\n")
+    with pytest.raises(ValueError, match="jobz"):
+        load_settings(config_file=path)
+
+
+# -- admission -----------------------------------------------------------------------
+
+
+def job(name: str, *, suspended: bool = True, finished: str | None = None,
+        priority: int = 4, at: int = 0, instrument: str = "WISH") -> dict[str, Any]:
+    conditions = [{"type": finished, "status": "True"}] if finished else []
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {"autoreduce.io/instrument": instrument, "autoreduce.io/rb-number": "1"},
+            "annotations": {"autoreduce.io/priority": str(priority),
+                            "autoreduce.io/enqueued-at": str(at)},
+        },
+        "spec": {"suspend": suspended},
+        "status": {"conditions": conditions},
+    }
+
+
+def test_next_waiting_is_priority_then_arrival() -> None:
+    jobs = [job("a", at=1), job("b", at=0), job("c", at=5, priority=9)]
+    assert admission.next_waiting(LABELS, jobs)["metadata"]["name"] == "c"
+    assert admission.next_waiting(LABELS, jobs[:2])["metadata"]["name"] == "b"
+
+
+def test_plan_keeps_a_running_holder() -> None:
+    jobs = [job("run", suspended=False), job("wait")]
+    plan = admission.plan_rb(labels=LABELS, holder="run", jobs=jobs, lease_exists=True)
+    assert plan.action is admission.Action.KEEP
+
+
+def test_plan_resumes_a_granted_but_suspended_holder() -> None:
+    plan = admission.plan_rb(labels=LABELS, holder="wait", jobs=[job("wait")], lease_exists=True)
+    assert plan.action is admission.Action.RESUME
+
+
+@pytest.mark.parametrize("holder", ["finished", "gone", None])
+def test_plan_hands_over_from_stale_or_missing_holder(holder: str | None) -> None:
+    jobs = [job("finished", suspended=False, finished="Complete"), job("next")]
+    plan = admission.plan_rb(labels=LABELS, holder=holder, jobs=jobs, lease_exists=bool(holder))
+    assert plan.action is admission.Action.ADMIT
+    assert plan.job is not None and plan.job["metadata"]["name"] == "next"
+
+
+def test_plan_releases_when_nobody_waits() -> None:
+    jobs = [job("done", suspended=False, finished="Failed")]
+    assert admission.plan_rb(labels=LABELS, holder="done", jobs=jobs,
+                             lease_exists=True).action is admission.Action.RELEASE
+    assert admission.plan_rb(labels=LABELS, holder=None, jobs=[],
+                             lease_exists=False).action is admission.Action.IDLE
+
+
+def test_caps() -> None:
+    running = [job("r1", suspended=False), job("r2", suspended=False, instrument="LET")]
+    caps = admission.Caps(max_running=2, per_instrument={})
+    assert not admission.caps_allow(labels=LABELS, caps=caps, job=job("n"), running=running)
+    caps = admission.Caps(max_running=None, per_instrument={"WISH": 1})
+    assert not admission.caps_allow(labels=LABELS, caps=caps, job=job("n"), running=running)
+    assert admission.caps_allow(labels=LABELS, caps=caps, job=job("n", instrument="LET"),
+                                running=running)
