@@ -224,6 +224,10 @@ class LocalKube:
 
     # -- clients ---------------------------------------------------------------------
 
+    @property
+    def kubectl_binary(self) -> str:
+        return _kubectl_binary()
+
     def api_client(self) -> kube_client.ApiClient:
         return kube_config.new_client_from_config(config_file=str(self.kubeconfig))
 

@@ -61,6 +61,9 @@ def _mount_lines(spec: LaunchSpec) -> list[str]:
         lines.append(f"/bin/mount --bind {_q(m.source)} {_q(m.target)}")
         if m.read_only:
             lines.append(f"/bin/mount -o remount,bind,ro {_q(m.target)}")
+        elif spec.read_only_root:
+            # A bind taken from the read-only root inherits its flag: lift it again.
+            lines.append(f"/bin/mount -o remount,bind,rw {_q(m.target)}")
     return lines
 
 
