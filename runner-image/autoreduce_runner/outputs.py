@@ -21,7 +21,7 @@ from autoreduce_runner.paths import PathError, require_within
 _PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-class PermissionProblem(OSError):
+class PermissionProblem(Exception):
     """A directory the run needs is not writable: retryable (``retry_in``)."""
 
 
@@ -51,7 +51,7 @@ def ensure_writable_dir(path: str) -> None:
     except OSError as error:
         if is_permission_error(error):
             raise PermissionProblem(
-                error.errno, f"cannot write to {path}: {error.strerror or error}"
+                f"cannot write to {path}: {error.strerror or error}"
             ) from error
         raise
 
