@@ -29,7 +29,7 @@ def pod_user() -> int | None:
     (the node agent runs pod processes as that user), else None (root) with a warning."""
     probe = subprocess.run(
         ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups",
-         sys.executable, "-c", "import autoreduce_common"],
+         sys.executable, "-c", "import autoreduce_common.messages, stomp, yaml"],
         env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"},
         capture_output=True, check=False,
     )

@@ -11,6 +11,7 @@ writes the exit code to a host file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -45,6 +46,22 @@ def _q(value: str | Path) -> str:
     return shlex.quote(str(value))
 
 
+def _under(path: str | Path, root: str | Path) -> bool:
+    path, root = str(path), str(root).rstrip("/") or "/"
+    return root == "/" or path == root or path.startswith(root + "/")
+
+
+def _mount_order(mounts: list[Mount]) -> list[Mount]:
+    """Parents before children, and a mount that would hide another mount's source
+    (an emptyDir at /tmp over hostPath sources in /tmp) after the mounts it hides."""
+
+    def key(m: Mount) -> tuple[bool, int]:
+        shadows = any(o is not m and _under(o.source, m.target) for o in mounts)
+        return (shadows, str(m.target).count("/"))
+
+    return sorted(mounts, key=key)
+
+
 def _mount_lines(spec: LaunchSpec) -> list[str]:
     lines = []
     # Mount points first, while / is still writable (they stay behind, empty, on the host).
@@ -57,7 +74,7 @@ def _mount_lines(spec: LaunchSpec) -> list[str]:
     if spec.read_only_root:
         # / is not a bind mount, so it cannot be flipped read-only in place: stack one.
         lines.append("/bin/mount --rbind / / && /bin/mount -o remount,bind,ro /")
-    for m in spec.mounts:
+    for m in _mount_order(spec.mounts):
         lines.append(f"/bin/mount --bind {_q(m.source)} {_q(m.target)}")
         if m.read_only:
             lines.append(f"/bin/mount -o remount,bind,ro {_q(m.target)}")
@@ -125,17 +142,13 @@ def launch(spec: LaunchSpec) -> subprocess.Popen[bytes]:
 
 
 def signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
     if sig == signal.SIGKILL:
         # Processes that left the group still die with the namespace's PID 1.
         for child in children_of(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def children_of(pid: int) -> list[int]:
