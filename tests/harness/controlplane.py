@@ -77,6 +77,8 @@ class Component:
     healthy: Callable[[], bool]
     env: dict[str, str] | None = None
     stop_signal: int = signal.SIGTERM
+    # Graceful stop, then SIGKILL: the apiserver keeps a watch connection open for ever.
+    stop_timeout: float = 20.0
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, timeout: float = 60.0) -> None:
@@ -109,7 +111,8 @@ class Component:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, *, sig: int | None = None, timeout: float = 20.0) -> None:
+    def stop(self, *, sig: int | None = None, timeout: float | None = None) -> None:
+        timeout = self.stop_timeout if timeout is None else timeout
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return
@@ -143,7 +146,9 @@ def _kubeconfig(*, server: str, ca: Path, user: str, cred: dict[str, str]) -> di
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "local", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "clusters": [
+            {"name": "local", "cluster": {"server": server, "certificate-authority": str(ca)}}
+        ],
         "users": [{"name": user, "user": cred}],
         "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
         "current-context": "local",
@@ -164,8 +169,8 @@ def default_image_map() -> dict[str, Any]:
     return {
         "autoreduce-runner": {"env": env, "command": ["python", "-m", "autoreduce_runner"]},
         "autoreduce-dispatcher": {"env": env, "command": ["python", "-m", "dispatcher"]},
-        "python": {"env": env, "command": ["python3"]},
-        "busybox": {"env": env, "command": ["sh"]},
+        "python": {"env": env, "args": ["python3"]},
+        "busybox": {"env": env, "args": ["sh"]},
         "test": {"env": env},
     }
 
@@ -229,10 +234,15 @@ class LocalKube:
         return _kubectl_binary()
 
     def api_client(self) -> kube_client.ApiClient:
-        return kube_config.new_client_from_config(config_file=str(self.kubeconfig))
+        """A new admin client; use it as a context manager to close its pool."""
+        api: kube_client.ApiClient = kube_config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=str(self.kubeconfig)
+        )
+        return api
 
-    def kubectl(self, *args: str, check: bool = False, timeout: float = 60.0,
-                input: str | None = None) -> subprocess.CompletedProcess[str]:  # noqa: A002
+    def kubectl(
+        self, *args: str, check: bool = False, timeout: float = 60.0, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [_kubectl_binary(), "--kubeconfig", str(self.kubeconfig), *args],
             capture_output=True, text=True, check=check, timeout=timeout, input=input,
@@ -264,10 +274,11 @@ class LocalKube:
             tok = kube_client.CoreV1Api(api).create_namespaced_service_account_token(
                 name, namespace, req
             )
+        assert tok.status is not None
         path = self.workdir / "kubeconfigs" / f"sa-{namespace}-{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         cfg = _kubeconfig(server=self.server, ca=self.ca_file, user=f"{namespace}-{name}",
-                          cred={"token": tok.status.token})  # fmt: skip
+                          cred={"token": str(tok.status.token)})  # fmt: skip
         path.write_text(yaml.safe_dump(cfg))
         return path
 
@@ -288,7 +299,9 @@ class LocalKube:
 
     def _require_local(self) -> None:
         if self.apiserver is None:
-            raise NotImplementedError("fault injection needs the local stack, not an existing cluster")
+            raise NotImplementedError(
+                "fault injection needs the local stack, not an existing cluster"
+            )
 
     def stop_apiserver(self) -> None:
         self._require_local()
@@ -347,8 +360,11 @@ def _etcd(workdir: Path) -> tuple[Component, int]:
         "--unsafe-no-fsync",  # test data: speed over durability
         "--quota-backend-bytes", str(2 * 1024**3), "--log-level", "warn",
     ]  # fmt: skip
-    comp = Component("etcd", argv, workdir / "logs" / "etcd.log",
-                     lambda: _http_ok(f"http://127.0.0.1:{client}/health"))  # fmt: skip
+    comp = Component(
+        "etcd", argv, workdir / "logs" / "etcd.log",
+        lambda: _http_ok(f"http://127.0.0.1:{client}/health"),
+        stop_timeout=5.0,  # it waits for the apiserver's gRPC streams to go away
+    )  # fmt: skip
     return comp, client
 
 
@@ -380,6 +396,7 @@ def _apiserver(workdir: Path, pki: ClusterPKI, etcd_port: int, port: int) -> Com
         "kube-apiserver", argv, workdir / "logs" / "kube-apiserver.log",
         lambda: _https_ok(f"https://127.0.0.1:{port}/readyz", context)
         and _https_ok(f"https://127.0.0.1:{port}/livez", context),
+        stop_timeout=5.0,
     )  # fmt: skip
 
 
@@ -408,7 +425,9 @@ def _controller_manager(workdir: Path, pki: ClusterPKI, kubeconfig: Path) -> Com
     )  # fmt: skip
 
 
-def _node_agent(kube: LocalKube, name: str, *, labels: dict[str, str], taints: list[str]) -> NodeAgent:
+def _node_agent(
+    kube: LocalKube, name: str, *, labels: dict[str, str], taints: list[str]
+) -> NodeAgent:
     assert kube.pki is not None and kube.image_map is not None
     port = free_port()
     workdir = kube.workdir / "nodes" / name
@@ -438,7 +457,10 @@ def _wait_node_ready(kube: LocalKube, name: str, agent: NodeAgent, timeout: floa
         while time.monotonic() < deadline:
             try:
                 node = core.read_node(name)
-                if any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or []):
+                if any(
+                    c.type == "Ready" and c.status == "True"
+                    for c in (node.status.conditions if node.status else None) or []
+                ):
                     return
             except kube_client.ApiException:
                 pass
@@ -452,16 +474,24 @@ def _wait_node_ready(kube: LocalKube, name: str, agent: NodeAgent, timeout: floa
 def _write_admin_kubeconfig(workdir: Path, pki: ClusterPKI, server: str) -> Path:
     path = workdir / "admin.kubeconfig"
     cred = {"client-certificate": str(pki.admin.cert), "client-key": str(pki.admin.key)}
-    path.write_text(yaml.safe_dump(_kubeconfig(server=server, ca=pki.ca.cert, user="admin", cred=cred)))
+    path.write_text(
+        yaml.safe_dump(_kubeconfig(server=server, ca=pki.ca.cert, user="admin", cred=cred))
+    )
     kcm = workdir / "controller-manager.kubeconfig"
     kcm_cred = {"client-certificate": str(pki.controller_manager.cert),
                 "client-key": str(pki.controller_manager.key)}  # fmt: skip
-    kcm.write_text(yaml.safe_dump(_kubeconfig(server=server, ca=pki.ca.cert, user="kcm", cred=kcm_cred)))
+    kcm.write_text(
+        yaml.safe_dump(_kubeconfig(server=server, ca=pki.ca.cert, user="kcm", cred=kcm_cred))
+    )
     return path
 
 
 def _check_binaries() -> None:
-    missing = [b for b in ("etcd", "kube-apiserver", "kube-controller-manager") if not (BIN_DIR / b).exists()]
+    missing = [
+        b
+        for b in ("etcd", "kube-apiserver", "kube-controller-manager")
+        if not (BIN_DIR / b).exists()
+    ]
     if missing:
         raise StackStartError(
             f"control-plane binaries missing from {BIN_DIR}: {', '.join(missing)}; build them with "
@@ -480,7 +510,9 @@ def _existing(workdir: Path, kubeconfig: str) -> LocalKube:
         ca.write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
     elif "certificate-authority" in cluster:
         ca = Path(cluster["certificate-authority"])
-    return LocalKube(workdir=workdir, kubeconfig=Path(kubeconfig), server=cluster["server"], ca_file=ca)
+    return LocalKube(
+        workdir=workdir, kubeconfig=Path(kubeconfig), server=cluster["server"], ca_file=ca
+    )
 
 
 def start_local_stack(*, workdir: Path) -> LocalKube:
@@ -500,7 +532,9 @@ def start_local_stack(*, workdir: Path) -> LocalKube:
     kube = LocalKube(
         workdir=workdir, kubeconfig=kubeconfig, server=server, ca_file=pki.ca.cert, pki=pki,
         etcd=etcd, apiserver=_apiserver(workdir, pki, etcd_port, port),
-        controller_manager=_controller_manager(workdir, pki, workdir / "controller-manager.kubeconfig"),
+        controller_manager=_controller_manager(
+            workdir, pki, workdir / "controller-manager.kubeconfig"
+        ),
         image_map=image_map, etcd_port=etcd_port, apiserver_port=port,
     )  # fmt: skip
     atexit.register(kube.stop)

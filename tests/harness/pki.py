@@ -41,7 +41,8 @@ def make_ca(directory: Path, *, name: str = "autoreduce-test-ca") -> CertPair:
     directory.mkdir(parents=True, exist_ok=True)
     pair = CertPair(directory / "ca.crt", directory / "ca.key")
     _openssl(
-        "req", "-x509", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-sha256",
+        "req", "-x509", "-new", "-nodes", "-sha256",
+        "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
         "-keyout", str(pair.key), "-out", str(pair.cert), "-days", "3650",
         "-subj", f"/CN={name}",
         "-addext", "basicConstraints=critical,CA:TRUE",

@@ -34,7 +34,9 @@ def batch(api: client.ApiClient) -> client.BatchV1Api:
     return client.BatchV1Api(api)
 
 
-def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 30.0, every: float = 0.1) -> Any:
+def wait_for(
+    what: str, check: Callable[[], Any], *, timeout: float = 30.0, every: float = 0.1
+) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -79,7 +81,9 @@ def pod_body(name: str, command: list[str], *, pod: dict[str, Any] | None = None
 
 def job_condition(batch: client.BatchV1Api, ns: str, name: str, kind: str) -> Any:
     job = batch.read_namespaced_job_status(name, ns)
-    return next((c for c in job.status.conditions or [] if c.type == kind and c.status == "True"), None)
+    return next(
+        (c for c in job.status.conditions or [] if c.type == kind and c.status == "True"), None
+    )
 
 
 def job_pods(core: client.CoreV1Api, ns: str, name: str) -> list[client.V1Pod]:
@@ -89,7 +93,9 @@ def job_pods(core: client.CoreV1Api, ns: str, name: str) -> list[client.V1Pod]:
 def finished_pod(core: client.CoreV1Api, ns: str, name: str, timeout: float = 30) -> client.V1Pod:
     return wait_for(
         f"pod {name} to finish",
-        lambda: (p := core.read_namespaced_pod(name, ns)).status.phase in ("Succeeded", "Failed") and p,
+        lambda: (
+            (p := core.read_namespaced_pod(name, ns)).status.phase in ("Succeeded", "Failed") and p
+        ),
         timeout=timeout,
     )
 
@@ -104,7 +110,9 @@ def pod_log(core: client.CoreV1Api, ns: str, name: str) -> str:
 def test_job_completes_and_logs_go_through_apiserver(
     kube: Any, namespace: str, batch: client.BatchV1Api, core: client.CoreV1Api
 ) -> None:
-    batch.create_namespaced_job(namespace, job_body("hello", ["sh", "-c", "echo hello from $HOSTNAME; echo err >&2"]))
+    batch.create_namespaced_job(
+        namespace, job_body("hello", ["sh", "-c", "echo hello from $HOSTNAME; echo err >&2"])
+    )
     wait_for("Complete", lambda: job_condition(batch, namespace, "hello", "Complete"))
     (pod,) = job_pods(core, namespace, "hello")
     assert pod.status.phase == "Succeeded"
@@ -117,7 +125,9 @@ def test_job_completes_and_logs_go_through_apiserver(
     assert f"hello from {pod.metadata.name}" in out.stdout
 
 
-def test_failing_job_reports_exit_code(namespace: str, batch: client.BatchV1Api, core: client.CoreV1Api) -> None:
+def test_failing_job_reports_exit_code(
+    namespace: str, batch: client.BatchV1Api, core: client.CoreV1Api
+) -> None:
     batch.create_namespaced_job(namespace, job_body("fails", ["sh", "-c", "echo bye; exit 3"]))
     wait_for("Failed", lambda: job_condition(batch, namespace, "fails", "Failed"))
     (pod,) = job_pods(core, namespace, "fails")
@@ -126,19 +136,28 @@ def test_failing_job_reports_exit_code(namespace: str, batch: client.BatchV1Api,
     assert (term.exit_code, term.reason) == (3, "Error")
 
 
-def test_job_active_deadline_kills_pod(namespace: str, batch: client.BatchV1Api, core: client.CoreV1Api) -> None:
+def test_job_active_deadline_kills_pod(
+    namespace: str, batch: client.BatchV1Api, core: client.CoreV1Api
+) -> None:
     body = job_body("slow", ["sleep", "300"], spec={"activeDeadlineSeconds": 2})
     batch.create_namespaced_job(namespace, body)
     cond = wait_for("Failed", lambda: job_condition(batch, namespace, "slow", "Failed"), timeout=40)
     assert cond.reason == "DeadlineExceeded"
-    wait_for("the pod to go", lambda: not job_pods(core, namespace, "slow") or all(
-        p.status.phase == "Failed" for p in job_pods(core, namespace, "slow")))
+    wait_for(
+        "the pod to go",
+        lambda: (
+            not job_pods(core, namespace, "slow")
+            or all(p.status.phase == "Failed" for p in job_pods(core, namespace, "slow"))
+        ),
+    )
 
 
 def test_termination_message_from_file(namespace: str, core: client.CoreV1Api) -> None:
     script = "echo done-message > /dev/termination-log; exit 1"
-    core.create_namespaced_pod(namespace, pod_body("msg", ["sh", "-c", script],
-                                                   pod={"securityContext": {"runAsUser": 1000}}))
+    core.create_namespaced_pod(
+        namespace,
+        pod_body("msg", ["sh", "-c", script], pod={"securityContext": {"runAsUser": 1000}}),
+    )
     pod = finished_pod(core, namespace, "msg")
     assert pod.status.container_statuses[0].state.terminated.message.strip() == "done-message"
 
@@ -151,8 +170,13 @@ def test_suspended_job_starts_only_when_unsuspended(
     assert job_pods(core, namespace, "later") == []
     t0 = time.monotonic()
     batch.patch_namespaced_job("later", namespace, {"spec": {"suspend": False}})
-    wait_for("a running pod", lambda: any(
-        p.status.phase in ("Running", "Succeeded") for p in job_pods(core, namespace, "later")), timeout=10)
+    wait_for(
+        "a running pod",
+        lambda: any(
+            p.status.phase in ("Running", "Succeeded") for p in job_pods(core, namespace, "later")
+        ),
+        timeout=10,
+    )
     assert time.monotonic() - t0 < 10
     wait_for("Complete", lambda: job_condition(batch, namespace, "later", "Complete"))
 
@@ -207,10 +231,16 @@ def test_server_side_dry_run_rejects_invalid_job(namespace: str, batch: client.B
 # -- volumes, env, tokens ------------------------------------------------------------------
 
 
-def test_configmap_volume_and_env_sources(namespace: str, core: client.CoreV1Api, tmp_path: Path) -> None:
-    core.create_namespaced_config_map(namespace, {"metadata": {"name": "cfg"},
-                                                  "data": {"settings.yaml": "a: 1\n", "MODE": "fast"}})
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "sec"}, "stringData": {"pw": "s3cret"}})
+def test_configmap_volume_and_env_sources(
+    namespace: str, core: client.CoreV1Api, tmp_path: Path
+) -> None:
+    core.create_namespaced_config_map(
+        namespace,
+        {"metadata": {"name": "cfg"}, "data": {"settings.yaml": "a: 1\n", "MODE": "fast"}},
+    )
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "sec"}, "stringData": {"pw": "s3cret"}}
+    )
     host = tmp_path / "host"
     host.mkdir()
     (host / "data.txt").write_text("from host\n")
@@ -280,7 +310,10 @@ def test_no_token_when_automount_disabled(namespace: str, core: client.CoreV1Api
 
 
 def test_memory_limit_gives_oomkilled(namespace: str, core: client.CoreV1Api) -> None:
-    script = "import time\nx = bytearray(300 * 1024 * 1024)\nx[::4096] = b'1' * len(x[::4096])\ntime.sleep(30)"
+    # Touch every page so the memory is resident, then hold it.
+    script = (
+        "import time\nx = bytearray(300 << 20)\nx[::4096] = b'1' * len(x[::4096])\ntime.sleep(30)"
+    )
     body = pod_body("oom", ["python", "-c", script], resources={"limits": {"memory": "100Mi"}})
     core.create_namespaced_pod(namespace, body)
     pod = finished_pod(core, namespace, "oom")
@@ -313,8 +346,12 @@ def _pid_alive(pid: int) -> bool:
 
 def test_deleting_a_pod_kills_its_process(namespace: str, core: client.CoreV1Api) -> None:
     marker = uuid.uuid4().hex
-    core.create_namespaced_pod(namespace, pod_body("victim", ["sh", "-c", f"echo $$; exec sleep 300 # {marker}"]))
-    wait_for("running", lambda: core.read_namespaced_pod("victim", namespace).status.phase == "Running")
+    core.create_namespaced_pod(
+        namespace, pod_body("victim", ["sh", "-c", f"echo $$; exec sleep 300 # {marker}"])
+    )
+    wait_for(
+        "running", lambda: core.read_namespaced_pod("victim", namespace).status.phase == "Running"
+    )
     pids = wait_for("the sleep", lambda: _pids_with(marker))
     core.delete_namespaced_pod("victim", namespace, grace_period_seconds=5)
     wait_for("the pod to be gone", lambda: _gone(core, namespace, "victim"), timeout=20)
@@ -343,8 +380,12 @@ def _gone(core: client.CoreV1Api, ns: str, name: str) -> bool:
 
 def test_evict_hook_fails_pod_as_evicted(namespace: str, core: client.CoreV1Api) -> None:
     core.create_namespaced_pod(namespace, pod_body("evictee", ["sleep", "300"]))
-    wait_for("running", lambda: core.read_namespaced_pod("evictee", namespace).status.phase == "Running")
-    core.patch_namespaced_pod("evictee", namespace, {"metadata": {"annotations": {"autoreduce.test/evict": "true"}}})
+    wait_for(
+        "running", lambda: core.read_namespaced_pod("evictee", namespace).status.phase == "Running"
+    )
+    core.patch_namespaced_pod(
+        "evictee", namespace, {"metadata": {"annotations": {"autoreduce.test/evict": "true"}}}
+    )
     pod = finished_pod(core, namespace, "evictee")
     assert (pod.status.phase, pod.status.reason) == ("Failed", "Evicted")
     assert pod.status.message.startswith("The node was low on resource: memory.")
@@ -352,7 +393,9 @@ def test_evict_hook_fails_pod_as_evicted(namespace: str, core: client.CoreV1Api)
 
 def test_eviction_api_deletes_pod(namespace: str, core: client.CoreV1Api) -> None:
     core.create_namespaced_pod(namespace, pod_body("evicted", ["sleep", "300"]))
-    wait_for("running", lambda: core.read_namespaced_pod("evicted", namespace).status.phase == "Running")
+    wait_for(
+        "running", lambda: core.read_namespaced_pod("evicted", namespace).status.phase == "Running"
+    )
     core.create_namespaced_pod_eviction("evicted", namespace, {
         "apiVersion": "policy/v1", "kind": "Eviction",
         "metadata": {"name": "evicted", "namespace": namespace},
@@ -361,8 +404,14 @@ def test_eviction_api_deletes_pod(namespace: str, core: client.CoreV1Api) -> Non
     wait_for("the pod to be gone", lambda: _gone(core, namespace, "evicted"), timeout=20)
 
 
-def test_deployment_pod_becomes_ready(namespace: str, api: client.ApiClient, core: client.CoreV1Api) -> None:
-    server = "import http.server as h; h.ThreadingHTTPServer(('127.0.0.1', int(__import__('os').environ['PORT'])), h.SimpleHTTPRequestHandler).serve_forever()"
+def test_deployment_pod_becomes_ready(
+    namespace: str, api: client.ApiClient, core: client.CoreV1Api
+) -> None:
+    server = (
+        "import os, http.server as h\n"
+        "addr = ('127.0.0.1', int(os.environ['PORT']))\n"
+        "h.ThreadingHTTPServer(addr, h.SimpleHTTPRequestHandler).serve_forever()\n"
+    )
     port = _free_port()
     body = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
@@ -391,8 +440,16 @@ def test_deployment_pod_becomes_ready(namespace: str, api: client.ApiClient, cor
         )
 
     wait_for("a Ready pod", ready_pod, timeout=30)
-    wait_for("available replicas", lambda: client.AppsV1Api(api).read_namespaced_deployment(
-        "web", namespace).status.available_replicas == 1, timeout=20)
+    wait_for(
+        "available replicas",
+        lambda: (
+            client.AppsV1Api(api)
+            .read_namespaced_deployment("web", namespace)
+            .status.available_replicas
+            == 1
+        ),
+        timeout=20,
+    )
 
 
 def _free_port() -> int:
@@ -405,14 +462,25 @@ def _free_port() -> int:
 
 
 def running(core: client.CoreV1Api, ns: str, name: str) -> None:
-    wait_for(f"{name} running", lambda: core.read_namespaced_pod(name, ns).status.phase == "Running")
+    wait_for(
+        f"{name} running", lambda: core.read_namespaced_pod(name, ns).status.phase == "Running"
+    )
 
 
 def test_kubectl_logs_follow_streams(kube: Any, namespace: str, core: client.CoreV1Api) -> None:
     script = "echo first; sleep 2; echo second"
     core.create_namespaced_pod(namespace, pod_body("chatty", ["sh", "-c", script]))
     running(core, namespace, "chatty")
-    argv = [kube.kubectl_binary, "--kubeconfig", str(kube.kubeconfig), "logs", "-f", "-n", namespace, "chatty"]
+    argv = [
+        kube.kubectl_binary,
+        "--kubeconfig",
+        str(kube.kubeconfig),
+        "logs",
+        "-f",
+        "-n",
+        namespace,
+        "chatty",
+    ]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as follow:
         assert follow.stdout is not None
         t0 = time.monotonic()
@@ -424,8 +492,12 @@ def test_kubectl_logs_follow_streams(kube: Any, namespace: str, core: client.Cor
     assert out.stdout.strip() == "second"
 
 
-def test_on_failure_restarts_with_backoff_and_previous_logs(namespace: str, core: client.CoreV1Api) -> None:
-    body = pod_body("crashy", ["sh", "-c", "echo attempt; exit 2"], pod={"restartPolicy": "OnFailure"})
+def test_on_failure_restarts_with_backoff_and_previous_logs(
+    namespace: str, core: client.CoreV1Api
+) -> None:
+    body = pod_body(
+        "crashy", ["sh", "-c", "echo attempt; exit 2"], pod={"restartPolicy": "OnFailure"}
+    )
     core.create_namespaced_pod(namespace, body)
 
     def restarted() -> Any:
@@ -467,9 +539,12 @@ def test_pvc_bound_to_host_path_pv(namespace: str, core: client.CoreV1Api, tmp_p
             "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "manual",
                      "resources": {"requests": {"storage": "1Gi"}}},
         })  # fmt: skip
-        body = pod_body("writer", ["sh", "-c", "echo kept > /out/result.txt"],
-                        volumeMounts=[{"name": "out", "mountPath": "/out"}],
-                        pod={"volumes": [{"name": "out", "persistentVolumeClaim": {"claimName": "claim"}}]})
+        body = pod_body(
+            "writer",
+            ["sh", "-c", "echo kept > /out/result.txt"],
+            volumeMounts=[{"name": "out", "mountPath": "/out"}],
+            pod={"volumes": [{"name": "out", "persistentVolumeClaim": {"claimName": "claim"}}]},
+        )
         core.create_namespaced_pod(namespace, body)
         pod = finished_pod(core, namespace, "writer")
         assert pod.status.phase == "Succeeded"
@@ -479,9 +554,13 @@ def test_pvc_bound_to_host_path_pv(namespace: str, core: client.CoreV1Api, tmp_p
 
 
 def test_read_only_root_filesystem_and_run_as_user(namespace: str, core: client.CoreV1Api) -> None:
-    script = "id -u; touch /etc/nope 2>/dev/null && echo ROOT-RW || echo ROOT-RO; touch /scratch/ok && echo VOL-RW"
+    script = (
+        "id -u; touch /etc/nope 2>/dev/null && echo ROOT-RW || echo ROOT-RO; "
+        "touch /scratch/ok && echo VOL-RW"
+    )
     body = pod_body("locked", ["sh", "-c", script],
-                    securityContext={"readOnlyRootFilesystem": True, "runAsUser": 1234, "runAsGroup": 1234},
+                    securityContext={"readOnlyRootFilesystem": True, "runAsUser": 1234,
+                                     "runAsGroup": 1234},
                     volumeMounts=[{"name": "scratch", "mountPath": "/scratch"}],
                     pod={"volumes": [{"name": "scratch", "emptyDir": {}}]})  # fmt: skip
     core.create_namespaced_pod(namespace, body)
@@ -508,7 +587,9 @@ def test_fallback_to_logs_on_error(namespace: str, core: client.CoreV1Api) -> No
 # -- faults and more nodes (these change the shared stack: keep them last) ------------------
 
 
-def test_apiserver_restart_then_pods_still_run(kube: Any, namespace: str, core: client.CoreV1Api) -> None:
+def test_apiserver_restart_then_pods_still_run(
+    kube: Any, namespace: str, core: client.CoreV1Api
+) -> None:
     try:
         kube.restart_apiserver()
     except NotImplementedError as exc:

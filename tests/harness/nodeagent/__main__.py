@@ -22,7 +22,9 @@ def _taint(text: str) -> dict[str, str]:
     """``key=value:Effect`` or ``key:Effect``."""
     kv, effect = text.rsplit(":", 1)
     key, _, value = kv.partition("=")
-    return {"key": key, "value": value, "effect": effect} if value else {"key": key, "effect": effect}
+    return (
+        {"key": key, "value": value, "effect": effect} if value else {"key": key, "effect": effect}
+    )
 
 
 def parse(argv: list[str]) -> AgentConfig:

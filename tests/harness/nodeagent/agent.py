@@ -74,7 +74,9 @@ class Agent:
     def run(self) -> None:
         self.ctx.pods_dir.mkdir(parents=True, exist_ok=True)
         self._register()
-        logserver.serve(port=self.cfg.port, cert=self.cfg.cert, key=self.cfg.key, lookup=self.lookup)
+        logserver.serve(
+            port=self.cfg.port, cert=self.cfg.cert, key=self.cfg.key, lookup=self.lookup
+        )
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
         threading.Thread(target=self._memory_loop, daemon=True, name="memory").start()
         self._watch_loop()
@@ -95,7 +97,7 @@ class Agent:
     def _node_status(self) -> Obj:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         conds = [
-            condition("Ready", True, reason="KubeletReady", message="node agent is posting ready status"),
+            condition("Ready", True, reason="KubeletReady", message="node agent is ready"),
             condition("MemoryPressure", False, reason="KubeletHasSufficientMemory"),
             condition("DiskPressure", False, reason="KubeletHasNoDiskPressure"),
             condition("PIDPressure", False, reason="KubeletHasSufficientPID"),
@@ -123,7 +125,11 @@ class Agent:
 
     def _register(self) -> None:
         name = self.cfg.node_name
-        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": self.labels}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": self.labels},
+        }
         while True:
             try:
                 try:
@@ -135,7 +141,10 @@ class Agent:
                 # (no node-lifecycle controller runs to lift it).
                 self.api.patch(
                     f"/api/v1/nodes/{name}",
-                    {"metadata": {"labels": self.labels}, "spec": {"taints": self.cfg.taints or None}},
+                    {
+                        "metadata": {"labels": self.labels},
+                        "spec": {"taints": self.cfg.taints or None},
+                    },
                     kind="merge-patch",
                 )
                 self.api.patch(f"/api/v1/nodes/{name}/status", {"status": self._node_status()})
@@ -155,7 +164,12 @@ class Agent:
             if exc.status != 404:
                 raise
             node = self.api.get(f"/api/v1/nodes/{name}")
-            owner = {"apiVersion": "v1", "kind": "Node", "name": name, "uid": node["metadata"]["uid"]}
+            owner = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "name": name,
+                "uid": node["metadata"]["uid"],
+            }
             self.api.post(
                 "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
                 {"metadata": {"name": name, "ownerReferences": [owner]}, "spec": spec},
@@ -222,6 +236,8 @@ class Agent:
         with self.lock:
             worker = self.workers.get(uid)
             if worker is None and kind != "DELETED" and uid not in self.done:
+                log.info("starting pod %s/%s (%s)", pod["metadata"]["namespace"],
+                         pod["metadata"]["name"], uid)  # fmt: skip
                 worker = PodWorker(self.ctx, pod)
                 self.workers[uid] = worker
                 self.by_name[(pod["metadata"]["namespace"], pod["metadata"]["name"])] = worker
@@ -254,6 +270,7 @@ class Agent:
         }  # fmt: skip
         try:
             self.api.post(pod_path(meta["namespace"], meta["name"], "binding"), body)
+            log.info("bound %s/%s", meta["namespace"], meta["name"])
         except ApiError as exc:
             if exc.status not in (404, 409):  # 409: another node won the race
                 log.warning("binding %s/%s failed: %s", meta["namespace"], meta["name"], exc)
@@ -273,7 +290,9 @@ class Agent:
         while not self.stop.wait(0.2):
             with self.lock:
                 workers = list(self.workers.values())
-            limited = [w for w in workers if any(c.memory_limit() and c.running for c in w.containers())]
+            limited = [
+                w for w in workers if any(c.memory_limit() and c.running for c in w.containers())
+            ]
             if not limited:
                 continue
             rss = runtime.process_tree_rss()

@@ -134,7 +134,9 @@ class Container:
             "started": self.started(),
         }
         if "waiting" not in self.state:
-            out["containerID"] = f"autoreduce://{self.pod_dir.name[:8]}-{self.name}-{self.restart_count}"
+            out["containerID"] = (
+                f"autoreduce://{self.pod_dir.name[:8]}-{self.name}-{self.restart_count}"
+            )
         return out
 
     # -- signals ---------------------------------------------------------------------
@@ -154,7 +156,12 @@ class Container:
             self.kill_deadline = time.monotonic() + grace
 
     def escalate(self) -> None:
-        if self.running and self.proc and self.kill_deadline and time.monotonic() >= self.kill_deadline:
+        if (
+            self.running
+            and self.proc
+            and self.kill_deadline
+            and time.monotonic() >= self.kill_deadline
+        ):
             runtime.signal_group(self.proc.pid, signal.SIGKILL)
 
     def memory_limit(self) -> int | None:
@@ -190,7 +197,9 @@ class Container:
 
     def _termination_message(self, code: int) -> str:
         try:
-            text = (self.dir / "termination-log").read_bytes()[:MAX_MESSAGE].decode(errors="replace")
+            text = (
+                (self.dir / "termination-log").read_bytes()[:MAX_MESSAGE].decode(errors="replace")
+            )
         except OSError:
             text = ""
         policy = self.spec.get("terminationMessagePolicy", "File")
@@ -256,7 +265,9 @@ def _value_from(api: Api, pod: Obj, container: Obj, src: Obj, ctx: NodeContext) 
     raise ConfigError(f"unsupported valueFrom {sorted(src)}")
 
 
-def build_env(pod: Obj, container: Obj, image: images.ImageSpec, ctx: NodeContext) -> dict[str, str]:
+def build_env(
+    pod: Obj, container: Obj, image: images.ImageSpec, ctx: NodeContext
+) -> dict[str, str]:
     """Image ENV, then the kubelet's service variables, then envFrom, then env (in order)."""
     env = {"PATH": images.DEFAULT_PATH, **image.env}
     host, port = ctx.apiserver_host, str(ctx.apiserver_port)
@@ -302,7 +313,9 @@ def _security(pod: Obj, container: Obj) -> tuple[int | None, int | None, list[in
     return uid, gid, groups, bool(sc.get("readOnlyRootFilesystem"))
 
 
-def mounts_for(container: Obj, volumes: dict[str, Volume], env: dict[str, str]) -> list[runtime.Mount]:
+def mounts_for(
+    container: Obj, volumes: dict[str, Volume], env: dict[str, str]
+) -> list[runtime.Mount]:
     mounts = []
     for vm in container.get("volumeMounts") or []:
         vol = volumes.get(vm["name"])
@@ -327,8 +340,10 @@ def launch(
     spec = c.spec
     env = build_env(pod, spec, image, ctx)
     command = spec.get("command") or image.command
-    args = spec.get("args") if spec.get("args") is not None else (
-        image.args if not spec.get("command") else []
+    args = (
+        spec.get("args")
+        if spec.get("args") is not None
+        else (image.args if not spec.get("command") else [])
     )
     argv = [expand(str(a), env) for a in [*command, *(args or [])]]
     if not argv:
@@ -384,4 +399,3 @@ def ns_pid(c: Container) -> int | None:
         return None
     kids = runtime.children_of(c.proc.pid)
     return kids[0] if kids else None
-

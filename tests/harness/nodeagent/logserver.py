@@ -46,7 +46,7 @@ def _stamp(data: bytes) -> bytes:
 class Handler(BaseHTTPRequestHandler):
     lookup: Lookup  # set on the subclass made by serve()
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: object) -> None:
         log.debug(format, *args)
 
     def do_GET(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 Obj = dict[str, Any]
 
-_SUFFIXES = {
+_SUFFIXES: dict[str, int | Decimal] = {
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
     "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1,
     "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
@@ -41,9 +41,7 @@ def tolerates(pod: Obj, taint: Obj) -> bool:
         if tol.get("operator") == "Exists":
             if not tol.get("key") or tol["key"] == taint.get("key"):
                 return True
-        elif tol.get("key") == taint.get("key") and tol.get("value", "") == taint.get(
-            "value", ""
-        ):
+        elif tol.get("key") == taint.get("key") and tol.get("value", "") == taint.get("value", ""):
             return True
     return False
 
@@ -70,16 +68,12 @@ def fits_node(pod: Obj, *, labels: Mapping[str, str], taints: list[Obj]) -> bool
     for key, value in (spec.get("nodeSelector") or {}).items():
         if labels.get(key) != value:
             return False
-    required = (
-        ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
-            "requiredDuringSchedulingIgnoredDuringExecution"
-        )
-        or {}
-    )
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
     terms = required.get("nodeSelectorTerms") or []
     if terms and not any(
-        all(_expression_holds(e, labels) for e in t.get("matchExpressions") or [])
-        for t in terms
+        all(_expression_holds(e, labels) for e in t.get("matchExpressions") or []) for t in terms
     ):
         return False
     hard = [t for t in taints if t.get("effect") in ("NoSchedule", "NoExecute")]
@@ -141,9 +135,7 @@ def _format_map(values: Mapping[str, str]) -> str:
     return "\n".join(f'{k}="{v}"' for k, v in sorted(values.items()))
 
 
-def resource_value(
-    container: Obj, ref: Obj, *, node_capacity: Mapping[str, str]
-) -> str:
+def resource_value(container: Obj, ref: Obj, *, node_capacity: Mapping[str, str]) -> str:
     """A ``resourceFieldRef``: limits default to node capacity, rounded up by divisor."""
     kind, res = ref["resource"].split(".", 1)
     resources = container.get("resources") or {}
@@ -203,6 +195,7 @@ def merge_conditions(old: list[Obj], new: list[Obj]) -> list[Obj]:
     for cond in new:
         prev = before.get(cond["type"])
         if prev and prev.get("status") == cond["status"]:
-            cond = {**cond, "lastTransitionTime": prev.get("lastTransitionTime")}
-        merged.append(cond)
+            merged.append({**cond, "lastTransitionTime": prev.get("lastTransitionTime")})
+        else:
+            merged.append(cond)
     return merged

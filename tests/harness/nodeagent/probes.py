@@ -31,10 +31,12 @@ def _http(probe: Obj, container: Obj, timeout: float) -> bool:
     url = f"{scheme}://{host}:{_port(get['port'], container)}{get.get('path', '/')}"
     headers = {h["name"]: h["value"] for h in get.get("httpHeaders") or []}
     request = urllib.request.Request(url, headers=headers)
-    context = ssl._create_unverified_context() if scheme == "https" else None  # kubelet skips verify
+    context = (
+        ssl._create_unverified_context() if scheme == "https" else None
+    )  # kubelet skips verify
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
-            return 200 <= resp.status < 400
+            return bool(200 <= resp.status < 400)
     except urllib.error.HTTPError as exc:
         return 200 <= exc.code < 400
     except (OSError, ValueError):

@@ -40,9 +40,7 @@ def _write(base: Path, rel: str, data: bytes, mode: int) -> None:
     target.chmod(mode)
 
 
-def _keyed(
-    base: Path, data: dict[str, bytes], src: Obj, *, what: str, default_mode: int
-) -> None:
+def _keyed(base: Path, data: dict[str, bytes], src: Obj, *, what: str, default_mode: int) -> None:
     """configMap/secret payload: all keys, or only ``items`` (key -> path, mode)."""
     items = src.get("items")
     if not items:
@@ -94,7 +92,9 @@ def service_account_token(api: Api, pod: Obj, *, audience: str | None, seconds: 
         },
     }  # fmt: skip
     try:
-        answer = api.post(f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa}/token", body)
+        answer = api.post(
+            f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa}/token", body
+        )
     except ApiError as exc:
         raise VolumeNotReady(f"token for serviceaccount {sa}: {exc.message}") from exc
     return str(answer["status"]["token"])

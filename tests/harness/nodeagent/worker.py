@@ -101,7 +101,8 @@ class PodWorker:
     def _run(self) -> None:
         while not self.finished:
             busy = any(c.running for c in self.containers()) or not self.terminal
-            self.wake.wait(TICK_S if busy else 5.0)
+            # Idle terminal pods still tick: a status the apiserver missed is re-sent.
+            self.wake.wait(TICK_S if busy else 1.0)
             self.wake.clear()
             try:
                 with self.lock:
@@ -137,10 +138,14 @@ class PodWorker:
                         "message": "The container could not be located when the pod was terminated",
                         "finishedAt": now_rfc3339(),
                     }}  # fmt: skip
-        self.init_index = sum(1 for c in self.inits if c.state.get("terminated", {}).get("exitCode") == 0)
+        self.init_index = sum(
+            1 for c in self.inits if c.state.get("terminated", {}).get("exitCode") == 0
+        )
         if self.terminal:
             for c in self.containers():
                 kill_stale(c)
+            # What the apiserver has is final: do not re-send a recomputed version of it.
+            self.last_sent = json.dumps(self._status(), sort_keys=True)
 
     def _step(self) -> None:
         meta = self.pod["metadata"]
@@ -153,6 +158,7 @@ class PodWorker:
             self._step_deletion()
             return
         if self.terminal:
+            self._publish()  # no-op unless the last attempt failed
             return
         if self.stopping is None:
             self._check_pod_kills()
@@ -362,22 +368,29 @@ class PodWorker:
             for s in [*init_statuses, *statuses]:
                 s["state"] = {"waiting": {"reason": "ContainerCreating"}}
         init_done = self.init_index >= len(self.inits)
-        init_failed = any(s["state"].get("terminated", {}).get("exitCode", 0) != 0 for s in init_statuses)
-        phase = self.phase if self.phase_fixed else compute_phase(
-            self.pod, init_done=init_done, statuses=statuses, init_failed=init_failed
+        init_failed = any(
+            s["state"].get("terminated", {}).get("exitCode", 0) != 0 for s in init_statuses
+        )
+        phase = (
+            self.phase
+            if self.phase_fixed
+            else compute_phase(
+                self.pod, init_done=init_done, statuses=statuses, init_failed=init_failed
+            )
         )
         if self.terminal and phase not in ("Succeeded", "Failed"):
             phase = "Failed"
         self.phase = phase
         containers_ready = phase == "Running" and all(s["ready"] for s in statuses)
-        not_ready_reason = "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady"
+        done = phase in ("Succeeded", "Failed")
+        not_ready = "" if containers_ready else ("PodCompleted" if done else "ContainersNotReady")
         ip = self.ctx.host_ip
+        not_init = "" if init_done else "ContainersNotInitialized"
         conditions = [
             condition("PodReadyToStartContainers", self.volumes is not None and not self.terminal),
-            condition("Initialized", init_done, reason="" if init_done else "ContainersNotInitialized"),
-            condition("Ready", containers_ready, reason="" if containers_ready else not_ready_reason),
-            condition("ContainersReady", containers_ready,
-                      reason="" if containers_ready else not_ready_reason),
+            condition("Initialized", init_done, reason=not_init),
+            condition("Ready", containers_ready, reason=not_ready),
+            condition("ContainersReady", containers_ready, reason=not_ready),
             condition("PodScheduled", True),
         ]  # fmt: skip
         extra = [c for c in self.conditions if c["type"] == "DisruptionTarget"]
@@ -402,7 +415,9 @@ class PodWorker:
             return
         meta = self.pod["metadata"]
         try:
-            self.ctx.api.patch(pod_path(meta["namespace"], meta["name"], "status"), {"status": status})
+            self.ctx.api.patch(
+                pod_path(meta["namespace"], meta["name"], "status"), {"status": status}
+            )
             self.last_sent = text
         except ApiError as exc:
             if exc.status == 404:
