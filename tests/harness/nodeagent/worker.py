@@ -63,6 +63,7 @@ class PodWorker:
         self.started_mono = time.monotonic()
         self.conditions: list[Obj] = []
         self.last_sent = ""
+        self.publish_after = 0.0  # after a failed status update, wait before the next try
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"pod-{self.uid[:8]}")
 
     # -- called by the agent ---------------------------------------------------------
@@ -411,7 +412,7 @@ class PodWorker:
     def _publish(self) -> None:
         status = self._status()
         text = json.dumps(status, sort_keys=True)
-        if text == self.last_sent:
+        if text == self.last_sent or time.monotonic() < self.publish_after:
             return
         meta = self.pod["metadata"]
         try:
@@ -423,6 +424,7 @@ class PodWorker:
             if exc.status == 404:
                 self.gone = True
             else:
+                self.publish_after = time.monotonic() + 1.0
                 log.warning("status of %s/%s not sent: %s", meta["namespace"], meta["name"], exc)
 
 
