@@ -18,6 +18,7 @@ from autoreduce_runner import admin, report
 from autoreduce_runner.broker import Poster
 from autoreduce_runner.config import DEFAULT_TERMINATION_LOG, ConfigError, load_settings
 from autoreduce_runner.report import ExitCode, RunResult
+from autoreduce_runner.script import WebVars
 
 log = logging.getLogger("autoreduce_runner")
 
@@ -97,6 +98,11 @@ def _run(*, raw: dict[str, Any], message: ReductionMessage | str, poster: Poster
     if isinstance(message, str):
         log.error("%s", message)
         return report.error(message)
+    try:
+        WebVars.from_arguments(message.reduction_arguments or {})
+    except TypeError as problem:
+        log.error("invalid reduction_arguments: %s", problem)
+        return report.error(f"Invalid reduction message: {problem}")
     poster.post(destination=settings.broker.queues.started, message=raw)
     log.info("ReductionStarted posted for %s run %s v%s", message.instrument,
              message.run_number, message.run_version)

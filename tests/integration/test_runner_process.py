@@ -314,6 +314,35 @@ def test_overwrite_and_flat_output_layouts(
     assert (flat / "earlier.txt").read_text() == "kept"
 
 
+def test_batch_run_gets_every_data_file(
+    site: Site, broker_settings: BrokerSettings, reader: QueueReader
+) -> None:
+    second = site.data_file.with_name("WISH00012346.nxs")
+    second.write_text("more")
+    script = (
+        "import json\n"
+        "def main(input_file, output_dir):\n"
+        "    open(output_dir + '/inputs.json', 'w').write(json.dumps(input_file))\n"
+    )
+    message = run_message(script, data=[UNC_DATA, str(second)], run_number=[12346, 12345])
+    ran = run_runner(site, broker_settings, message)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    body = outcome(reader, broker_settings, broker_settings.queues.complete)
+    final = site.final_dir(run=12345)  # a batch is named by its lowest run
+    assert body["reduction_data"] == [str(final)]
+    assert json.loads((final / "inputs.json").read_text()) == [str(site.data_file), str(second)]
+
+
+def test_reduction_arguments_that_are_not_objects_are_refused(
+    site: Site, broker_settings: BrokerSettings, reader: QueueReader
+) -> None:
+    message = run_message("def main(input_file, output_dir): pass\n",
+                          reduction_arguments={"standard_vars": [1, 2]})
+    ran = run_runner(site, broker_settings, message)
+    body = error_of(reader, broker_settings, ran, started=False)
+    assert body["message"].startswith("Invalid reduction message: reduction_arguments")
+
+
 # -- output capture ------------------------------------------------------------------
 
 
