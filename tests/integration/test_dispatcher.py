@@ -134,9 +134,9 @@ def test_two_rbs_reduce_in_parallel_one_run_at_a_time_within_each(
 ) -> None:
     start_dispatcher()
     for i in range(10):
-        for rb, instrument in ((1100001, "WISH"), (1100002, "LET")):
+        for rb, instrument, base in ((1100001, "WISH", 1000), (1100002, "LET", 2000)):
             send(stomp, broker_settings, run_message(
-                facility=facility, instrument=instrument, rb=rb, run=1000 + i,
+                facility=facility, instrument=instrument, rb=rb, run=base + i,
                 script=SLEEPY_SCRIPT))
     reader.wait_for(count_outcomes(broker_settings, 20), timeout=240)
     complete = outcomes(reader, broker_settings, "complete")
@@ -164,17 +164,19 @@ def test_duplicate_and_redelivered_messages_give_one_job(
     message = run_message(facility=facility, instrument="WISH", rb=1200001, run=7,
                           script=SLEEPY_SCRIPT)
     # A previous dispatcher created the Job and died before acking: the message is
-    # redelivered. We stand in for it by creating the same Job first (suspended).
+    # redelivered. We stand in for it by creating the same Job first (suspended),
+    # rendered from the same settings, then start a dispatcher.
     from dispatcher.config import DispatcherSettings
     from dispatcher.manifests import Arrival, load_template, render_job
 
-    settings = DispatcherSettings.model_validate({"jobs": {"namespace": namespace}})
+    proc = start_dispatcher(name="first")
+    proc.kill(signal.SIGKILL)
+    settings = DispatcherSettings.model_validate(proc.settings)
     key = RunKey(facility="ISIS", instrument="WISH", runs=(7,), version=0, rb_number="1200001")
     manifest = render_job(settings=settings, template=load_template(settings.jobs.template_path),
                           key=key, arrival=Arrival(priority=4, enqueued_ms=0, message_id="x"))
-    manifest["spec"]["template"]["spec"]["containers"][0]["image"] = "autoreduce-runner:dev"
     batch.create_namespaced_job(namespace, manifest)
-    start_dispatcher()
+    start_dispatcher(name="second")
     send(stomp, broker_settings, message)
     send(stomp, broker_settings, message)
     reader.wait_for(count_outcomes(broker_settings, 1), timeout=120)
