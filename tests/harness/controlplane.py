@@ -59,17 +59,25 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _die_with_parent() -> None:
-    """Child processes get SIGTERM if the test process dies without running atexit."""
-    import ctypes  # noqa: PLC0415 - only in the forked child
+def _die_with_parent(sig: int) -> Callable[[], None]:
+    """A preexec hook: the child gets ``sig`` if the test process dies without atexit."""
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    def hook() -> None:
+        import ctypes  # noqa: PLC0415 - only in the forked child
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, sig)
+
+    return hook
 
 
 @dataclass
 class Component:
-    """One long-running process with its log file and a health check."""
+    """One long-running process with its log file and a health check.
+
+    Start components from a thread that outlives them (the main thread in tests): the
+    parent-death signal fires when the *thread* that started the process exits.
+    """
 
     name: str
     argv: list[str]
@@ -79,14 +87,18 @@ class Component:
     stop_signal: int = signal.SIGTERM
     # Graceful stop, then SIGKILL: the apiserver keeps a watch connection open for ever.
     stop_timeout: float = 20.0
+    # On the test process's death: SIGKILL for the control plane (a SIGTERMed apiserver
+    # can hang once etcd is gone); the node agent takes SIGTERM to kill its containers.
+    parent_death_signal: int = signal.SIGKILL
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, timeout: float = 60.0) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        on_parent_death = _die_with_parent(self.parent_death_signal)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=self.env, preexec_fn=_die_with_parent,  # noqa: PLW1509
+                start_new_session=True, env=self.env, preexec_fn=on_parent_death,  # noqa: PLW1509
             )  # fmt: skip
         self.wait_healthy(timeout=timeout)
 
@@ -446,6 +458,7 @@ def _node_agent(
     comp = Component(
         f"node agent {name}", argv, kube.workdir / "logs" / f"node-{name}.log",
         lambda: _https_ok(f"https://127.0.0.1:{port}/healthz", context), env=env,
+        parent_death_signal=signal.SIGTERM,
     )  # fmt: skip
     return NodeAgent(name, port, workdir, comp)
 
