@@ -16,7 +16,12 @@ from autoreduce_common.stomp_client import BrokerError
 
 from autoreduce_runner import admin, report
 from autoreduce_runner.broker import Poster
-from autoreduce_runner.config import DEFAULT_TERMINATION_LOG, ConfigError, load_settings
+from autoreduce_runner.config import (
+    DEFAULT_TERMINATION_LOG,
+    ConfigError,
+    RunnerSettings,
+    load_settings,
+)
 from autoreduce_runner.report import ExitCode, RunResult
 from autoreduce_runner.script import WebVars
 
@@ -94,7 +99,7 @@ def _read_message(path: Path) -> tuple[dict[str, Any], ReductionMessage | str]:
 
 
 def _run(*, raw: dict[str, Any], message: ReductionMessage | str, poster: Poster,
-         settings: Any, stop: threading.Event) -> RunResult:
+         settings: RunnerSettings, stop: threading.Event) -> RunResult:
     if isinstance(message, str):
         log.error("%s", message)
         return report.error(message)
@@ -108,6 +113,18 @@ def _run(*, raw: dict[str, Any], message: ReductionMessage | str, poster: Poster
              message.run_number, message.run_version)
     tee = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
     return admin.reduce(settings=settings, message=message, stop=stop, tee=tee)
+
+
+def _run_guarded(*, raw: dict[str, Any], message: ReductionMessage | str, poster: Poster,
+                 settings: RunnerSettings, stop: threading.Event) -> RunResult:
+    """``_run``, but a bug in the runner still ends in one posted ReductionError."""
+    try:
+        return _run(raw=raw, message=message, poster=poster, settings=settings, stop=stop)
+    except BrokerError:
+        raise
+    except Exception as problem:
+        log.exception("internal error in the runner")
+        return report.error(f"Internal error in the runner: {type(problem).__name__} - {problem}")
 
 
 def main() -> int:
@@ -128,7 +145,8 @@ def main() -> int:
     result: RunResult | None = None
     try:
         poster.connect()
-        result = _run(raw=raw, message=message, poster=poster, settings=settings, stop=stop)
+        result = _run_guarded(raw=raw, message=message, poster=poster, settings=settings,
+                              stop=stop)
         body = report.outcome_message(
             raw, result=result, admin_log=admin_log.text(),
             reduction_log_cap=settings.log_caps.reduction_log,
