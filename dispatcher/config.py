@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from autoreduce_common.broker_settings import BrokerSettings
+from autoreduce_common.settings_sources import LenientEnvSource
 from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "job.yaml.j2"
@@ -102,6 +103,32 @@ class Caps(BaseModel):
     max_running: int | None = Field(default=None, ge=1)
 
 
+class RetrySettings(BaseModel):
+    """Automatic retries of runs that failed for a transient reason."""
+
+    # "dispatcher": we resubmit as run_version+1 after the delay; "upstream": we only
+    # report (with retry_in) and the web app decides, as the legacy system did.
+    mode: Literal["dispatcher", "upstream"] = "dispatcher"
+    # Total attempts of a run, the first included.
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    # Seconds before retrying a transient failure that did not say retry_in itself.
+    delay_s: int = Field(default=300, ge=0)
+
+
+class PriorityClasses(BaseModel):
+    """PriorityClass of runner pods by run source (the message's JMS priority):
+    run detection sends 9, manual submissions 1, reruns and retries 0."""
+
+    run_detection: str | None = None
+    manual: str | None = None
+    rerun: str | None = None
+
+    def for_priority(self, priority: int) -> str | None:
+        if priority >= 5:
+            return self.run_detection
+        return self.manual if priority >= 1 else self.rerun
+
+
 class DispatcherSettings(BaseSettings):
     """Everything the dispatcher needs; see helm/autoreduce/values.yaml for the docs."""
 
@@ -114,6 +141,10 @@ class DispatcherSettings(BaseSettings):
     runner: RunnerSpec = Field(default_factory=RunnerSpec)
     instruments: dict[str, InstrumentOverrides] = Field(default_factory=dict)
     caps: Caps = Field(default_factory=Caps)
+    retries: RetrySettings = Field(default_factory=RetrySettings)
+    priority_classes: PriorityClasses = Field(default_factory=PriorityClasses)
+    # Seconds a pod may fail to pull its image before the run is failed and reported.
+    image_pull_grace_s: float = Field(default=300.0, ge=0)
     # Messages handled at once (and so the broker prefetch). More helps a burst;
     # each worker holds at most one unacked message.
     concurrency: int = Field(default=4, ge=1, le=64)
@@ -131,6 +162,18 @@ class DispatcherSettings(BaseSettings):
     log_level: str = "INFO"
     # Cap on the bytes of one run's message (ConfigMaps hold at most 1 MiB).
     max_message_bytes: int = Field(default=1_000_000, ge=1024, le=1_040_000)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Comma-separated lists in the environment, as the Job template writes them.
+        return (init_settings, LenientEnvSource(settings_cls))
 
     @field_validator("instruments")
     @classmethod

@@ -63,6 +63,7 @@ def arrival_of(headers: Mapping[str, str]) -> Arrival:
         priority=min(max(number("priority", 4), 0), 9),
         enqueued_ms=number("timestamp", int(time.time() * 1000)),
         message_id=str(headers.get("message-id", "")),
+        attempt=max(number("autoreduce-attempt", 1), 1),
     )
 
 

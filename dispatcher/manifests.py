@@ -28,6 +28,7 @@ class Arrival:
     priority: int  # JMS priority, 0-9; higher first
     enqueued_ms: int  # broker timestamp; earlier first
     message_id: str
+    attempt: int = 1  # 1 for the first run, +1 for each automatic retry
 
 
 def effective_runner(settings: DispatcherSettings, instrument: str) -> RunnerSpec:
@@ -63,7 +64,16 @@ def annotations_for(labels: Labels, key: RunKey, arrival: Arrival) -> dict[str, 
         labels.key("message-id"): arrival.message_id[:250],
         labels.key("run"): key.describe(),
         labels.key("runs"): ",".join(map(str, key.runs))[:4000],
+        labels.key("attempt"): str(arrival.attempt),
     }
+
+
+def _runner_values(settings: DispatcherSettings, key: RunKey, arrival: Arrival) -> dict[str, Any]:
+    runner = effective_runner(settings, key.instrument).model_dump()
+    by_source = settings.priority_classes.for_priority(arrival.priority)
+    if by_source is not None:
+        runner["priority_class_name"] = by_source
+    return runner
 
 
 def render_job(
@@ -92,7 +102,7 @@ def render_job(
             },
             "config_map": name,
         },
-        "runner": effective_runner(settings, key.instrument).model_dump(),
+        "runner": _runner_values(settings, key, arrival),
         "jobs": settings.jobs.model_dump(mode="json"),
         "broker": {
             "hosts": settings.broker.hosts,

@@ -147,6 +147,13 @@ def main() -> int:
         poster.connect()
         result = _run_guarded(raw=raw, message=message, poster=poster, settings=settings,
                               stop=stop)
+        if stop.is_set():
+            # SIGTERM comes from Kubernetes: a deadline, an eviction or a cancellation.
+            # Only the dispatcher knows which, so it posts the one outcome (with the
+            # right reason, and a retry if it was transient); we only say we did not.
+            return _finish(termination, outcome=result.outcome, posted=False, retry_in=None,
+                           message=f"not posted: stopped by SIGTERM; {result.message or ''}",
+                           code=ExitCode.NOT_POSTED)
         body = report.outcome_message(
             raw, result=result, admin_log=admin_log.text(),
             reduction_log_cap=settings.log_caps.reduction_log,

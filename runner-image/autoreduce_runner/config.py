@@ -13,11 +13,10 @@ from typing import Any
 
 import yaml
 from autoreduce_common.broker_settings import BrokerSettings
+from autoreduce_common.settings_sources import LenientEnvSource
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
-    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -143,18 +142,7 @@ class RunnerSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment first (it wins), then the file's values passed as init kwargs.
-        return (_LenientEnvSource(settings_cls), init_settings)
-
-
-class _LenientEnvSource(EnvSettingsSource):
-    """Lists may be given as ``a,b`` as well as JSON (``["a","b"]``): the field
-    validators split the plain form."""
-
-    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
-        try:
-            return super().decode_complex_value(field_name, field, value)
-        except ValueError:
-            return value
+        return (LenientEnvSource(settings_cls), init_settings)
 
 
 class _Bootstrap(BaseSettings):
