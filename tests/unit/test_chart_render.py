@@ -1,0 +1,620 @@
+"""The Helm chart, rendered with `helm template` (no cluster): schema, settings, Job.
+
+What rendering alone can prove: every ci values file lints and renders; the schema
+rejects typos and wrong types; the rendered settings.yaml is a valid
+``DispatcherSettings`` that points at the files the Deployment mounts; the rendered
+Job template turns a run into a Job; RBAC is exactly what dispatcher/kube.py uses.
+Server-side validation of the same manifests is in tests/integration/test_chart.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dispatcher.config import DEFAULT_TEMPLATE, load_settings
+from dispatcher.identity import RunKey
+from dispatcher.manifests import Arrival, load_template, render_job
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "autoreduce"
+CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
+NAMESPACE = "reduction"
+RELEASE = "ar"
+
+
+def helm_binary() -> str:
+    for candidate in (
+        os.environ.get("AUTOREDUCE_HELM"),
+        shutil.which("helm"),
+        "/root/.cache/autoreduce/bin/helm",
+    ):
+        if candidate and Path(candidate).exists():
+            return candidate
+    pytest.skip("no helm binary (set AUTOREDUCE_HELM)")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [helm_binary(), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def render(
+    *values_files: Path, sets: tuple[str, ...] = (), release: str = RELEASE
+) -> list[dict[str, Any]]:
+    args = ["template", release, str(CHART), "--namespace", NAMESPACE]
+    for path in values_files:
+        args += ["-f", str(path)]
+    for item in sets:
+        args += ["--set", item]
+    out = helm(*args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, got {len(matches)}"
+    return matches[0]
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def dispatcher_config_map(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = find(docs, "Deployment")
+    volume = next(
+        v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"
+    )
+    return find(docs, "ConfigMap", volume["configMap"]["name"])
+
+
+def load_rendered_settings(
+    docs: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """settings.yaml through the dispatcher's own loader, with the mounted password
+    file swapped for a local one by the env override the Deployment could use too."""
+    text = dispatcher_config_map(docs)["data"]["settings.yaml"]
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(text)
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    monkeypatch.setenv("AUTOREDUCE_BROKER__PASSWORD_FILE", str(password))
+    return load_settings(config_file=settings_file)
+
+
+def ci_id(path: Path) -> str:
+    return path.name.removesuffix("-values.yaml")
+
+
+# -- the copy of the default Job template ----------------------------------------------
+
+
+def test_chart_ships_an_exact_copy_of_the_default_job_template() -> None:
+    shipped = (CHART / "files" / "job.yaml.j2").read_text()
+    assert shipped == DEFAULT_TEMPLATE.read_text(), (
+        "helm/autoreduce/files/job.yaml.j2 differs from dispatcher/templates/job.yaml.j2: "
+        "cp dispatcher/templates/job.yaml.j2 helm/autoreduce/files/"
+    )
+
+
+def test_default_install_mounts_the_shipped_job_template(tmp_path: Path) -> None:
+    docs = render(CI_FILES[0].parent / "default-values.yaml")
+    assert dispatcher_config_map(docs)["data"]["job.yaml.j2"] == DEFAULT_TEMPLATE.read_text()
+
+
+# -- lint and schema -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", CI_FILES, ids=ci_id)
+def test_lint_strict_is_clean(values: Path) -> None:
+    result = helm("lint", "--strict", str(CHART), "-f", str(values), "--namespace", NAMESPACE)
+    assert "0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout
+
+
+def test_ci_files_cover_every_feature() -> None:
+    names = {ci_id(p) for p in CI_FILES}
+    assert names >= {
+        "default",
+        "ha",
+        "existing-secret",
+        "instruments",
+        "volumes",
+        "network-policy",
+        "custom-job-template",
+    }
+
+
+@pytest.mark.parametrize(
+    ("sets", "complaint"),
+    [
+        (("broker.pasword=x",), "pasword"),  # typo at a nested level
+        (("replicaCuont=2",), "replicaCuont"),  # typo at the top level
+        (("runner.resources.request.cpu=1",), "request"),
+        (("instruments.WISH.maxRuning=2",), "maxRuning"),
+        (("replicaCount=two",), "replicaCount"),  # wrong type
+        (("concurrency=0",), "concurrency"),  # out of range
+        (("terminationGracePeriodSeconds=10",), "terminationGracePeriodSeconds"),
+        (("image.pullPolicy=Sometimes",), "pullPolicy"),  # not in the enum
+        (("broker.hosts[0]=activemq",), "hosts"),  # no port
+        (("jobs.labelPrefix=Not_A_Domain",), "labelPrefix"),
+        (
+            (
+                "runner.archiveVolumes[0].name=a",
+                "runner.archiveVolumes[0].mountPath=/a",
+                "runner.archiveVolumes[0].source.persistentVolumeclaim.claimName=x",
+            ),
+            "persistentVolumeclaim",
+        ),
+        (("runnerConfig.timeout=5",), "timeout"),
+    ],
+)
+def test_schema_rejects_bad_values(sets: tuple[str, ...], complaint: str) -> None:
+    args = ["template", RELEASE, str(CHART), "--set", "broker.password=x"]
+    for item in sets:
+        args += ["--set", item]
+    result = helm(*args, check=False)
+    assert result.returncode != 0, f"{sets} rendered:\n{result.stdout[:500]}"
+    assert complaint in result.stderr, result.stderr
+
+
+def test_a_typo_in_a_values_file_fails_too(tmp_path: Path) -> None:
+    bad = tmp_path / "bad-values.yaml"
+    bad.write_text("broker:\n  password: x\nrunner:\n  activeDeadlineSecond: 60\n")
+    result = helm("template", RELEASE, str(CHART), "-f", str(bad), check=False)
+    assert result.returncode != 0
+    assert "activeDeadlineSecond" in result.stderr
+
+
+def test_no_password_and_no_existing_secret_is_refused() -> None:
+    result = helm("template", RELEASE, str(CHART), check=False)
+    assert result.returncode != 0
+    assert "broker.password" in result.stderr and "existingSecret" in result.stderr
+
+
+def test_schema_and_values_have_the_same_top_level_keys() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(schema["properties"]) - {"global"} == set(values)
+
+
+# -- settings.yaml ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", CI_FILES, ids=ci_id)
+def test_rendered_settings_load_as_dispatcher_settings(
+    values: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = render(values)
+    settings = load_rendered_settings(docs, tmp_path, monkeypatch)
+    deployment = find(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    assert settings.jobs.namespace == NAMESPACE
+    assert settings.broker.password.get_secret_value() == "s3cret"
+    # The files settings name are the files the Deployment mounts.
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AUTOREDUCE_CONFIG_FILE"]["value"] == f"{mounts['config']}/settings.yaml"
+    assert str(settings.jobs.template_path) == f"{mounts['config']}/job.yaml.j2"
+    rendered = yaml.safe_load(dispatcher_config_map(docs)["data"]["settings.yaml"])
+    assert rendered["broker"]["password_file"] == f"{mounts['broker']}/password"
+    secret_volume = volumes["broker"]["secret"]
+    assert secret_volume["secretName"] == settings.jobs.broker_secret_name
+    assert secret_volume["items"] == [{"key": settings.jobs.broker_secret_key, "path": "password"}]
+    assert settings.http_port == container["ports"][0]["containerPort"]
+    # Secrets never travel in the settings file.
+    assert "password:" not in dispatcher_config_map(docs)["data"]["settings.yaml"].replace(
+        "password_file", ""
+    )
+
+
+def test_default_settings_match_the_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = render(CHART / "ci" / "default-values.yaml")
+    s = load_rendered_settings(docs, tmp_path, monkeypatch)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert s.broker.hosts == values["broker"]["hosts"]
+    assert s.broker.queues.dead_letter == values["broker"]["queues"]["deadLetter"]
+    assert s.jobs.broker_secret_name == f"{RELEASE}-autoreduce-broker"
+    assert (
+        find(docs, "Secret", s.jobs.broker_secret_name)["data"]["password"]
+        == base64.b64encode(b"change-me").decode()
+    )
+    assert s.jobs.runner_config_map is None
+    assert s.runner.image == "autoreduce-runner:0.1.0"
+    assert s.runner.resources.requests == {"cpu": "1", "memory": "2Gi"}
+    assert s.runner.active_deadline_seconds == values["runner"]["activeDeadlineSeconds"]
+    assert s.caps.max_running is None
+    assert (s.concurrency, s.api_qps, s.api_burst) == (4, 50.0, 100)
+    assert s.runner.priority_class_name is None
+
+
+def test_existing_secret_is_referenced_not_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = render(CHART / "ci" / "existing-secret-values.yaml")
+    assert "Secret" not in kinds(docs)
+    s = load_rendered_settings(docs, tmp_path, monkeypatch)
+    assert (s.jobs.broker_secret_name, s.jobs.broker_secret_key) == (
+        "activemq-credentials",
+        "stomp-password",
+    )
+    assert s.broker.username == "reducer"
+
+
+def test_instrument_overrides_and_caps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = render(CHART / "ci" / "instruments-values.yaml")
+    s = load_rendered_settings(docs, tmp_path, monkeypatch)
+    assert s.caps.max_running == 20
+    assert set(s.instruments) == {"WISH", "MARI"}  # keys upper-cased
+    wish = s.instruments["WISH"]
+    assert wish.image == "registry.example/autoreduce-runner-mantid:6.11"
+    assert wish.resources is not None and wish.resources.requests == {"cpu": "4", "memory": "16Gi"}
+    assert wish.node_selector == {"autoreduce.io/pool": "large"}
+    assert wish.env == {"MANTID_THREADS": "4"}
+    assert (wish.max_running, wish.active_deadline_seconds) == (2, 28800)
+    mari = s.instruments["MARI"]
+    # Unset fields stay unset, so they inherit the defaults.
+    assert mari.image is None and mari.resources is None and mari.tolerations is None
+    assert (mari.max_running, mari.active_deadline_seconds) == (1, 1800)
+    # priorityClass.create: reductions use the chart's PriorityClass.
+    priority_class = find(docs, "PriorityClass")
+    assert s.runner.priority_class_name == priority_class["metadata"]["name"]
+    assert priority_class["value"] == 500
+
+
+def test_volumes_and_runner_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = render(CHART / "ci" / "volumes-values.yaml")
+    s = load_rendered_settings(docs, tmp_path, monkeypatch)
+    assert [(v.name, v.mount_path, v.source) for v in s.runner.archive_volumes] == [
+        (
+            "archive",
+            "/isis",
+            {"nfs": {"server": "archive.example", "path": "/isis", "readOnly": True}},
+        ),
+        (
+            "local-cache",
+            "/cache",
+            {"hostPath": {"path": "/var/cache/isis", "type": "DirectoryOrCreate"}},
+        ),
+    ]
+    assert [(v.name, v.source) for v in s.runner.output_volumes] == [
+        ("ceph-output", {"persistentVolumeClaim": {"claimName": "cephfs-instrument"}}),
+    ]
+    let = s.instruments["LET"]
+    assert let.output_volumes is not None and let.output_volumes[0].name == "let-output"
+    runner_cm = find(docs, "ConfigMap", s.jobs.runner_config_map)
+    runner_yaml = yaml.safe_load(runner_cm["data"]["runner.yaml"])
+    assert runner_yaml["archive_roots"] == ["/isis", "/cache"]
+    assert runner_yaml["path_mappings"] == [{"windows": "\\\\isis\\inst$\\", "linux": "/isis/"}]
+
+
+def test_runner_config_is_a_valid_runner_settings_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = pytest.importorskip("autoreduce_runner.config")
+    docs = render(CHART / "ci" / "volumes-values.yaml")
+    runner_cm = next(d for d in docs if d["kind"] == "ConfigMap" and "runner.yaml" in d["data"])
+    path = tmp_path / "runner.yaml"
+    path.write_text(runner_cm["data"]["runner.yaml"])
+    monkeypatch.setenv("AUTOREDUCE_RUNNER_CONFIG", str(path))
+    settings = config.load_settings()
+    assert [str(p) for p in settings.archive_roots] == ["/isis", "/cache"]
+    assert settings.timeout_s == 3600
+
+
+def test_runner_config_schema_knows_every_runner_file_setting() -> None:
+    config = pytest.importorskip("autoreduce_runner.config")
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    in_schema = set(schema["properties"]["runnerConfig"]["properties"])
+    # These come from the Job template's environment, not from the file.
+    from_env = {"broker", "message_file", "runner_config", "termination_log"}
+    assert in_schema == set(config.RunnerSettings.model_fields) - from_env
+
+
+# -- the Job the rendered template makes -------------------------------------------------
+
+
+def sample_key(instrument: str = "WISH") -> RunKey:
+    return RunKey(
+        facility="ISIS", instrument=instrument, runs=(44123,), version=0, rb_number="1920001"
+    )
+
+
+def rendered_job(
+    docs: list[dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    instrument: str = "WISH",
+) -> dict[str, Any]:
+    settings = load_rendered_settings(docs, tmp_path, monkeypatch)
+    template_file = tmp_path / "job.yaml.j2"
+    template_file.write_text(dispatcher_config_map(docs)["data"]["job.yaml.j2"])
+    return render_job(
+        settings=settings,
+        template=load_template(template_file),
+        key=sample_key(instrument),
+        arrival=Arrival(priority=9, enqueued_ms=1, message_id="ID:1"),
+    )
+
+
+@pytest.mark.parametrize("values", CI_FILES, ids=ci_id)
+def test_rendered_job_template_makes_a_suspended_job(
+    values: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = render(values)
+    job = rendered_job(docs, tmp_path, monkeypatch)
+    assert job["metadata"]["namespace"] == NAMESPACE
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["autoreduce.io/managed"] == "true"
+    pod = job["spec"]["template"]["spec"]
+    broker_volume = next(v for v in pod["volumes"] if v["name"] == "broker")
+    settings = yaml.safe_load(dispatcher_config_map(docs)["data"]["settings.yaml"])
+    assert broker_volume["secret"]["secretName"] == settings["jobs"]["broker_secret_name"]
+
+
+def test_job_for_an_overridden_instrument(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = render(CHART / "ci" / "instruments-values.yaml")
+    job = rendered_job(docs, tmp_path, monkeypatch, instrument="WISH")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "registry.example/autoreduce-runner-mantid:6.11"
+    assert pod["nodeSelector"] == {"autoreduce.io/pool": "large"}
+    assert pod["priorityClassName"] == find(docs, "PriorityClass")["metadata"]["name"]
+    assert job["spec"]["activeDeadlineSeconds"] == 28800
+
+
+def test_job_mounts_volumes_and_runner_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = render(CHART / "ci" / "volumes-values.yaml")
+    job = rendered_job(docs, tmp_path, monkeypatch, instrument="LET")
+    pod = job["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["archive"]["readOnly"] is True and mounts["archive"]["mountPath"] == "/isis"
+    assert mounts["let-output"]["readOnly"] is False
+    assert "ceph-output" not in mounts  # LET's own output volume replaces the default
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["archive"]["nfs"]["server"] == "archive.example"
+    runner_cm = next(d for d in docs if d["kind"] == "ConfigMap" and "runner.yaml" in d["data"])
+    assert volumes["runner-config"]["configMap"]["name"] == runner_cm["metadata"]["name"]
+
+
+def test_custom_job_template_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = render(CHART / "ci" / "custom-job-template-values.yaml")
+    job = rendered_job(docs, tmp_path, monkeypatch)
+    assert job["metadata"]["labels"]["site.example/team"] == "reduction"
+    assert any(v["name"] == "scratch" for v in job["spec"]["template"]["spec"]["volumes"])
+
+
+# -- the Deployment ----------------------------------------------------------------------
+
+
+def test_deployment_runs_the_dispatcher_locked_down() -> None:
+    docs = render(CHART / "ci" / "default-values.yaml")
+    deployment = find(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "autoreduce-dispatcher:0.1.0"
+    assert container["command"] == ["python", "-m", "dispatcher"]
+    assert pod["terminationGracePeriodSeconds"] >= 45
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AUTOREDUCE_IDENTITY"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert pod["serviceAccountName"] == find(docs, "ServiceAccount")["metadata"]["name"]
+    assert "KUBECONFIG" not in env  # in-cluster credentials
+    assert {"PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "PriorityClass"}.isdisjoint(
+        kinds(docs)
+    )
+
+
+def test_changed_values_roll_the_pods_and_unchanged_do_not() -> None:
+    def checksum(*sets: str) -> str:
+        docs = render(CHART / "ci" / "default-values.yaml", sets=sets)
+        return find(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"][
+            "checksum/config"
+        ]
+
+    base = checksum()
+    assert checksum() == base
+    assert checksum("concurrency=8") != base
+    assert checksum("jobTemplate=x") != base
+    assert checksum("replicaCount=3") == base
+
+
+def test_recreate_strategy_drops_the_default_rolling_update() -> None:
+    docs = render(CHART / "ci" / "default-values.yaml", sets=("strategy.type=Recreate",))
+    assert find(docs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    docs = render(CHART / "ci" / "default-values.yaml")
+    assert find(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"] == {
+        "maxSurge": 1,
+        "maxUnavailable": 0,
+    }
+
+
+def test_ha_has_a_pod_disruption_budget() -> None:
+    docs = render(CHART / "ci" / "ha-values.yaml")
+    pdb = find(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert (
+        pdb["spec"]["selector"]["matchLabels"]
+        == find(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    )
+    assert find(docs, "Deployment")["spec"]["replicas"] == 2
+
+
+def test_every_object_has_standard_labels_and_fitting_names() -> None:
+    long_release = "a-long-release-name-for-autoreduction-at-facility-xyz"  # 53: Helm's max
+    assert len(long_release) == 53
+    docs = render(
+        CHART / "ci" / "default-values.yaml",
+        CHART / "ci" / "network-policy-values.yaml",
+        CHART / "ci" / "volumes-values.yaml",
+        sets=("priorityClass.create=true",),
+        release=long_release,
+    )
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        assert len(name) <= 63 and not name.endswith("-"), name
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == long_release
+        assert labels["app.kubernetes.io/name"] == "autoreduce"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["helm.sh/chart"] == "autoreduce-0.1.0"
+    assert len({(d["kind"], d["metadata"]["name"]) for d in docs}) == len(docs)
+
+
+# -- RBAC --------------------------------------------------------------------------------
+
+
+def test_role_grants_exactly_what_the_dispatcher_calls() -> None:
+    docs = render(CHART / "ci" / "default-values.yaml")
+    assert "ClusterRole" not in kinds(docs) and "ClusterRoleBinding" not in kinds(docs)
+    role = find(docs, "Role")
+    granted = {
+        (group, resource): sorted(rule["verbs"])
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert granted == {
+        ("batch", "jobs"): sorted(["create", "get", "list", "watch", "patch", "delete"]),
+        ("batch", "jobs/finalizers"): ["update"],
+        ("", "configmaps"): sorted(["create", "get", "list", "delete"]),
+        ("coordination.k8s.io", "leases"): sorted(["create", "get", "list", "update", "delete"]),
+        ("", "pods"): ["list"],
+        ("", "pods/log"): ["get"],
+        ("events.k8s.io", "events"): ["create"],
+    }
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+    binding = find(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": find(docs, "ServiceAccount")["metadata"]["name"],
+            "namespace": NAMESPACE,
+        }
+    ]
+
+
+def test_every_rbac_rule_carries_a_comment() -> None:
+    text = (CHART / "templates" / "rbac.yaml").read_text().splitlines()
+    rule_lines = [i for i, line in enumerate(text) if line.strip().startswith("- apiGroups:")]
+    assert rule_lines
+    for index in rule_lines:
+        assert text[index - 1].strip().startswith("#"), f"rule at line {index + 1} has no comment"
+    assert "resourceNames" in "\n".join(text)  # says why Leases cannot use it
+
+
+# -- network policy ----------------------------------------------------------------------
+
+
+def test_network_policies_limit_dispatcher_and_runner_egress() -> None:
+    docs = render(CHART / "ci" / "network-policy-values.yaml")
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    dispatcher = policies[f"{RELEASE}-autoreduce"]
+    runner = policies[f"{RELEASE}-autoreduce-runner"]
+    assert runner["spec"]["podSelector"] == {"matchLabels": {"autoreduce.io/managed": "true"}}
+    assert runner["spec"]["ingress"] == []
+    broker_rule = runner["spec"]["egress"][0]
+    assert broker_rule["ports"] == [{"port": 61613, "protocol": "TCP"}]
+    assert broker_rule["to"][0]["podSelector"] == {"matchLabels": {"app": "activemq"}}
+    dispatcher_ports = [
+        sorted(p["port"] for p in rule["ports"]) for rule in dispatcher["spec"]["egress"]
+    ]
+    assert dispatcher_ports == [[61613], [443, 6443], [53, 53]]
+    assert set(dispatcher["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+def test_broker_ports_come_from_the_hosts() -> None:
+    docs = render(
+        CHART / "ci" / "network-policy-values.yaml",
+        sets=("broker.hosts={a:61613,b:61614,c:61613}",),
+    )
+    runner = find(docs, "NetworkPolicy", f"{RELEASE}-autoreduce-runner")
+    assert [p["port"] for p in runner["spec"]["egress"][0]["ports"]] == [61613, 61614]
+
+
+# -- documentation -----------------------------------------------------------------------
+
+
+def _leaf_paths(values: Any, prefix: str = "") -> list[str]:
+    if isinstance(values, dict) and values:
+        paths = []
+        for key, value in values.items():
+            paths += _leaf_paths(value, f"{prefix}{key}.")
+        return paths
+    return [prefix.rstrip(".")]
+
+
+OPAQUE = (
+    "strategy",
+    "podSecurityContext",
+    "securityContext",
+    "resources",
+    "runner.resources",
+    "runner.command",
+)
+
+
+def test_readme_documents_every_value() -> None:
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for key in values:
+        assert f"`{key}" in readme, f"top-level value {key} missing from README.md"
+    missing = []
+    for path in _leaf_paths(values):
+        documented = next((p for p in OPAQUE if path == p or path.startswith(p + ".")), path)
+        if f"`{documented}`" not in readme:
+            missing.append(documented)
+    assert not missing, f"values missing from helm/autoreduce/README.md: {sorted(set(missing))}"
+
+
+def test_every_value_in_values_yaml_has_a_comment() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    values = yaml.safe_load("\n".join(lines))
+    leaves = set(_leaf_paths(values))
+    stack: list[tuple[int, str]] = []
+    undocumented = []
+    for index, line in enumerate(lines):
+        stripped = line.lstrip()
+        if not stripped or stripped.startswith(("#", "-")) or ":" not in stripped:
+            continue
+        indent = len(line) - len(stripped)
+        key = stripped.split(":", 1)[0]
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = ".".join([k for _, k in stack] + [key])
+        stack.append((indent, key))
+        if any(path.startswith(p + ".") for p in OPAQUE):
+            continue
+        documented = lines[index - 1].lstrip().startswith("#")
+        if (path in leaves or path in OPAQUE) and not documented:
+            undocumented.append(path)
+    assert not undocumented, f"values without a comment: {undocumented}"
