@@ -290,7 +290,12 @@ def test_install_dispatch_upgrade_uninstall(
     batch = k8s.BatchV1Api(kube.api_client())
     apps = k8s.AppsV1Api(kube.api_client())
 
-    helm(kube, "install", release, str(CHART), "-n", namespace, "-f", str(values_file))
+    installed = helm(kube, "install", release, str(CHART), "-n", namespace, "-f", str(values_file))
+    # NOTES.txt tells the operator how to watch runs.
+    notes = installed.stdout
+    assert f"kubectl get jobs -n {namespace} -l autoreduce.io/managed=true" in notes
+    assert f"kubectl logs -n {namespace} job/<name>" in notes
+    assert "-l autoreduce.io/rb-number=<rb>" in notes
     try:
         # 1. The dispatcher becomes Ready: /readyz needs the broker connected and a
         # Job list from the API, made with the pod's own ServiceAccount token.

@@ -243,6 +243,9 @@ def test_default_settings_match_the_values(tmp_path: Path, monkeypatch: pytest.M
     assert s.runner.active_deadline_seconds == values["runner"]["activeDeadlineSeconds"]
     assert s.caps.max_running is None
     assert (s.concurrency, s.api_qps, s.api_burst) == (4, 50.0, 100)
+    assert (s.retries.mode, s.retries.max_attempts, s.retries.delay_s) == ("dispatcher", 3, 300)
+    assert s.image_pull_grace_s == 300
+    assert s.priority_classes.model_dump() == {"run_detection": None, "manual": None, "rerun": None}
     assert s.runner.priority_class_name is None
 
 
@@ -278,6 +281,9 @@ def test_instrument_overrides_and_caps(tmp_path: Path, monkeypatch: pytest.Monke
     priority_class = find(docs, "PriorityClass")
     assert s.runner.priority_class_name == priority_class["metadata"]["name"]
     assert priority_class["value"] == 500
+    assert (s.retries.mode, s.retries.max_attempts, s.retries.delay_s) == ("dispatcher", 2, 60)
+    assert s.priority_classes.run_detection is None  # empty value: the default applies
+    assert s.priority_classes.rerun == "autoreduce-low"
 
 
 def test_volumes_and_runner_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -343,6 +349,7 @@ def rendered_job(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     instrument: str = "WISH",
+    priority: int = 9,
 ) -> dict[str, Any]:
     settings = load_rendered_settings(docs, tmp_path, monkeypatch)
     template_file = tmp_path / "job.yaml.j2"
@@ -351,7 +358,7 @@ def rendered_job(
         settings=settings,
         template=load_template(template_file),
         key=sample_key(instrument),
-        arrival=Arrival(priority=9, enqueued_ms=1, message_id="ID:1"),
+        arrival=Arrival(priority=priority, enqueued_ms=1, message_id="ID:1"),
     )
 
 
@@ -378,6 +385,14 @@ def test_job_for_an_overridden_instrument(tmp_path: Path, monkeypatch: pytest.Mo
     assert pod["nodeSelector"] == {"autoreduce.io/pool": "large"}
     assert pod["priorityClassName"] == find(docs, "PriorityClass")["metadata"]["name"]
     assert job["spec"]["activeDeadlineSeconds"] == 28800
+
+
+def test_reruns_get_their_own_priority_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = render(CHART / "ci" / "instruments-values.yaml")
+    job = rendered_job(docs, tmp_path, monkeypatch, instrument="MARI", priority=0)
+    assert job["spec"]["template"]["spec"]["priorityClassName"] == "autoreduce-low"
 
 
 def test_job_mounts_volumes_and_runner_config(

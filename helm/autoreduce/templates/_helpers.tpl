@@ -239,6 +239,9 @@ Secrets never appear here: the password is a mounted file.
   "runner" $runner
   "instruments" $instruments
   "caps" (dict "max_running" $v.caps.maxRunning)
+  "retries" (dict "mode" $v.retries.mode "max_attempts" (int $v.retries.maxAttempts) "delay_s" (int $v.retries.delaySeconds))
+  "priority_classes" (dict "run_detection" ($v.priorityClasses.runDetection | default nil) "manual" ($v.priorityClasses.manual | default nil) "rerun" ($v.priorityClasses.rerun | default nil))
+  "image_pull_grace_s" $v.imagePullGraceSeconds
   "concurrency" (int $v.concurrency)
   "api_qps" $v.api.qps
   "api_burst" (int $v.api.burst)
