@@ -19,8 +19,16 @@ from typing import Any
 
 import pytest
 import yaml
+from autoreduce_common.broker_settings import BrokerSettings
 
-from dispatcher.config import DEFAULT_TEMPLATE, load_settings
+from dispatcher.config import (
+    DEFAULT_TEMPLATE,
+    DispatcherSettings,
+    InstrumentOverrides,
+    JobSettings,
+    RunnerSpec,
+    load_settings,
+)
 from dispatcher.identity import RunKey
 from dispatcher.manifests import Arrival, load_template, render_job
 
@@ -633,3 +641,24 @@ def test_every_value_in_values_yaml_has_a_comment() -> None:
         if (path in leaves or path in OPAQUE) and not documented:
             undocumented.append(path)
     assert not undocumented, f"values without a comment: {undocumented}"
+
+
+# -- the chart keeps up with the settings model ----------------------------------------
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
+
+
+def test_chart_renders_every_dispatcher_setting() -> None:
+    """A setting added to dispatcher/config.py fails here until the chart exposes it."""
+    docs = render(CHART / "ci" / "default-values.yaml")
+    rendered = yaml.safe_load(dispatcher_config_map(docs)["data"]["settings.yaml"])
+    # identity comes from the pod name (env); the password only ever as a file.
+    assert set(rendered) == set(DispatcherSettings.model_fields) - {"identity"}
+    assert set(rendered["broker"]) == set(BrokerSettings.model_fields) - {"password"}
+    assert set(rendered["jobs"]) == set(JobSettings.model_fields)
+    assert set(rendered["runner"]) == set(RunnerSpec.model_fields)
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    instrument_values = schema["definitions"]["instrument"]["properties"]
+    assert {_snake(k) for k in instrument_values} == set(InstrumentOverrides.model_fields)
