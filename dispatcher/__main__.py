@@ -19,7 +19,8 @@ from dispatcher.consumer import Consumer
 from dispatcher.controller import Controller
 from dispatcher.dispatch import Dispatcher
 from dispatcher.identity import Labels
-from dispatcher.kube import Kube
+from dispatcher.kube import Kube, KubeError
+from dispatcher.lifecycle import Lifecycle, RetryPolicy
 from dispatcher.manifests import load_template
 from dispatcher.metrics import Metrics, serve
 from dispatcher.reporting import Reporter
@@ -28,6 +29,8 @@ log = logging.getLogger("dispatcher")
 
 EXIT_CONFIG = 2
 EXIT_BROKER = 3
+# How often runs are checked for pods that cannot start (image pull failures).
+STUCK_CHECK_S = 5.0
 
 
 class _JsonFormatter(logging.Formatter):
@@ -71,6 +74,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_stuck(lifecycle: Lifecycle, controller: Controller) -> None:
+    try:
+        lifecycle.check_stuck(controller.cache.running())
+    except (KubeError, BrokerError) as error:
+        log.warning("stuck-pod check failed: %s", error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
@@ -104,12 +114,26 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
             name: o.max_running for name, o in settings.instruments.items() if o.max_running
         },
     )
+    lifecycle = Lifecycle(
+        kube=kube,
+        labels=labels,
+        reporter=reporter,
+        metrics=metrics,
+        retry=RetryPolicy(
+            by_dispatcher=settings.retries.mode == "dispatcher",
+            max_attempts=settings.retries.max_attempts,
+            delay_s=settings.retries.delay_s,
+        ),
+        pending_queue=settings.broker.queues.pending,
+        image_pull_grace_s=settings.image_pull_grace_s,
+    )
     controller = Controller(
         kube=kube,
         labels=labels,
         identity=settings.identity,
         caps=caps,
         resync_seconds=settings.resync_seconds,
+        on_finished=lifecycle.on_finished,
     )
     dispatcher = Dispatcher(
         settings=settings,
@@ -145,10 +169,13 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         settings.broker.queues.pending,
         settings.jobs.namespace,
     )
-    stop.wait()
+    while not stop.wait(STUCK_CHECK_S):
+        if settings.image_pull_grace_s > 0 and client.connected:
+            _check_stuck(lifecycle, controller)
     log.info("SIGTERM: finishing in-flight dispatches")
     consumer.stop(timeout=30)
     controller.stop()
+    lifecycle.shutdown()
     if server is not None:
         server.shutdown()
     return 0

@@ -61,7 +61,10 @@ def runner_report(pod: Obj) -> RunnerReport | None:
 
 def _job_condition(job: Obj) -> Obj:
     for condition in (job.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == "Failed" and condition.get("status") == "True":
+        if (
+            condition.get("type") in {"Failed", "FailureTarget"}
+            and condition.get("status") == "True"
+        ):
             return dict(condition)
     return {}
 

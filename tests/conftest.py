@@ -94,7 +94,7 @@ def broker_settings(broker: ActiveMQ | ExistingBroker, queues: QueueNames) -> Br
         hosts=[broker.host],
         username=broker.user,
         password=broker.password,
-        heartbeat_ms=2000,
+        heartbeat_ms=10000,
         reconnect_initial_s=0.2,
         reconnect_max_s=2.0,
         queues=queues,
@@ -122,6 +122,8 @@ class QueueReader:
         self._client.subscribe(destination=destination, sink=self._sink, prefetch=100)
 
     def _drain(self, timeout: float) -> None:
+        if not self._client.connected:  # a broker restart in a fault test
+            self._client.ensure_connected()
         try:
             delivery = self._sink.get(timeout=timeout)
         except queue.Empty:

@@ -86,7 +86,7 @@ def dispatcher_settings(
             "username": broker.username,
             "password_file": str(password_file),
             "queues": broker.queues.model_dump(),
-            "heartbeat_ms": 2000,
+            "heartbeat_ms": 5000,
             "reconnect_initial_s": 0.2,
             "reconnect_max_s": 2.0,
         },
