@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from autoreduce_common.broker_settings import BrokerSettings, QueueNames
 from autoreduce_common.stomp_client import Delivery, StompClient
+from kubernetes import client as k8s
+
 from tests.harness.activemq import ActiveMQ, free_port
+from tests.harness.controlplane import start_local_stack
+from tests.harness.product import DispatcherProcess, Facility, dispatcher_settings, pod_user
 
 WORK_ROOT = Path(os.environ.get("AUTOREDUCE_TEST_WORKDIR", tempfile.gettempdir()))
 
@@ -174,8 +177,6 @@ def reader(broker_settings: BrokerSettings) -> Iterator[QueueReader]:
 def kube(session_dir: Path) -> Iterator[Any]:
     """The real control plane (etcd, kube-apiserver, kube-controller-manager) plus the
     test node agent, or an existing cluster named by AUTOREDUCE_TEST_KUBECONFIG."""
-    from tests.harness.controlplane import start_local_stack
-
     stack = start_local_stack(workdir=session_dir / "kube")
     yield stack
     stack.stop()
@@ -192,3 +193,53 @@ def namespace(kube: Any) -> Iterator[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "golden: compares against files in tests/unit/golden")
+
+
+# -- the product on the stack ------------------------------------------------------
+
+
+@pytest.fixture
+def facility(tmp_path: Path) -> Facility:
+    return Facility(tmp_path / "facility").create()
+
+
+@pytest.fixture(scope="session")
+def runner_uid() -> int | None:
+    return pod_user()
+
+
+@pytest.fixture
+def batch(kube: Any) -> k8s.BatchV1Api:
+    return k8s.BatchV1Api(kube.api_client())
+
+
+@pytest.fixture
+def start_dispatcher(
+    kube: Any, namespace: str, broker_settings: BrokerSettings, facility: Facility,
+    tmp_path: Path, runner_uid: int | None,
+) -> Iterator[Callable[..., DispatcherProcess]]:
+    """Start dispatcher processes on this test's namespace and queues."""
+    password = tmp_path / "broker-password"
+    password.write_text(broker_settings.password.get_secret_value())
+    core = k8s.CoreV1Api(kube.api_client())
+    core.create_namespaced_secret(namespace, {
+        "metadata": {"name": "autoreduce-broker"},
+        "stringData": {"password": broker_settings.password.get_secret_value()},
+    })
+    started: list[DispatcherProcess] = []
+
+    def start(name: str = "dispatcher", **overrides: Any) -> DispatcherProcess:
+        settings = dispatcher_settings(
+            broker=broker_settings, password_file=password, namespace=namespace,
+            facility=facility, run_as_user=runner_uid, **overrides,
+        )
+        proc = DispatcherProcess(workdir=tmp_path / "dispatchers", settings=settings,
+                                 kubeconfig=kube.kubeconfig, name=name).start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+        if proc.process is not None and proc.process.returncode not in (0, None, -9):
+            print(proc.log()[-5000:])

@@ -100,7 +100,7 @@ class ActiveMQ:
     workdir: Path
     port: int
     user: str = "autoreduce"
-    password: str = "test-password"  # noqa: S105 - a throwaway test broker
+    password: str = "test-password"
     heap_mb: int = 256
     process: subprocess.Popen[bytes] | None = None
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from autoreduce_common.broker_settings import BrokerSettings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,14 +8,15 @@ import signal
 import time
 
 import pytest
-
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import BrokerError, Delivery, StompClient
 
 pytestmark = pytest.mark.integration
 
 
-def _consumer(settings: BrokerSettings, destination: str) -> tuple[StompClient, queue.Queue[Delivery]]:
+def _consumer(
+    settings: BrokerSettings, destination: str
+) -> tuple[StompClient, queue.Queue[Delivery]]:
     client = StompClient(settings=settings, client_name="consumer")
     client.connect()
     sink: queue.Queue[Delivery] = queue.Queue()

@@ -5,25 +5,31 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client as k8s
-
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import StompClient
+from kubernetes import client as k8s
+
+from dispatcher.config import DispatcherSettings
 from dispatcher.identity import RunKey, job_name
+from dispatcher.manifests import Arrival, load_template, render_job
 from tests.conftest import QueueReader
+from tests.harness.checks import (  # noqa: F401 - re-exported for other tests
+    SELECTOR,
+    assert_exclusive,
+    count_outcomes,
+    outcomes,
+    parse_time,
+    send,
+)
 from tests.harness.product import (
     SLEEPY_SCRIPT,
     DispatcherProcess,
     Facility,
-    dispatcher_settings,
-    pod_user,
     read_timeline,
     run_message,
     wait_until,
@@ -31,100 +37,6 @@ from tests.harness.product import (
 
 pytestmark = pytest.mark.integration
 
-SELECTOR = "autoreduce.io/managed=true"
-
-
-@pytest.fixture
-def facility(tmp_path: Path) -> Facility:
-    return Facility(tmp_path / "facility").create()
-
-
-@pytest.fixture(scope="session")
-def runner_uid() -> int | None:
-    return pod_user()
-
-
-@pytest.fixture
-def batch(kube: Any) -> k8s.BatchV1Api:
-    return k8s.BatchV1Api(kube.api_client())
-
-
-@pytest.fixture
-def start_dispatcher(
-    kube: Any, namespace: str, broker_settings: BrokerSettings, facility: Facility,
-    tmp_path: Path, runner_uid: int | None,
-) -> Iterator[Callable[..., DispatcherProcess]]:
-    """Start dispatcher processes on this test's namespace and queues."""
-    password = tmp_path / "broker-password"
-    password.write_text(broker_settings.password.get_secret_value())
-    core = k8s.CoreV1Api(kube.api_client())
-    core.create_namespaced_secret(namespace, {
-        "metadata": {"name": "autoreduce-broker"},
-        "stringData": {"password": broker_settings.password.get_secret_value()},
-    })
-    started: list[DispatcherProcess] = []
-
-    def start(name: str = "dispatcher", **overrides: Any) -> DispatcherProcess:
-        settings = dispatcher_settings(
-            broker=broker_settings, password_file=password, namespace=namespace,
-            facility=facility, run_as_user=runner_uid, **overrides,
-        )
-        proc = DispatcherProcess(workdir=tmp_path / "dispatchers", settings=settings,
-                                 kubeconfig=kube.kubeconfig, name=name).start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
-        if proc.process is not None and proc.process.returncode not in (0, None, -9):
-            print(proc.log()[-5000:])
-
-
-def send(stomp: StompClient, settings: BrokerSettings, body: Any, *, priority: int = 4) -> None:
-    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    stomp.send(destination=settings.queues.pending, body=payload, priority=priority)
-
-
-def outcomes(reader: QueueReader, settings: BrokerSettings, kind: str) -> list[dict[str, Any]]:
-    return reader.bodies(getattr(settings.queues, kind))
-
-
-def count_outcomes(settings: BrokerSettings, n: int) -> Callable[[list[Any]], bool]:
-    final = {settings.queues.complete, settings.queues.error, settings.queues.skipped}
-    return lambda seen: sum(1 for d in seen if d.destination in final) >= n
-
-
-def parse_time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def assert_exclusive(facility: Facility, jobs: list[Any]) -> dict[str, list[tuple[float, float]]]:
-    """No two runs of one RB overlap: from the scripts' own timeline and the Jobs."""
-    rb_of = {}
-    for job in jobs:
-        runs = job.metadata.annotations["autoreduce.io/runs"]
-        rb_of[runs] = job.metadata.labels["autoreduce.io/rb-number"]
-    spans: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    for event in read_timeline(facility):
-        run = str(int(Path(event["file"]).stem[-8:]))
-        spans[rb_of[run]].setdefault(run, []).append(event["t"])
-    by_rb: dict[str, list[tuple[float, float]]] = {}
-    for rb, runs in spans.items():
-        intervals = sorted((min(ts), max(ts)) for ts in runs.values())
-        for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
-            assert start >= end, f"RB {rb}: a run started at {start} before {end}"
-        by_rb[rb] = intervals
-    # The Jobs' own times (1 s resolution) tell the same story.
-    per_rb: dict[str, list[Any]] = defaultdict(list)
-    for job in jobs:
-        if job.status.start_time and job.status.completion_time:
-            per_rb[job.metadata.labels["autoreduce.io/rb-number"]].append(job)
-    for rb, rb_jobs in per_rb.items():
-        rb_jobs.sort(key=lambda j: j.status.start_time)
-        for prev, nxt in zip(rb_jobs, rb_jobs[1:], strict=False):
-            assert nxt.status.start_time >= prev.status.completion_time, f"RB {rb} overlap"
-    return by_rb
 
 
 def test_two_rbs_reduce_in_parallel_one_run_at_a_time_within_each(
@@ -166,9 +78,6 @@ def test_duplicate_and_redelivered_messages_give_one_job(
     # A previous dispatcher created the Job and died before acking: the message is
     # redelivered. We stand in for it by creating the same Job first (suspended),
     # rendered from the same settings, then start a dispatcher.
-    from dispatcher.config import DispatcherSettings
-    from dispatcher.manifests import Arrival, load_template, render_job
-
     proc = start_dispatcher(name="first")
     proc.kill(signal.SIGKILL)
     settings = DispatcherSettings.model_validate(proc.settings)

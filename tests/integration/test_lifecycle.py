@@ -14,11 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client as k8s
-
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import StompClient
+from kubernetes import client as k8s
+
 from tests.conftest import QueueReader
+from tests.harness.checks import (
+    SELECTOR,
+    assert_exclusive,
+    count_outcomes,
+    outcomes,
+    send,
+)
 from tests.harness.product import (
     SLEEPY_SCRIPT,
     DispatcherProcess,
@@ -26,17 +33,6 @@ from tests.harness.product import (
     read_timeline,
     run_message,
     wait_until,
-)
-from tests.integration.test_dispatcher import (  # noqa: F401 - fixtures
-    SELECTOR,
-    assert_exclusive,
-    batch,
-    count_outcomes,
-    facility,
-    outcomes,
-    runner_uid,
-    send,
-    start_dispatcher,
 )
 
 pytestmark = pytest.mark.integration

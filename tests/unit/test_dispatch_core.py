@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from autoreduce_common.messages import parse_run
+
 from dispatcher import admission
 from dispatcher.config import DispatcherSettings, InstrumentOverrides, load_settings
 from dispatcher.identity import MAX_NAME, Labels, RunKey, job_name, lease_name, run_key
@@ -108,7 +108,8 @@ def test_job_properties_the_design_relies_on() -> None:
 def test_hostile_strings_stay_values(tmp_path: Path) -> None:
     settings = _settings(runner={"env": {"X": "a\"\nkind: Secret\n{{ 1 }}"}})
     job = render(settings, key())
-    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["X"] == "a\"\nkind: Secret\n{{ 1 }}"
     assert job["kind"] == "Job"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from autoreduce_common.messages import (
     MessageError,
     bound_text,

@@ -1,0 +1,68 @@
+"""Checks shared by the integration, e2e and fault tests: sending runs and judging
+what came back (from the broker's messages, the scripts' timeline and the Jobs)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from autoreduce_common.broker_settings import BrokerSettings
+from autoreduce_common.stomp_client import StompClient
+
+from tests.conftest import QueueReader
+from tests.harness.product import Facility, read_timeline
+
+SELECTOR = "autoreduce.io/managed=true"
+
+
+def send(stomp: StompClient, settings: BrokerSettings, body: Any, *, priority: int = 4) -> None:
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    stomp.send(destination=settings.queues.pending, body=payload, priority=priority)
+
+
+def outcomes(reader: QueueReader, settings: BrokerSettings, kind: str) -> list[dict[str, Any]]:
+    return reader.bodies(getattr(settings.queues, kind))
+
+
+def count_outcomes(settings: BrokerSettings, n: int) -> Callable[[list[Any]], bool]:
+    final = {settings.queues.complete, settings.queues.error, settings.queues.skipped}
+    return lambda seen: sum(1 for d in seen if d.destination in final) >= n
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def assert_exclusive(facility: Facility, jobs: list[Any]) -> dict[str, list[tuple[float, float]]]:
+    """No two runs of one RB overlap: from the scripts' own timeline and the Jobs."""
+    rb_of = {}
+    for job in jobs:
+        runs = job.metadata.annotations["autoreduce.io/runs"]
+        rb_of[runs] = job.metadata.labels["autoreduce.io/rb-number"]
+    spans: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for event in read_timeline(facility):
+        run = str(int(Path(event["file"]).stem[-8:]))
+        spans[rb_of[run]].setdefault(run, []).append(event["t"])
+    by_rb: dict[str, list[tuple[float, float]]] = {}
+    for rb, runs in spans.items():
+        intervals = sorted((min(ts), max(ts)) for ts in runs.values())
+        for (_, end), (start, _) in pairwise(intervals):
+            assert start >= end, f"RB {rb}: a run started at {start} before {end}"
+        by_rb[rb] = intervals
+    # The Jobs' own times (1 s resolution) tell the same story.
+    per_rb: dict[str, list[Any]] = defaultdict(list)
+    for job in jobs:
+        if job.status.start_time and job.status.completion_time:
+            per_rb[job.metadata.labels["autoreduce.io/rb-number"]].append(job)
+    for rb, rb_jobs in per_rb.items():
+        rb_jobs.sort(key=lambda j: j.status.start_time)
+        for prev, nxt in pairwise(rb_jobs):
+            assert nxt.status.start_time >= prev.status.completion_time, f"RB {rb} overlap"
+    return by_rb
+
+
