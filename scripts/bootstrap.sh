@@ -54,7 +54,7 @@ if [ ! -e "$BIN/.controlplane-$cp_hash" ]; then
   (cd "$ROOT/hack/controlplane" && go build -o "$BIN/" ./cmd/...) || die "control plane build failed"
   touch "$BIN/.controlplane-$cp_hash"
 fi
-if [ ! -x "$BIN/helm" ] || ! "$BIN/helm" version --short 2>/dev/null | grep -q "$HELM_VERSION"; then
+if [ ! -x "$BIN/helm" ] || ! "$BIN/helm" version --short 2>/dev/null | grep -q "${HELM_VERSION%.*}"; then
   say "building helm $HELM_VERSION"
   GOBIN="$BIN" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" || die "helm build failed"
 fi
