@@ -203,3 +203,22 @@ def test_bad_input_is_dead_lettered_with_a_reason_and_the_line_keeps_moving(
     errors = outcomes(reader, broker_settings, "error")
     assert len(errors) == sum(1 for *_, identifiable in BAD_BODIES if identifiable)
     assert dispatcher.alive()
+
+
+def test_lease_held_by_a_job_that_no_longer_exists_is_reclaimed(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, kube: Any,
+) -> None:
+    coordination = k8s.CoordinationV1Api(kube.api_client())
+    coordination.create_namespaced_lease(namespace, {
+        "metadata": {"name": "rb-1700001",
+                     "labels": {"autoreduce.io/managed": "true",
+                                "autoreduce.io/rb-number": "1700001"}},
+        "spec": {"holderIdentity": "red-wish-1-v0-gone0000"},
+    })
+    start_dispatcher()
+    send(stomp, broker_settings, run_message(facility=facility, instrument="WISH", rb=1700001,
+                                             run=77, script=SLEEPY_SCRIPT))
+    reader.wait_for(count_outcomes(broker_settings, 1), timeout=90)
+    assert [m["run_number"] for m in outcomes(reader, broker_settings, "complete")] == [77]

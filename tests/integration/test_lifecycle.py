@@ -8,6 +8,8 @@ import random
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
 
 from tests.conftest import QueueReader
+from tests.harness.activemq import free_port
 from tests.harness.checks import (
     SELECTOR,
     assert_exclusive,
@@ -232,3 +235,53 @@ def test_two_replicas_with_one_killed_every_few_seconds(
     assert sum(kills.values()) >= 3
     print(f"kills: {dict(kills)}; outcomes: {len(finals)}; jobs: {len(jobs)}")
     Path(facility.root / "ha.json").write_text(json.dumps({"kills": dict(kills)}))
+
+
+def test_image_that_cannot_be_pulled_is_reported_after_the_grace_and_frees_the_rb(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, batch: k8s.BatchV1Api,
+) -> None:
+    start_dispatcher(image_pull_grace_s=3,
+                     instruments={"GHOST": {"image": "registry.invalid/no-such-image:1"}})
+    send(stomp, broker_settings, run_message(facility=facility, instrument="GHOST", rb=2700001,
+                                             run=71, script=SLEEPY_SCRIPT))
+    send(stomp, broker_settings, run_message(facility=facility, instrument="WISH", rb=2700001,
+                                             run=72, script=SLEEPY_SCRIPT))
+    reader.wait_for(count_outcomes(broker_settings, 2), timeout=120)
+    reader.settle(3)
+    errors = errors_for(reader, broker_settings, 71)
+    assert len(errors) == 1 and "could not start" in errors[0]["message"], errors
+    assert "ImagePullBackOff" in errors[0]["message"] or "ErrImagePull" in errors[0]["message"]
+    assert [m["run_number"] for m in outcomes(reader, broker_settings, "complete")] == [72]
+
+
+def test_health_endpoints_follow_the_broker_and_sigterm_exits_cleanly(
+    start_dispatcher: Callable[..., DispatcherProcess], broker: Any,
+    broker_settings: BrokerSettings,
+) -> None:
+    port = free_port()
+    proc = start_dispatcher(http_port=port)
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+        except OSError:
+            return 0
+
+    wait_until(lambda: status("/readyz") == 200, timeout=60, what="ready")
+    assert status("/healthz") == 200
+    broker.stop(sig=signal.SIGKILL)
+    try:
+        wait_until(lambda: status("/readyz") == 503, timeout=60, what="not ready without broker")
+        assert status("/healthz") == 200  # alive: restarting us would not bring the broker back
+    finally:
+        broker.start()
+    wait_until(lambda: status("/readyz") == 200, timeout=90, what="ready again after reconnect")
+    assert proc.process is not None
+    proc.process.send_signal(signal.SIGTERM)
+    assert proc.process.wait(60) == 0
+    assert "SIGTERM: finishing in-flight dispatches" in proc.log()
