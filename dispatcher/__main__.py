@@ -154,7 +154,9 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         server = serve(
             port=settings.http_port,
             metrics=metrics,
-            live=lambda: True,
+            # Alive while our threads run; a lost broker or API is readiness, not
+            # liveness: a restart would not bring them back.
+            live=lambda: controller.alive() and consumer.alive(),
             ready=lambda: client.connected and controller.api_healthy,
         )
     controller.start()

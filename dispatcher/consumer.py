@@ -54,6 +54,9 @@ class Consumer:
         watchdog.start()
         self._threads.append(watchdog)
 
+    def alive(self) -> bool:
+        return all(thread.is_alive() for thread in self._threads)
+
     def stop(self, *, timeout: float) -> None:
         """Stop taking work, let in-flight dispatches finish, then disconnect."""
         self._stop.set()

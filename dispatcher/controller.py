@@ -148,6 +148,9 @@ class Controller:
         self._stop.set()
         self.queue.put("")  # wake the worker
 
+    def alive(self) -> bool:
+        return all(thread.is_alive() for thread in self._threads)
+
     def wait_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)
 
