@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import yaml
 from autoreduce_common.broker_settings import BrokerSettings
-from autoreduce_common.settings_sources import LenientEnvSource
+from autoreduce_common.settings_sources import EnvFirstSettings
 from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "job.yaml.j2"
@@ -129,7 +129,7 @@ class PriorityClasses(BaseModel):
         return self.manual if priority >= 1 else self.rerun
 
 
-class DispatcherSettings(BaseSettings):
+class DispatcherSettings(EnvFirstSettings):
     """Everything the dispatcher needs; see helm/autoreduce/values.yaml for the docs."""
 
     model_config = SettingsConfigDict(
@@ -162,18 +162,6 @@ class DispatcherSettings(BaseSettings):
     log_level: str = "INFO"
     # Cap on the bytes of one run's message (ConfigMaps hold at most 1 MiB).
     max_message_bytes: int = Field(default=1_000_000, ge=1024, le=1_040_000)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Comma-separated lists in the environment, as the Job template writes them.
-        return (init_settings, LenientEnvSource(settings_cls))
 
     @field_validator("instruments")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic.fields import FieldInfo
-from pydantic_settings import EnvSettingsSource
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource
 
 
 class LenientEnvSource(EnvSettingsSource):
@@ -21,3 +21,19 @@ class LenientEnvSource(EnvSettingsSource):
             return super().decode_complex_value(field_name, field, value)
         except ValueError:
             return value
+
+
+class EnvFirstSettings(BaseSettings):
+    """Settings where the environment wins over values passed in (a file's contents),
+    and lists may be written ``a,b`` in the environment."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (LenientEnvSource(settings_cls), init_settings)

@@ -13,11 +13,10 @@ from typing import Any
 
 import yaml
 from autoreduce_common.broker_settings import BrokerSettings
-from autoreduce_common.settings_sources import LenientEnvSource
+from autoreduce_common.settings_sources import EnvFirstSettings
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
@@ -76,7 +75,7 @@ def _default_mappings() -> list[PathMapping]:
     return [PathMapping(windows="\\\\isis\\inst$\\", linux="/isis/")]
 
 
-class RunnerSettings(BaseSettings):
+class RunnerSettings(EnvFirstSettings):
     """Everything the runner needs; documented in runner-image/README.md."""
 
     model_config = SettingsConfigDict(
@@ -132,17 +131,6 @@ class RunnerSettings(BaseSettings):
                 raise ValueError(f"directories.{name} must be an absolute path template")
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment first (it wins), then the file's values passed as init kwargs.
-        return (LenientEnvSource(settings_cls), init_settings)
 
 
 class _Bootstrap(BaseSettings):
