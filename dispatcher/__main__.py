@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 from autoreduce_common.stomp_client import BrokerError, StompClient
 
-from dispatcher.admission import Caps
+from dispatcher.admission import Caps, is_running, is_waiting
 from dispatcher.config import DispatcherSettings, load_settings
 from dispatcher.consumer import Consumer
 from dispatcher.controller import Controller
@@ -21,6 +21,7 @@ from dispatcher.dispatch import Dispatcher
 from dispatcher.identity import Labels
 from dispatcher.kube import Kube, KubeError
 from dispatcher.lifecycle import Lifecycle, RetryPolicy
+from dispatcher.logs import JsonFormatter
 from dispatcher.manifests import load_template
 from dispatcher.metrics import Metrics, serve
 from dispatcher.reporting import Reporter
@@ -33,23 +34,10 @@ EXIT_BROKER = 3
 STUCK_CHECK_S = 5.0
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def _configure_logging(settings: DispatcherSettings) -> None:
     handler = logging.StreamHandler(sys.stdout)
     if settings.log_json:
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
@@ -72,6 +60,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="kubeconfig; in-cluster credentials when unset",
     )
     return parser.parse_args(argv)
+
+
+def _refresh_metrics(metrics: Metrics, controller: Controller, client: StompClient) -> None:
+    """Fill the gauges from the Job cache at scrape time (no API call)."""
+    key = controller.labels.key("instrument")
+    waiting: Counter[str] = Counter()
+    running: Counter[str] = Counter()
+    for job in controller.cache.all():
+        instrument = (job.get("metadata", {}).get("labels") or {}).get(key, "")
+        if is_waiting(job):
+            waiting[instrument] += 1
+        elif is_running(job):
+            running[instrument] += 1
+    metrics.set_runs(waiting=waiting, running=running)
+    metrics.broker_reconnects.set(client.reconnects)
 
 
 def _check_stuck(lifecycle: Lifecycle, controller: Controller) -> None:
@@ -134,7 +137,9 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         caps=caps,
         resync_seconds=settings.resync_seconds,
         on_finished=lifecycle.on_finished,
+        metrics=metrics,
     )
+    metrics.refresh = lambda: _refresh_metrics(metrics, controller, client)
     dispatcher = Dispatcher(
         settings=settings,
         kube=kube,

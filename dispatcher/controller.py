@@ -12,17 +12,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from dispatcher import admission
 from dispatcher.admission import Action
+from dispatcher.events import WaitingEvents, caps_note, held_note
 from dispatcher.identity import Labels
 from dispatcher.kube import Gone, Kube, KubeError, NotFound, Unavailable
 from dispatcher.leases import RbLeases, holder_of
+from dispatcher.logs import job_logger
 
 log = logging.getLogger(__name__)
 Job = dict[str, Any]
 FinishedHook = Callable[[Job], None]
+
+
+def _timestamp(text: Any) -> float | None:
+    """Seconds since the epoch of an API timestamp (``2024-05-01T10:00:00Z``)."""
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _rv(job: Job) -> int:
@@ -119,8 +130,14 @@ class Controller:
         caps: admission.Caps,
         resync_seconds: float,
         on_finished: FinishedHook | None = None,
+        metrics: Any = None,
     ) -> None:
         self.kube = kube
+        self.metrics = metrics
+        self.waiting_events = WaitingEvents(
+            kube=kube,
+            on_drop=metrics.events_dropped.inc if metrics is not None else None,
+        )
         self.labels = labels
         self.caps = caps
         self.cache = JobCache(labels)
@@ -139,6 +156,7 @@ class Controller:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
+        self.waiting_events.start()
         for target, name in ((self._watch_loop, "job-watch"), (self._work_loop, "admission")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -147,6 +165,7 @@ class Controller:
     def stop(self) -> None:
         self._stop.set()
         self.queue.put("")  # wake the worker
+        self.waiting_events.stop()
 
     def alive(self) -> bool:
         return all(thread.is_alive() for thread in self._threads)
@@ -167,15 +186,20 @@ class Controller:
     def _watch_loop(self) -> None:
         selector = f"{self.labels.managed}=true"
         backoff = 0.2
+        failed = False
         while not self._stop.is_set():
             try:
                 resource_version = self._relist(selector)
+                if failed and self.metrics is not None:
+                    self.metrics.api_reconnects.inc()
+                failed = False
                 backoff = 0.2
                 self._follow(selector, resource_version)
             except Gone:
                 log.info("Job watch expired; re-listing")
             except KubeError as error:
                 self.api_healthy = False
+                failed = True
                 log.warning("Job watch failed (%s); re-listing in %.1fs", error, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -214,6 +238,7 @@ class Controller:
         if kind == "DELETED":
             self.cache.remove(name)
             self._finished_seen.discard(name)
+            self.waiting_events.forget(name)
         else:
             self.cache.upsert(job)
             self._maybe_finished(job)
@@ -271,6 +296,8 @@ class Controller:
         plan = admission.plan_rb(
             labels=self.labels, holder=holder, jobs=jobs, lease_exists=lease is not None
         )
+        if plan.action in (Action.KEEP, Action.RESUME) and plan.job is not None:
+            self._note_held(rb, jobs, plan.job)
         if plan.action is Action.RESUME and plan.job is not None:
             self._unsuspend(plan.job)
         elif plan.action is Action.ADMIT and plan.job is not None:
@@ -286,6 +313,10 @@ class Controller:
         running = [other for other in self.cache.running() if other is not job]
         if not admission.caps_allow(labels=self.labels, caps=self.caps, job=job, running=running):
             self._cap_blocked.add(rb)
+            note = caps_note(self.labels, caps=self.caps, job=job, running=running)
+            for waiting in self.cache.of_rb(rb):
+                if admission.is_waiting(waiting):
+                    self.waiting_events.waiting(waiting, note)
             return
         name = admission.name_of(job)
         if not self.leases.grant(rb=rb, job=name, base=lease):
@@ -294,6 +325,25 @@ class Controller:
         self._unsuspend(job)
         self.admissions += 1
         self.kube.record_event(job=job, reason="Admitted", note=f"RB {rb} is free: reducing")
+        self._observe_admitted(job)
+        self._note_held(rb, self.cache.of_rb(rb), job)
+
+    def _note_held(self, rb: str, jobs: list[Job], holder: Job) -> None:
+        """A Waiting Event (once per Job) on every other waiting run of the RB."""
+        holder_name = admission.name_of(holder)
+        note = held_note(self.labels, rb=rb, holder=holder, holder_name=holder_name)
+        for job in jobs:
+            if admission.is_waiting(job) and admission.name_of(job) != holder_name:
+                self.waiting_events.waiting(job, note)
+
+    def _observe_admitted(self, job: Job) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.admitted.inc()
+        created = _timestamp(job.get("metadata", {}).get("creationTimestamp"))
+        if created is not None:
+            self.metrics.admission_latency.observe(max(time.time() - created, 0.0))
+        job_logger(log, self.labels, job).info("admitted %s", admission.name_of(job))
 
     def _unsuspend(self, job: Job) -> None:
         name = admission.name_of(job)

@@ -25,6 +25,7 @@ from dispatcher.config import DispatcherSettings
 from dispatcher.controller import Controller
 from dispatcher.identity import Labels, RunKey, job_name, run_key, tombstone_name
 from dispatcher.kube import AlreadyExists, Forbidden, Invalid, Kube, KubeError, Unavailable
+from dispatcher.logs import run_logger
 from dispatcher.manifests import (
     Arrival,
     TemplateError,
@@ -89,6 +90,17 @@ class Dispatcher:
     # -- entry point ---------------------------------------------------------------
 
     def handle(self, received: Received) -> Verdict:
+        verdict = self._handle(received)
+        # Counted once settled (TryLater raised above): received adds up to
+        # accepted + duplicate + rejected + cancel requests + cancelled before dispatch.
+        self._count("received")
+        return verdict
+
+    def _count(self, name: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, name).inc()
+
+    def _handle(self, received: Received) -> Verdict:
         try:
             raw, message = parse_run(received.body)
         except MessageError as error:
@@ -124,11 +136,14 @@ class Dispatcher:
             )
         if self._cancelled_in_advance(key, raw):
             return Verdict.ACK
+        started = time.monotonic()
         job = self._ensure_job(key, arrival_of(received.headers))
         self._ensure_config_map(key, raw, job)
         self.controller.observe(job)
         self.controller.enqueue(key.rb_number)
-        log.info("accepted %s as Job %s", key.describe(), job_name(key))
+        if self.metrics is not None:
+            self.metrics.dispatch_latency.observe(time.monotonic() - started)
+        run_logger(log, key).info("accepted %s as Job %s", key.describe(), job_name(key))
         return Verdict.ACK
 
     def _ensure_job(self, key: RunKey, arrival: Arrival) -> dict[str, Any]:
@@ -168,17 +183,19 @@ class Dispatcher:
             Outcome.ERROR, error_body(raw, message="Run cancelled before it was dispatched")
         )
         self.kube.delete_config_map(tombstone)
-        log.info("dropped %s: it was cancelled before it arrived", key.describe())
+        self._count("dropped")
+        run_logger(log, key).info("dropped %s: it was cancelled before it arrived", key.describe())
         return True
 
     def _cancel(self, raw: dict[str, Any], message: ReductionMessage) -> Verdict:
         key = run_key(message)
         job = self.kube.get_job(job_name(key))
+        self._count("cancels")
         if job is None:
             self._remember_cancel(key)
             return Verdict.ACK
         if admission.is_finished(job) or admission.is_deleting(job):
-            log.info("cancel for %s ignored: it already finished", key.describe())
+            run_logger(log, key).info("cancel for %s ignored: it already finished", key.describe())
             return Verdict.ACK
         running = not admission.is_suspended(job)
         note = "Run cancelled while reducing" if running else "Run cancelled while waiting"
@@ -196,7 +213,9 @@ class Dispatcher:
             job_name(key), propagation="Foreground" if running else "Background", grace_s=30
         )
         self.controller.enqueue(key.rb_number)
-        log.info("cancelled %s (%s)", key.describe(), "running" if running else "waiting")
+        run_logger(log, key).info(
+            "cancelled %s (%s)", key.describe(), "running" if running else "waiting"
+        )
         return Verdict.ACK
 
     def _remember_cancel(self, key: RunKey) -> None:
@@ -229,7 +248,9 @@ class Dispatcher:
             raw = parse_run(received.body)[0]
         except MessageError:
             raw = None
-        return self._reject(received, reason, raw=raw)
+        verdict = self._reject(received, reason, raw=raw)
+        self._count("received")
+        return verdict
 
     # -- rejects -------------------------------------------------------------------
 

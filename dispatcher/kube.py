@@ -418,6 +418,16 @@ class Kube:
         except KubeError as error:  # an Event is commentary: never fail the run for it
             log.debug("event not recorded: %s", error)
 
+    def list_events(self, *, job: str) -> list[Obj]:
+        """Events about Job ``job`` (ours and the Job controller's), as plain dicts."""
+        page = self._call(
+            f"list Events of Job {job}",
+            "GET",
+            self._events,
+            query={"fieldSelector": f"regarding.kind=Job,regarding.name={job}"},
+        )
+        return page.get("items") or []
+
     # -- health --------------------------------------------------------------------
 
     def healthy(self) -> bool:

@@ -21,6 +21,7 @@ from autoreduce_common.stomp_client import BrokerError
 from dispatcher import admission, failures
 from dispatcher.identity import Labels
 from dispatcher.kube import Conflict, Kube, KubeError, NotFound
+from dispatcher.logs import job_logger
 from dispatcher.reporting import Reporter, error_body
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,9 @@ class Lifecycle:
         )
         if self.metrics is not None:
             self.metrics.outcomes.labels(kind="Error", reason=verdict.reason).inc()
-        log.warning("posted ReductionError for %s: %s", admission.name_of(job), verdict.reason)
+        job_logger(log, self.labels, job).warning(
+            "posted ReductionError for %s: %s", admission.name_of(job), verdict.reason
+        )
 
     def _identity(self, job: Obj) -> Obj:
         labels = job.get("metadata", {}).get("labels") or {}
@@ -208,7 +211,7 @@ class Lifecycle:
             note=f"retry as version {retry['run_version']} in {delay} s "
             f"(attempt {attempt + 1} of {self.retry.max_attempts})",
         )
-        log.info(
+        job_logger(log, self.labels, job).info(
             "scheduled retry of %s as v%s in %ss",
             admission.name_of(job),
             retry["run_version"],

@@ -8,7 +8,7 @@ interpreter.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -46,6 +46,40 @@ class Metrics:
         self.broker_reconnects = Gauge(
             "autoreduce_broker_reconnects", "Broker reconnects since start", registry=r
         )
+        self.cancels = Counter(
+            "autoreduce_cancel_requests", "Cancel messages taken from the pending queue", registry=r
+        )
+        self.dropped = Counter(
+            "autoreduce_runs_cancelled_before_dispatch",
+            "Runs dropped because their cancel arrived first",
+            registry=r,
+        )
+        self.admitted = Counter(
+            "autoreduce_runs_admitted", "Runs handed their RB (unsuspended)", registry=r
+        )
+        self.admission_latency = Histogram(
+            "autoreduce_admission_seconds",
+            "Job created to Job admitted (waiting for the RB and caps included)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600),
+            registry=r,
+        )
+        self.api_reconnects = Counter(
+            "autoreduce_api_reconnects", "Job watch re-established after an API failure", registry=r
+        )
+        self.events_dropped = Counter(
+            "autoreduce_events_dropped", "Waiting Events not recorded (queue full)", registry=r
+        )
+        self._gauge_lock = threading.Lock()
+        # Called before every scrape: fills the gauges from the process's live state.
+        self.refresh: Callable[[], None] | None = None
+
+    def set_runs(self, *, waiting: Mapping[str, int], running: Mapping[str, int]) -> None:
+        """Replace the waiting/running gauges (instruments at zero disappear)."""
+        with self._gauge_lock:
+            for gauge, counts in ((self.waiting, waiting), (self.running, running)):
+                gauge.clear()
+                for instrument, count in counts.items():
+                    gauge.labels(instrument=instrument or "unknown").set(count)
 
 
 HealthCheck = Callable[[], bool]
@@ -59,6 +93,8 @@ def serve(
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/metrics":
+                if metrics.refresh is not None:
+                    metrics.refresh()
                 self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
                 ok = live()

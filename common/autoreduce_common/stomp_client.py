@@ -53,6 +53,8 @@ class _Subscription:
     sink: queue.Queue[Delivery]
     prefetch: int
     sub_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Extra SUBSCRIBE headers, e.g. ``browser: true`` or a ``selector``.
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
@@ -234,14 +236,38 @@ class StompClient:
     # -- consuming -----------------------------------------------------------------
 
     def subscribe(
-        self, *, destination: str, sink: queue.Queue[Delivery], prefetch: int = 1
+        self,
+        *,
+        destination: str,
+        sink: queue.Queue[Delivery],
+        prefetch: int = 1,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Subscribe with client-individual acks; deliveries go to ``sink``."""
-        sub = _Subscription(destination=destination, sink=sink, prefetch=prefetch)
+        """Subscribe with client-individual acks; deliveries go to ``sink``.
+
+        ``headers`` go on the SUBSCRIBE frame: ActiveMQ reads ``browser: true``
+        (look at a queue without consuming; the last frame has ``browser: end``) and
+        ``selector`` (a JMS selector, e.g. ``JMSMessageID = 'ID:...'``).
+        """
+        sub = _Subscription(
+            destination=destination, sink=sink, prefetch=prefetch, headers=dict(headers or {})
+        )
         with self._lock:
             self._subscriptions.append(sub)
             if self._conn is not None:
                 self._subscribe_on_wire(sub)
+
+    def unsubscribe(self, sink: queue.Queue[Delivery]) -> None:
+        """Drop every subscription feeding ``sink`` (unacked messages go back)."""
+        with self._lock:
+            gone = [sub for sub in self._subscriptions if sub.sink is sink]
+            self._subscriptions = [sub for sub in self._subscriptions if sub.sink is not sink]
+            for sub in gone:
+                if self._conn is not None and self._connected.is_set():
+                    try:
+                        self._conn.unsubscribe(id=sub.sub_id)
+                    except (stomp.exception.StompException, OSError) as error:
+                        log.debug("unsubscribe: %s", error)
 
     def _subscribe_on_wire(self, sub: _Subscription) -> None:
         self._conn.subscribe(
@@ -249,7 +275,7 @@ class StompClient:
             id=sub.sub_id,
             ack="client-individual",
             # Without this ActiveMQ pushes the whole queue into one consumer.
-            headers={"activemq.prefetchSize": str(sub.prefetch)},
+            headers={"activemq.prefetchSize": str(sub.prefetch), **sub.headers},
         )
 
     def ack(self, delivery: Delivery) -> bool:
