@@ -100,6 +100,11 @@ class Dispatcher:
         if self.metrics is not None:
             getattr(self.metrics, name).inc()
 
+    def _count_outcome(self, reason: str) -> None:
+        """A ReductionError we posted for a run (the lifecycle counts its own)."""
+        if self.metrics is not None:
+            self.metrics.outcomes.labels(kind="Error", reason=reason).inc()
+
     def _handle(self, received: Received) -> Verdict:
         try:
             raw, message = parse_run(received.body)
@@ -184,6 +189,7 @@ class Dispatcher:
         )
         self.kube.delete_config_map(tombstone)
         self._count("dropped")
+        self._count_outcome("CancelledBeforeDispatch")
         run_logger(log, key).info("dropped %s: it was cancelled before it arrived", key.describe())
         return True
 
@@ -207,6 +213,7 @@ class Dispatcher:
             # one; mark it posted only after the broker confirmed the send.
             self.kube.annotate_job(job_name(key), {outcome_key: "Cancelling"})
             self.reporter.post(Outcome.ERROR, error_body(run_raw, message=note))
+            self._count_outcome("Cancelled")
             self.kube.annotate_job(job_name(key), {outcome_key: "Error"})
             self.kube.record_event(job=job, reason="Cancelled", note=note)
         self.kube.delete_job(
@@ -264,6 +271,7 @@ class Dispatcher:
             )
             if raw is not None and _identifiable(raw):
                 self.reporter.post(Outcome.ERROR, error_body(raw, message=reason))
+                self._count_outcome("Rejected")
         except BrokerError as error:
             raise TryLater(f"could not dead-letter: {error}") from error
         return Verdict.ACK
