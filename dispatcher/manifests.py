@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,24 @@ def effective_runner(settings: DispatcherSettings, instrument: str) -> RunnerSpe
     return RunnerSpec.model_validate(merged)
 
 
+# A JSON surrogate-pair escape, not preceded by an odd number of backslashes.
+_SURROGATE_PAIR = re.compile(r"(?<!\\)((?:\\\\)*)\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})")
+
+
+def _yaml_escape(match: re.Match[str]) -> str:
+    high, low = int(match.group(2), 16), int(match.group(3), 16)
+    return f"{match.group(1)}\\U{0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00):08X}"
+
+
+def yaml_safe_json(value: Any, **kwargs: Any) -> str:
+    """``tojson`` for YAML: ASCII-only JSON (so no raw NEL/LS/PS can fold a YAML line),
+    with characters beyond U+FFFF written as YAML's ``\\UXXXXXXXX`` escape. libyaml
+    refuses JSON's surrogate-pair escapes and PyYAML decodes them as two lone
+    surrogates, so an emoji in any value would otherwise break or corrupt the Job."""
+    text = json.dumps(value, ensure_ascii=True, **kwargs)
+    return _SURROGATE_PAIR.sub(_yaml_escape, text)
+
+
 def load_template(path: Path) -> jinja2.Template:
     """Load a Job template once at start-up; StrictUndefined fails loudly."""
     env = jinja2.Environment(
@@ -53,7 +72,8 @@ def load_template(path: Path) -> jinja2.Template:
         autoescape=False,  # noqa: S701 - YAML, not HTML; values go through tojson
         keep_trailing_newline=True,
     )
-    env.policies["json.dumps_kwargs"] = {"sort_keys": True, "ensure_ascii": True}
+    env.policies["json.dumps_function"] = yaml_safe_json
+    env.policies["json.dumps_kwargs"] = {"sort_keys": True}
     try:
         return env.from_string(path.read_text(encoding="utf-8"))
     except (OSError, jinja2.TemplateError) as error:
