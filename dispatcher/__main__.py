@@ -74,7 +74,7 @@ def _refresh_metrics(metrics: Metrics, controller: Controller, client: StompClie
         elif is_running(job):
             running[instrument] += 1
     metrics.set_runs(waiting=waiting, running=running)
-    metrics.broker_reconnects.set(client.reconnects)
+    metrics.broker_reconnects.set(max(client.reconnects - 1, 0))  # the first is a connect
 
 
 def _check_stuck(lifecycle: Lifecycle, controller: Controller) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -395,7 +396,9 @@ class Kube:
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
             "metadata": {
-                "generateName": f"{meta.get('name', 'job')}.",
+                # Named as kubectl's recorder does (<object>.<unique>): a generateName
+                # ending in "." is not a valid prefix and the API refuses the Event.
+                "name": f"{meta.get('name', 'job')}.{uuid.uuid4().hex[:16]}",
                 "namespace": self.namespace,
             },
             "eventTime": now,
