@@ -1,0 +1,86 @@
+"""``python -m bench [--quick]``: start the real stack, run every scenario, write results."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench import machine, report
+from bench.env import Stack
+from bench.scenarios import PRESETS, SCENARIOS
+from dispatcher.config import DispatcherSettings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", const="quick", dest="mode",
+                      help="small sizes (about 3 minutes)")  # fmt: skip
+    mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode",
+                      help="smallest sizes: checks the bench itself (smoke test)")  # fmt: skip
+    parser.set_defaults(mode="full")
+    parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS),
+                        help="run only these scenarios")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="where latest.json and latest.md go")  # fmt: skip
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="state of the stack (default: a new dir under /var/tmp)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    sizes = PRESETS[args.mode]
+    # Not under /tmp: runner pods get an emptyDir there and could not see the gate file.
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="autoreduce-bench-", dir="/var/tmp"))
+    defaults = DispatcherSettings()
+    results: dict[str, Any] = {
+        "machine": machine.describe(kube_bin=Path.home() / ".cache/autoreduce/bin"),
+        "settings": {
+            "mode": args.mode,
+            "sizes": sizes.__dict__,
+            "api_qps": defaults.api_qps,
+            "api_burst": defaults.api_burst,
+            "concurrency": defaults.concurrency,
+            "budget_note": "the dispatcher runs with its default client-side API budget; "
+            "the limit has none",
+            "workdir": str(workdir),
+        },
+    }
+    print(f"[bench] {args.mode} mode; stack state in {workdir}", flush=True)
+    started = time.monotonic()
+    stack = Stack.start(workdir)
+    failed = False
+    try:
+        print(f"[bench] stack up in {time.monotonic() - started:.0f} s", flush=True)
+        for name in args.only:
+            print(f"[bench] {name} ...", flush=True)
+            begun = time.monotonic()
+            try:
+                results[name] = SCENARIOS[name](stack, sizes)
+            except Exception as error:
+                failed = True
+                traceback.print_exc()
+                results[name] = {"error": repr(error)}
+            results[name]["seconds"] = round(time.monotonic() - begun, 1)
+            print(f"[bench] {name} done in {results[name]['seconds']} s", flush=True)
+    finally:
+        stack.stop()
+    results["machine"]["load_at_end"] = machine.load()
+    results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    results["total_seconds"] = round(time.monotonic() - started, 1)
+    json_path, md_path, table = report.write(results, args.out)
+    print(table)
+    print(f"[bench] wrote {json_path} and {md_path} ({results['total_seconds']} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""The real stack for benchmarks and the instruments that watch it.
+
+Reuses tests/harness: an ActiveMQ broker as a plain process, the local control
+plane (etcd, kube-apiserver, kube-controller-manager, node agent) and the real
+``python -m dispatcher`` process. The bench process itself watches Jobs and stamps
+each event with the monotonic clock on arrival (creationTimestamp has 1 s
+resolution), reads the apiserver's own /metrics, and samples the dispatcher's
+/proc entries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import ssl
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoreduce_common.broker_settings import BrokerSettings, QueueNames
+from autoreduce_common.messages import parse_run
+from autoreduce_common.stomp_client import Delivery, StompClient
+from kubernetes import client as k8s
+
+from dispatcher import admission
+from dispatcher.identity import job_name, run_key
+from dispatcher.kube import Gone, Kube, KubeError
+from tests.harness.activemq import ActiveMQ, free_port
+from tests.harness.controlplane import LocalKube, start_local_stack
+from tests.harness.product import DispatcherProcess, Facility, dispatcher_settings
+
+SELECTOR = "autoreduce.io/managed=true"
+RUNNER_IMAGE = "bench-runner:0"
+# No node carries this label: runner pods stay Pending (nothing runs, no node load).
+NEVER_SCHEDULED = {"autoreduce.bench/never": "true"}
+# The runner "reduction": exit 0 at once, or wait for the file $BENCH_GATE first.
+RUNNER_COMMAND = [
+    "sh", "-c",
+    'if [ -n "$BENCH_GATE" ]; then while [ ! -e "$BENCH_GATE" ]; do sleep 0.02; done; fi',
+]  # fmt: skip
+UNLIMITED = 1e9  # client-side QPS for the bench's own clients and "the limit"
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    broker: ActiveMQ
+    kube: LocalKube
+
+    @classmethod
+    def start(cls, workdir: Path) -> Stack:
+        workdir.mkdir(parents=True, exist_ok=True)
+        broker = ActiveMQ(workdir=workdir / "activemq", port=free_port())
+        broker.workdir.mkdir(parents=True, exist_ok=True)
+        broker.start()
+        try:
+            kube = start_local_stack(workdir=workdir / "kube")
+        except BaseException:
+            broker.stop()
+            raise
+        stack = cls(workdir=workdir, broker=broker, kube=kube)
+        stack._map_runner_image()
+        return stack
+
+    def _map_runner_image(self) -> None:
+        """The runner image plays a plain shell on the host (no Python start-up)."""
+        assert self.kube.image_map is not None
+        images = json.loads(self.kube.image_map.read_text())
+        images["bench-runner"] = {"env": {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}}
+        self.kube.image_map.write_text(json.dumps(images, indent=2))
+
+    def stop(self) -> None:
+        self.kube.stop()
+        self.broker.stop()
+
+    def broker_settings(self, tag: str) -> BrokerSettings:
+        queues = QueueNames(
+            **{name: f"{value}.{tag}" for name, value in QueueNames().model_dump().items()}
+        )
+        return BrokerSettings(
+            hosts=[self.broker.host], username=self.broker.user, password=self.broker.password,
+            heartbeat_ms=10000, reconnect_initial_s=0.2, reconnect_max_s=2.0, queues=queues,
+        )  # fmt: skip
+
+    def kube_client(self, namespace: str, *, qps: float = UNLIMITED) -> Kube:
+        return Kube.connect(
+            kubeconfig=self.kube.kubeconfig, namespace=namespace, qps=qps, burst=int(min(qps, 1e6))
+        )
+
+    # -- the apiserver's own counters ------------------------------------------------
+
+    def request_totals(self) -> Counter[str]:
+        """apiserver_request_total summed by "VERB group/resource[/subresource]"."""
+        assert self.kube.pki is not None
+        context = ssl.create_default_context(cafile=str(self.kube.pki.ca.cert))
+        context.load_cert_chain(str(self.kube.pki.admin.cert), str(self.kube.pki.admin.key))
+        with urllib.request.urlopen(  # noqa: S310 - our own apiserver over https
+            f"{self.kube.server}/metrics", timeout=30, context=context
+        ) as response:
+            text = response.read().decode()
+        totals: Counter[str] = Counter()
+        for line in text.splitlines():
+            if not line.startswith("apiserver_request_total{"):
+                continue
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line[: line.rindex("}")]))
+            resource = labels.get("resource", "")
+            if labels.get("group"):
+                resource = f"{labels['group']}/{resource}"
+            if labels.get("subresource"):
+                resource += f"/{labels['subresource']}"
+            totals[f"{labels.get('verb', '')} {resource}"] += int(float(line.rsplit(" ", 1)[1]))
+        return totals
+
+
+# -- one scenario's corner of the stack -----------------------------------------------
+
+
+def _scenario_tag() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+@dataclass
+class Scenario:
+    """A fresh namespace and queues; a dispatcher; a Job watch; senders."""
+
+    stack: Stack
+    name: str
+    tag: str = field(default_factory=_scenario_tag)
+    namespace: str = ""
+    broker: BrokerSettings | None = None
+    dispatcher: DispatcherProcess | None = None
+    watcher: JobWatcher | None = None
+
+    def __post_init__(self) -> None:
+        self.namespace = f"bench-{self.name}-{self.tag}"
+        self.broker = self.stack.broker_settings(self.tag)
+        self.stack.kube.create_namespace(self.namespace)
+        # Runner pods mount the broker password Secret.
+        with self.stack.kube.api_client() as api:
+            k8s.CoreV1Api(api).create_namespaced_secret(self.namespace, {
+                "metadata": {"name": "autoreduce-broker"},
+                "stringData": {"password": self.stack.broker.password},
+            })  # fmt: skip
+
+    @property
+    def workdir(self) -> Path:
+        return self.stack.workdir / "scenarios" / f"{self.name}-{self.tag}"
+
+    def settings(self, *, runs_pods: bool, **overrides: Any) -> dict[str, Any]:
+        """The dispatcher's settings: defaults (incl. the API budget) but a bench runner."""
+        assert self.broker is not None
+        password = self.workdir / "broker-password"
+        password.parent.mkdir(parents=True, exist_ok=True)
+        password.write_text(self.stack.broker.password)
+        settings = dispatcher_settings(
+            broker=self.broker, password_file=password, namespace=self.namespace,
+            facility=Facility(self.workdir / "facility"), run_as_user=None,
+        )  # fmt: skip
+        settings.pop("concurrency", None)  # the product's default, not the harness's
+        settings["log_level"] = "INFO"
+        settings["runner"] = {
+            "image": RUNNER_IMAGE,
+            "command": RUNNER_COMMAND,
+            "run_as_user": None,
+            "run_as_group": None,
+            "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
+                          "limits": {"memory": "256Mi"}},
+            "node_selector": {} if runs_pods else NEVER_SCHEDULED,
+            "active_deadline_seconds": 3600,
+        }  # fmt: skip
+        settings.update(overrides)
+        return settings
+
+    def start_dispatcher(self, settings: dict[str, Any], *, name: str = "dispatcher") -> None:
+        self.dispatcher = DispatcherProcess(
+            workdir=self.workdir, settings=settings, kubeconfig=self.stack.kube.kubeconfig,
+            name=name,
+        ).start()  # fmt: skip
+
+    def start_watch(self) -> JobWatcher:
+        self.watcher = JobWatcher(self.stack.kube_client(self.namespace))
+        self.watcher.start()
+        return self.watcher
+
+    def sender(self) -> StompClient:
+        assert self.broker is not None
+        client = StompClient(settings=self.broker, client_name=f"bench-{self.name}")
+        client.connect()
+        return client
+
+    def send_all(self, messages: list[bytes], *, threads: int = 4) -> float:
+        """Send as fast as the broker takes them (receipts awaited); returns seconds."""
+        assert self.broker is not None
+        pending = self.broker.queues.pending
+        chunks = [messages[i::threads] for i in range(threads)]
+        started = time.monotonic()
+
+        def send(chunk: list[bytes]) -> None:
+            client = self.sender()
+            try:
+                for body in chunk:
+                    client.send(destination=pending, body=body, priority=4)
+            finally:
+                client.disconnect()
+
+        workers = [threading.Thread(target=send, args=(c,)) for c in chunks if c]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return time.monotonic() - started
+
+    def queue_depth(self) -> int:
+        """Messages still on the pending queue (browsed, not consumed; in-flight included)."""
+        assert self.broker is not None
+        client = StompClient(settings=self.broker, client_name="bench-browser")
+        client.connect()
+        sink: queue.Queue[Delivery] = queue.Queue()
+        try:
+            client.subscribe(destination=self.broker.queues.pending, sink=sink, prefetch=1000,
+                             headers={"browser": "true"})  # fmt: skip
+            count = 0
+            while True:
+                delivery = sink.get(timeout=30)
+                if delivery.headers.get("browser") == "end":
+                    return count
+                count += 1
+        finally:
+            client.disconnect()
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+
+
+# -- messages ---------------------------------------------------------------------------
+
+
+def run_body(*, instrument: str, rb: int, run: int) -> bytes:
+    """A run message as a legacy producer sends it (small script, like most)."""
+    message = {
+        "data": f"/isis/NDX{instrument}/Instrument/data/cycle_23_4/{instrument}{run:08d}.nxs",
+        "facility": "ISIS",
+        "instrument": instrument,
+        "rb_number": rb,
+        "run_number": run,
+        "run_version": 0,
+        "reduction_script": "def main(input_file, output_dir):\n    pass\n",
+        "reduction_arguments": {"standard_vars": {}, "advanced_vars": {}},
+        "started_by": 0,
+    }
+    return json.dumps(message).encode()
+
+
+def job_of(body: bytes) -> str:
+    """The Job name the dispatcher derives from the run (deterministic)."""
+    return job_name(run_key(parse_run(body)[1]))
+
+
+# -- watching Jobs from the bench process ------------------------------------------------
+
+
+class JobWatcher:
+    """Arrival times (monotonic) of each Job's events, keyed by Job name."""
+
+    def __init__(self, kube: Kube) -> None:
+        self._kube = kube
+        self.added: dict[str, float] = {}
+        self.unsuspended: dict[str, float] = {}
+        self.finished: dict[str, float] = {}  # first terminal condition (any)
+        self.complete: dict[str, float] = {}  # the Complete=True condition
+        self.rb: dict[str, str] = {}
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-watch", daemon=True)
+        self._synced = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._synced.wait(60):
+            raise RuntimeError("the bench's Job watch did not start")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                jobs, version = self._kube.list_jobs(selector=SELECTOR)
+                now = time.monotonic()
+                for job in jobs:
+                    self._record(job, now)
+                self._synced.set()
+                while not self._stop.is_set():
+                    for event in self._kube.watch_jobs(
+                        selector=SELECTOR, resource_version=version, timeout_s=120
+                    ):
+                        now = time.monotonic()
+                        version = event.obj.get("metadata", {}).get("resourceVersion", version)
+                        if event.kind in ("ADDED", "MODIFIED"):
+                            self._record(event.obj, now)
+            except Gone:
+                continue
+            except KubeError:
+                time.sleep(0.2)
+
+    def _record(self, job: dict[str, Any], now: float) -> None:
+        name = admission.name_of(job)
+        status = job.get("status") or {}
+        conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+        with self._cond:
+            self.added.setdefault(name, now)
+            labels = job.get("metadata", {}).get("labels") or {}
+            self.rb.setdefault(name, str(labels.get("autoreduce.io/rb-number", "")))
+            if not admission.is_suspended(job):
+                self.unsuspended.setdefault(name, now)
+            if admission.is_finished(job):
+                self.finished.setdefault(name, now)
+            if conditions.get("Complete") == "True":
+                self.complete.setdefault(name, now)
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[JobWatcher], bool], *, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 1.0))
+            return True
+
+    def count(self, table: dict[str, float], names: Iterable[str]) -> int:
+        with self._cond:
+            return sum(1 for name in names if name in table)
+
+
+# -- the dispatcher process as the kernel sees it -------------------------------------------
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (peak) in MB."""
+    values: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024
+    return values
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (all its threads)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS

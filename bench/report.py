@@ -1,0 +1,206 @@
+"""Targets, the table, and the results files (pure except ``write``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.stats import ratio
+
+SECTIONS = ("machine", "settings", "limit", "dispatch", "burst", "handoff", "scale", "targets")
+Row = tuple[str, str, str, str]  # figure, value, beside the limit / note, met
+
+
+def _get(results: dict[str, Any], *path: str | int) -> Any:
+    value: Any = results
+    for key in path:
+        if isinstance(value, dict):
+            value = value.get(str(key)) if isinstance(key, str) else None
+        elif isinstance(value, list) and isinstance(key, int) and -len(value) <= key < len(value):
+            value = value[key]
+        else:
+            return None
+    return value
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 1000:.0f} ms"
+
+
+def _num(value: float | None, unit: str = "", digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def _rate_at(results: dict[str, Any], offered: float) -> dict[str, Any] | None:
+    for rate in _get(results, "dispatch", "rates") or []:
+        if rate.get("offered_per_s") == offered:
+            return dict(rate)
+    return None
+
+
+def _check(value: float | None, test: Callable[[float], bool]) -> str:
+    if value is None:
+        return "n/a"
+    return "met" if test(value) else "NOT met"
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where we stand on each target (reported, never asserted)."""
+    limit_p99 = _get(results, "limit", "sequential", "p99")
+    limit_rate = _get(results, "limit", "concurrent", "runs_per_s")
+    at20 = _rate_at(results, 20) or {}
+    p99_20 = _get(at20, "exists", "p99")
+    sustained = max(
+        [r.get("achieved_exists_per_s") or 0 for r in _get(results, "dispatch", "rates") or []]
+        + [_get(results, "burst", "accepted_per_s") or 0]
+    ) or None
+    scale_runs = _get(results, "scale", "runs")
+    at = f" (at {scale_runs} runs)" if scale_runs else ""
+    rows = [
+        ("dispatch p99 at 20 runs/s <= 2x the limit's p99",
+         ratio(p99_20, limit_p99), lambda v: v <= 2, "x the limit"),
+        ("sustained throughput >= 80% of the limit's",
+         ratio(sustained, limit_rate), lambda v: v >= 0.8, "of the limit"),
+        ("hand-off p50 < 250 ms", _get(results, "handoff", "from_terminal_condition", "p50"),
+         lambda v: v < 0.25, "s"),
+        ("hand-off p99 < 1 s", _get(results, "handoff", "from_terminal_condition", "p99"),
+         lambda v: v < 1.0, "s"),
+        (f"resident memory < 250 MB{at}", _get(results, "scale", "rss_mb"),
+         lambda v: v < 250, "MB"),
+        (f"restart to next admission < 15 s{at}",
+         _get(results, "scale", "restart", "restart_to_next_admission_s"), lambda v: v < 15, "s"),
+        ("<= 4 API writes per run (happy path: free RB)",
+         _get(results, "dispatch", "api", "dispatcher_writes_per_run"), lambda v: v <= 4,
+         "writes"),
+    ]  # fmt: skip
+    return [
+        {"target": name, "value": value, "unit": unit, "status": _check(value, test)}
+        for name, value, test, unit in rows
+    ]
+
+
+def table_rows(results: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    seq = _get(results, "limit", "sequential") or {}
+    conc = _get(results, "limit", "concurrent") or {}
+    adm = _get(results, "limit", "sequential_with_admission") or {}
+    rows.append(("LIMIT Job+ConfigMap, sequential",
+                 f"p50 {_ms(seq.get('p50'))} p99 {_ms(seq.get('p99'))}",
+                 f"{_num(seq.get('runs_per_s'))} runs/s", ""))
+    rows.append((f"LIMIT Job+ConfigMap, {conc.get('threads', '?')} threads",
+                 f"p50 {_ms(conc.get('p50'))} p99 {_ms(conc.get('p99'))}",
+                 f"{_num(conc.get('runs_per_s'))} runs/s", ""))
+    rows.append(("LIMIT + Lease + unsuspend, sequential",
+                 f"p50 {_ms(adm.get('p50'))} p99 {_ms(adm.get('p99'))}", "", ""))
+    rows.append(("render Job+ConfigMap (client CPU)",
+                 _num(_get(results, "limit", "render_ms_mean"), " ms"), "per run", ""))
+    limit_p99 = seq.get("p99")
+    limit_rate = conc.get("runs_per_s")
+    for rate in _get(results, "dispatch", "rates") or []:
+        exists, admitted = rate.get("exists") or {}, rate.get("admitted") or {}
+        rows.append((
+            f"dispatch @ {rate['offered_per_s']:g}/s: Job exists",
+            f"p50 {_ms(exists.get('p50'))} p95 {_ms(exists.get('p95'))} "
+            f"p99 {_ms(exists.get('p99'))}",
+            f"p99 {_num(ratio(exists.get('p99'), limit_p99))}x limit; "
+            f"{_num(rate.get('achieved_exists_per_s'))} runs/s",
+            "",
+        ))  # fmt: skip
+        rows.append((
+            f"dispatch @ {rate['offered_per_s']:g}/s: admitted",
+            f"p50 {_ms(admitted.get('p50'))} p95 {_ms(admitted.get('p95'))} "
+            f"p99 {_ms(admitted.get('p99'))}",
+            f"p99 {_num(ratio(admitted.get('p99'), adm.get('p99')))}x limit+admission",
+            "",
+        ))  # fmt: skip
+    burst = results.get("burst") or {}
+    rows.append((f"burst {burst.get('runs', '?')} runs / {burst.get('rbs', '?')} RBs: accepted",
+                 _num(burst.get("accepted_s"), " s"),
+                 f"{_num(burst.get('accepted_per_s'))} runs/s = "
+                 f"{_num(ratio(burst.get('accepted_per_s'), limit_rate), '', 2)}x limit", ""))
+    hand = results.get("handoff") or {}
+    term = hand.get("from_terminal_condition") or {}
+    rows.append(("hand-off: Job finished -> next admitted",
+                 f"p50 {_ms(term.get('p50'))} p99 {_ms(term.get('p99'))}",
+                 "legacy 10 s poll: p50 ~5 s p99 ~9.9 s; 30 s autoscaler poll: ~15 s / ~29.7 s",
+                 ""))
+    scale = results.get("scale") or {}
+    api = scale.get("api") or {}
+    rows.append((f"scale {scale.get('waiting', '?')} waiting: dispatcher RSS",
+                 _num(scale.get("rss_mb"), " MB"), f"peak {_num(scale.get('peak_rss_mb'), ' MB')}",
+                 ""))
+    rows.append(("scale: CPU per run", _num(_mul(scale.get("cpu_s_per_run"), 1000), " ms"),
+                 f"idle {_num(scale.get('idle_cpu_percent'))}% CPU", ""))
+    rows.append(("scale: API requests per run",
+                 f"{_num(api.get('dispatcher_writes_per_run'), '', 2)} writes, "
+                 f"{_num(api.get('dispatcher_reads_per_run'), '', 2)} reads",
+                 f"all clients: {_num(api.get('all_requests_per_run'), '', 2)}", ""))
+    restart = scale.get("restart") or {}
+    rows.append(("scale: restart -> next admission",
+                 _num(restart.get("restart_to_next_admission_s"), " s"),
+                 f"consuming after {_num(restart.get('consuming_after_s'))} s", ""))
+    happy = _get(results, "dispatch", "api") or {}
+    rows.append(("happy path (free RB): API per run",
+                 f"{_num(happy.get('dispatcher_writes_per_run'), '', 2)} writes, "
+                 f"{_num(happy.get('dispatcher_reads_per_run'), '', 2)} reads", "", ""))
+    for target in results.get("targets") or []:
+        value = target["value"]
+        shown = "n/a" if value is None else f"{value:.2f} {target['unit']}"
+        rows.append((f"TARGET {target['target']}", shown, "", target["status"]))
+    return rows
+
+
+def _mul(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
+
+
+def render_table(rows: list[Row]) -> str:
+    header: Row = ("figure", "value", "beside the limit / note", "target")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(header))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(results: dict[str, Any], rows: list[Row]) -> str:
+    machine = results.get("machine") or {}
+    settings = results.get("settings") or {}
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Mode `{settings.get('mode')}`, {results.get('finished_at', '')}; "
+        f"written by `scripts/bench.sh` (see bench/README.md). Figures are noisy: other",
+        "work shared the machine; the load average is recorded with every scenario.",
+        "",
+        f"- Machine: {machine.get('cpu_model')}, {machine.get('cores')} cores, "
+        f"{machine.get('memory_mb')} MB, kernel {machine.get('kernel')}, "
+        f"Python {machine.get('python')}, {machine.get('kube_apiserver')}",
+        f"- Load average (1/5/15 min): start {machine.get('load_at_start')}, "
+        f"end {machine.get('load_at_end')}",
+        f"- Dispatcher API budget: api_qps={settings.get('api_qps')}, "
+        f"api_burst={settings.get('api_burst')} ({settings.get('budget_note', '')}); "
+        f"concurrency={settings.get('concurrency')}",
+        "",
+        "| figure | value | beside the limit / note | target |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {' | '.join(cell.replace('|', '/') for cell in row)} |" for row in rows]
+    errors = {k: v.get("error") for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    if errors:
+        lines += ["", "## Scenario errors", ""]
+        lines += [f"- {k}: {v}" for k, v in errors.items()]
+    lines += ["", "Raw figures: `latest.json` next to this file.", ""]
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], out: Path) -> tuple[Path, Path, str]:
+    results["targets"] = targets(results)
+    rows = table_rows(results)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "latest.json", out / "latest.md"
+    json_path.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+    md_path.write_text(render_markdown(results, rows))
+    return json_path, md_path, render_table(rows)
