@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"error": repr(error)}
             results[name]["seconds"] = round(time.monotonic() - begun, 1)
             print(f"[bench] {name} done in {results[name]['seconds']} s", flush=True)
+            report.write(results, args.out)  # so far: a long run leaves partial figures
     finally:
         stack.stop()
     results["machine"]["load_at_end"] = machine.load()

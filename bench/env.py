@@ -145,10 +145,11 @@ class Scenario:
         self.stack.kube.create_namespace(self.namespace)
         # Runner pods mount the broker password Secret.
         with self.stack.kube.api_client() as api:
-            k8s.CoreV1Api(api).create_namespaced_secret(self.namespace, {
-                "metadata": {"name": "autoreduce-broker"},
-                "stringData": {"password": self.stack.broker.password},
-            })  # fmt: skip
+            secret = k8s.V1Secret(
+                metadata=k8s.V1ObjectMeta(name="autoreduce-broker"),
+                string_data={"password": self.stack.broker.password},
+            )
+            k8s.CoreV1Api(api).create_namespaced_secret(self.namespace, secret)
 
     @property
     def workdir(self) -> Path:

@@ -144,7 +144,9 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
     happy = _get(results, "dispatch", "api") or {}
     rows.append(("happy path (free RB): API per run",
                  f"{_num(happy.get('dispatcher_writes_per_run'), '', 2)} writes, "
-                 f"{_num(happy.get('dispatcher_reads_per_run'), '', 2)} reads", "", ""))
+                 f"{_num(happy.get('dispatcher_reads_per_run'), '', 2)} reads",
+                 f"{_num(happy.get('dispatcher_writes_excluding_events_per_run'), '', 2)} "
+                 "writes without Events", ""))
     for target in results.get("targets") or []:
         value = target["value"]
         shown = "n/a" if value is None else f"{value:.2f} {target['unit']}"

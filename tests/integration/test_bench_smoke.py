@@ -1,0 +1,40 @@
+"""The benchmark command runs end to end (tiny sizes) and writes every section.
+
+Benchmarks report, they never fail on a number: this test checks only that
+``python -m bench`` completes on the real stack and that its results file has
+every section. No timing thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.report import SECTIONS
+from tests.harness.product import PYTHONPATH, REPO
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(600)
+def test_bench_tiny_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--tiny", "--out", str(out),
+         "--workdir", str(Path("/var/tmp") / f"autoreduce-bench-smoke-{os.getpid()}")],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": PYTHONPATH},
+        capture_output=True, text=True, timeout=580, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    results = json.loads((out / "latest.json").read_text())
+    missing = [section for section in SECTIONS if section not in results]
+    assert not missing, missing
+    errors = {name: value["error"] for name, value in results.items()
+              if isinstance(value, dict) and "error" in value}
+    assert not errors, errors
+    assert (out / "latest.md").read_text().count("TARGET") == len(results["targets"])
