@@ -135,8 +135,12 @@ def test_metrics_add_up_during_a_burst(
     # Runs waited for their RBs in the burst, by instrument; none are left.
     assert any("instrument=WISH" in k for k in waiting_seen), waiting_seen
     # (a run's pods may still be exiting after its outcome was posted)
-    drained = wait_until(lambda: (lambda s: s if total(s, "autoreduce_runs_running") == 0
-                                  else None)(scrape(port)), timeout=60, what="no run running")
+
+    def drained_now() -> dict[str, float] | None:
+        current = scrape(port)
+        return current if total(current, "autoreduce_runs_running") == 0 else None
+
+    drained = wait_until(drained_now, timeout=60, what="no run running")
     assert total(drained, "autoreduce_runs_waiting") == 0
     assert samples["autoreduce_broker_reconnects{}"] == 0
     assert total(samples, "autoreduce_api_reconnects_total") == 0
