@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -30,6 +31,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run only these scenarios")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="where latest.json and latest.md go")  # fmt: skip
+    parser.add_argument("--scale-rbs", type=int, default=None,
+                        help="RBs in the scale scenario (10 runs each)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=None,
                         help="state of the stack (default: a new dir under /var/tmp)")  # fmt: skip
     return parser.parse_args(argv)
@@ -38,6 +41,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     sizes = PRESETS[args.mode]
+    if args.scale_rbs:
+        sizes = dataclasses.replace(sizes, scale_rbs=args.scale_rbs)
     # Not under /tmp: runner pods get an emptyDir there and could not see the gate file.
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="autoreduce-bench-", dir="/var/tmp"))
     defaults = DispatcherSettings()
