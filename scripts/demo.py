@@ -1,55 +1,61 @@
-"""The local demo: a real broker, a real control plane, the dispatcher, and runs reduced.
+"""The local demo: the whole product on this machine, in about two minutes.
 
-Run through ``scripts/demo.sh`` (which installs what is missing first). Everything
-runs on this machine: ActiveMQ, etcd + kube-apiserver + kube-controller-manager,
-and the test node agent that runs reduction pods as local processes.
+Run through ``scripts/demo.sh`` (which installs what is missing first). It starts a
+real ActiveMQ broker and a real Kubernetes control plane (etcd, kube-apiserver,
+kube-controller-manager) with a node agent that runs pods as local processes;
+``helm install``s the chart (the dispatcher runs as a pod); submits sample runs
+with the ``autoreduce`` CLI (two sharing an experiment, one that fails, one that is
+cancelled while it waits, one malformed message); and shows how to look at what
+happened. ``--keep`` leaves everything running for you to explore.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "common"), str(REPO / "runner-image")]
 
-from kubernetes import client as k8s  # noqa: E402
-
 from autoreduce_common.broker_settings import BrokerSettings, QueueNames  # noqa: E402
 from autoreduce_common.stomp_client import StompClient  # noqa: E402
+
+from dispatcher.identity import RunKey, job_name  # noqa: E402
 from tests.conftest import QueueReader  # noqa: E402
 from tests.harness.activemq import ActiveMQ, free_port  # noqa: E402
 from tests.harness.controlplane import start_local_stack  # noqa: E402
-from tests.harness.product import (  # noqa: E402
-    DispatcherProcess,
-    Facility,
-    dispatcher_settings,
-    pod_user,
-    run_message,
-)
+from tests.harness.product import PYTHONPATH, Facility  # noqa: E402
 
 NAMESPACE = "autoreduce"
+RELEASE = "autoreduce"
+CHART = REPO / "helm" / "autoreduce"
 
-GOOD_SCRIPT = """
+GOOD_SCRIPT = """\
 import time
 import reduce_vars as web_var
 
 def main(input_file, output_dir):
-    print(f"Reducing {input_file} with binning {web_var.standard_vars['binning']}")
-    for step in range(3):
-        print(f"  step {step + 1}/3", flush=True)
-        time.sleep(0.5)
+    print(f"Reducing {input_file} with binning {web_var.standard_vars.get('binning')}")
+    for step in range(6):
+        print(f"  step {step + 1}/6", flush=True)
+        time.sleep(1)
     with open(f"{output_dir}/reduced.txt", "w") as out:
         out.write(f"reduced {input_file}\\n")
 """
 
-BROKEN_SCRIPT = """
+BROKEN_SCRIPT = """\
 def main(input_file, output_dir):
     print("About to divide by zero")
     return 1 / 0
@@ -57,23 +63,238 @@ def main(input_file, output_dir):
 
 
 def say(text: str) -> None:
-    print(f"\033[1m==> {text}\033[0m", flush=True)
+    bold = sys.stdout.isatty()
+    print(f"\033[1m==> {text}\033[0m" if bold else f"==> {text}", flush=True)
+
+
+def show(command: str, output: str) -> None:
+    """Print a command the reader can type, and what it printed."""
+    print(f"$ {command}", flush=True)
+    print(output.rstrip() + "\n", flush=True)
+
+
+def helm_binary() -> str:
+    for candidate in (os.environ.get("AUTOREDUCE_HELM"), shutil.which("helm"),
+                      str(Path.home() / ".cache" / "autoreduce" / "bin" / "helm")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise SystemExit("no helm binary: run scripts/demo.sh (it installs one)")
+
+
+def can_run_python_as(uid: int) -> bool:
+    """Whether the node agent can run the venv's Python as this user (the interpreter
+    may live under a home directory others cannot read)."""
+    probe = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                            sys.executable, "-c", "0"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+def chart_values(*, broker: ActiveMQ, facility: Facility, http_port: int) -> dict[str, Any]:
+    """Values for this machine: broker on 127.0.0.1, archive/output as host folders."""
+    values: dict[str, Any] = {
+        "image": {"tag": "dev"},  # the node agent maps autoreduce-* images to the venv
+        "httpPort": http_port,  # pods share the host network here
+        "strategy": {"type": "Recreate"},
+        "readinessProbe": {"initialDelaySeconds": 1, "periodSeconds": 1},
+        "logJson": True,
+        "broker": {"hosts": [broker.host], "username": broker.user, "password": broker.password},
+        "jobs": {"ttlSecondsAfterFinished": 3600},
+        "runner": {
+            "image": {"tag": "dev"},
+            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                          "limits": {"memory": "1Gi"}},
+            "activeDeadlineSeconds": 300,
+            "archiveVolumes": [{"name": "archive", "mountPath": "/isis",
+                                "source": {"hostPath": {"path": str(facility.archive)}}}],
+            "outputVolumes": [{"name": "output", "mountPath": "/instrument",
+                               "source": {"hostPath": {"path": str(facility.output)}}}],
+        },
+    }
+    if not can_run_python_as(10001):
+        root = {"runAsNonRoot": False, "runAsUser": 0}
+        values["podSecurityContext"] = {**root, "seccompProfile": {"type": "RuntimeDefault"}}
+        values["securityContext"] = {**root, "allowPrivilegeEscalation": False,
+                                     "readOnlyRootFilesystem": True,
+                                     "capabilities": {"drop": ["ALL"]}}
+    if not can_run_python_as(1000):
+        values["runner"]["runAsUser"] = None
+        values["runner"]["runAsGroup"] = None
+    return values
+
+
+class Demo:
+    def __init__(self, *, work: Path, broker: ActiveMQ, kube: Any) -> None:
+        self.work = work
+        self.broker = broker
+        self.kube = kube
+        self.facility = Facility(work / "facility").create()
+        self.http_port = free_port()
+        self.cli_config = work / "autoreduce.yaml"
+        self.env = {**os.environ, "PYTHONPATH": PYTHONPATH, "KUBECONFIG": str(kube.kubeconfig)}
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def kubectl(self, *args: str) -> str:
+        result = self.kube.kubectl(*args)
+        return result.stdout + result.stderr
+
+    def autoreduce(self, *args: str, quiet: bool = False) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "dispatcher.cli", *args, "--config", str(self.cli_config)],
+            capture_output=True, text=True, env=self.env, cwd=REPO, timeout=300, check=False)
+        output = result.stdout + result.stderr
+        if not quiet:
+            show("autoreduce " + shlex.join(args), output)
+        return output
+
+    def wait(self, what: str, check: Any, timeout: float = 120) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            time.sleep(0.5)
+        raise SystemExit(f"demo: timed out waiting for {what}")
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def install(self) -> None:
+        values = self.work / "values.yaml"
+        values.write_text(yaml.safe_dump(chart_values(
+            broker=self.broker, facility=self.facility, http_port=self.http_port)))
+        say(f"helm install {RELEASE} helm/autoreduce -n {NAMESPACE} -f values.yaml")
+        result = subprocess.run(
+            [helm_binary(), "--kubeconfig", str(self.kube.kubeconfig), "install", RELEASE,
+             str(CHART), "-n", NAMESPACE, "--create-namespace", "-f", str(values)],
+            capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"helm install failed:\n{result.stderr}")
+        say("the dispatcher pod starts (the node agent runs it from this checkout's venv)")
+        selector = "app.kubernetes.io/component=dispatcher"
+        self.wait("a Ready dispatcher pod", lambda: "True" in self.kubectl(
+            "get", "pods", "-n", NAMESPACE, "-l", selector, "-o",
+            "jsonpath={.items[*].status.conditions[?(@.type=='Ready')].status}"))
+        show(f"kubectl get pods -n {NAMESPACE}", self.kubectl("get", "pods", "-n", NAMESPACE))
+        # The CLI reads the dispatcher's settings; here a small file says where things are.
+        password = self.work / "broker-password"
+        password.write_text(self.broker.password)
+        self.cli_config.write_text(yaml.safe_dump({
+            "broker": {"hosts": [self.broker.host], "username": self.broker.user,
+                       "password_file": str(password)},
+            "jobs": {"namespace": NAMESPACE},
+        }))
+
+    def submit(self) -> dict[str, str]:
+        scripts = self.work / "scripts"
+        scripts.mkdir()
+        (scripts / "reduce.py").write_text(GOOD_SCRIPT)
+        (scripts / "broken_reduce.py").write_text(BROKEN_SCRIPT)
+        f = self.facility
+        say("submitting runs with `autoreduce submit` (as the legacy manual submission: "
+            "priority 1, started_by -1)")
+        print("   WISH 44001 and 44002 and 44003 share RB 1920001: one at a time, in order;\n"
+              "   LET 9001 (RB 1920002) runs a script that fails; WISH 44003 gets cancelled.\n")
+        args = '{"standard_vars": {"binning": "0.5,-0.004,10"}}'
+        for run in (44001, 44002, 44003):
+            self.autoreduce("submit", f.data_file("WISH", run), str(scripts / "reduce.py"),
+                            "--rb", "1920001", "--arguments", args, "--no-wait")
+        self.autoreduce("submit", f.data_file("LET", 9001), str(scripts / "broken_reduce.py"),
+                        "--rb", "1920002", "--no-wait")
+        return {
+            "first": job_name(RunKey("ISIS", "WISH", (44001,), 0, "1920001")),
+            "second": job_name(RunKey("ISIS", "WISH", (44002,), 0, "1920001")),
+            "cancelled": job_name(RunKey("ISIS", "WISH", (44003,), 0, "1920001")),
+        }
+
+    def status_while_running(self, jobs: dict[str, str]) -> None:
+        def busy() -> bool:
+            out = self.autoreduce("status", "-o", "json", quiet=True)
+            try:
+                status = json.loads(out)
+            except ValueError:
+                return False
+            return len(status["running"]) >= 1 and len(status["waiting"]) >= 2
+        self.wait("runs reducing and waiting", busy, timeout=60)
+        say("while they run: who is reducing, who waits and why")
+        self.autoreduce("status")
+        say("cancel WISH 44003 while it waits (the run message's identity, as the web app does)")
+        self.autoreduce("cancel", "--instrument", "WISH", "--rb", "1920001", "--run", "44003",
+                        "--version", "0")
+
+    def bad_message(self, sender: StompClient, queues: QueueNames) -> None:
+        say("a producer sends a malformed run (reduction_arguments is not an object)")
+        bad = {"data": self.facility.data_file("MARI", 25581), "instrument": "MARI",
+               "rb_number": 1920003, "run_number": 25581, "reduction_script": "",
+               "reduction_arguments": "oops"}
+        sender.send(destination=queues.pending, body=json.dumps(bad).encode(), priority=9)
+
+    def outcomes(self, reader: QueueReader, queues: QueueNames) -> bool:
+        final = {queues.complete, queues.error, queues.skipped}
+        say("waiting for every run's outcome message (the web app would record these)")
+        reader.wait_for(lambda seen: sum(d.destination in final for d in seen) >= 5,
+                        timeout=240)
+        say("outcome messages, in the order they arrived:")
+        for delivery in reader.seen:
+            body = json.loads(delivery.body)
+            where = delivery.destination.rsplit("/", 1)[-1]
+            extra = body.get("message") or ", ".join(body.get("reduction_data") or []) or ""
+            print(f"   {where:<18} {body['instrument']:<5} run {body['run_number']:<6} "
+                  f"{str(extra)[:90]}")
+        print()
+        complete = reader.bodies(queues.complete)
+        errors = reader.bodies(queues.error)
+        return len(complete) == 2 and len(errors) == 3
+
+    def look(self, jobs: dict[str, str]) -> None:
+        say("how to look: the CLI")
+        self.wait("all runs finished", lambda: '"running": []' in self.autoreduce(
+            "status", "-o", "json", quiet=True), timeout=60)
+        self.autoreduce("status")
+        self.autoreduce("dead-letters", "list")
+        print("   (`autoreduce dead-letters show <id>` prints it whole; `requeue <id>` sends it\n"
+              "    back to the pending queue once the producer's bug is understood)\n")
+        say("how to look: kubectl (the cluster is the queue; labels answer every question)")
+        show(f"kubectl get jobs -n {NAMESPACE} -L autoreduce.io/rb-number,autoreduce.io/instrument",
+             self.kubectl("get", "jobs", "-n", NAMESPACE, "-L",
+                          "autoreduce.io/rb-number,autoreduce.io/instrument"))
+        described = self.kubectl("describe", "job", jobs["second"], "-n", NAMESPACE)
+        show(f"kubectl describe job {jobs['second']} -n {NAMESPACE}   (the Events part)",
+             "Events:" + described.split("Events:", 1)[-1])
+        show(f"kubectl logs -n {NAMESPACE} job/{jobs['first']}   (live while it runs: add -f)",
+             self.kubectl("logs", "-n", NAMESPACE, f"job/{jobs['first']}"))
+        say(f"how to look: Prometheus metrics on the dispatcher's port {self.http_port}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics",
+                                    timeout=5) as response:
+            metrics = response.read().decode()
+        wanted = ("autoreduce_runs_received_total", "autoreduce_runs_accepted_total",
+                  "autoreduce_runs_rejected_total", "autoreduce_cancel_requests_total",
+                  "autoreduce_runs_admitted_total", "autoreduce_outcomes_on_behalf_total",
+                  "autoreduce_admission_seconds_count")
+        lines = [line for line in metrics.splitlines() if line.startswith(wanted)]
+        show(f"curl -s 127.0.0.1:{self.http_port}/metrics | grep ^autoreduce_", "\n".join(lines))
+        outputs = sorted(str(p.relative_to(self.facility.output))
+                         for p in self.facility.output.rglob("reduced.txt"))
+        say("reduced data on the output share:")
+        print("\n".join(f"   {path}" for path in outputs) + "\n")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="leave the stack running")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="autoreduce-demo-"))
+    # Pods run as another user and must reach the facility folders inside.
+    os.chmod(work, 0o755)  # noqa: S103 - world-readable on purpose, not writable
     say(f"working in {work}")
     broker = ActiveMQ(workdir=work / "activemq", port=free_port())
     broker.workdir.mkdir(parents=True)
-    say("starting ActiveMQ (STOMP on 127.0.0.1:%d)" % broker.port)
+    say(f"starting ActiveMQ (STOMP on {broker.host})")
     broker.start()
     say("starting etcd, kube-apiserver, kube-controller-manager and a node agent")
     kube = start_local_stack(workdir=work / "kube")
     try:
-        return demo(work=work, broker=broker, kube=kube, keep=args.keep)
+        return demo(Demo(work=work, broker=broker, kube=kube), keep=args.keep)
     finally:
         if not args.keep:
             say("tearing down")
@@ -82,69 +303,39 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def demo(*, work: Path, broker: ActiveMQ, kube: Any, keep: bool) -> int:
-    settings = BrokerSettings(hosts=[broker.host], username=broker.user,
-                              password=broker.password, queues=QueueNames())
-    kube.create_namespace(NAMESPACE)
-    k8s.CoreV1Api(kube.api_client()).create_namespaced_secret(NAMESPACE, {
-        "metadata": {"name": "autoreduce-broker"},
-        "stringData": {"password": broker.password},
-    })
-    facility = Facility(work / "facility").create()
-    password = work / "broker-password"
-    password.write_text(broker.password)
-    dispatcher = DispatcherProcess(
-        workdir=work, kubeconfig=kube.kubeconfig,
-        settings=dispatcher_settings(broker=settings, password_file=password,
-                                     namespace=NAMESPACE, facility=facility,
-                                     run_as_user=pod_user()),
-    ).start()
-    say("dispatcher started (python -m dispatcher); its log: " + str(dispatcher.log_path))
+def demo(d: Demo, *, keep: bool) -> int:
+    d.install()
+    settings = BrokerSettings(hosts=[d.broker.host], username=d.broker.user,
+                              password=d.broker.password, queues=QueueNames())
+    queues = settings.queues
+    # Stands in for the web app: reads the outcome queues.
     reader = QueueReader(settings)
-    for queue in (settings.queues.started, settings.queues.complete, settings.queues.error,
-                  settings.queues.skipped):
+    for queue in (queues.started, queues.complete, queues.error, queues.skipped):
         reader.watch(queue)
     sender = StompClient(settings=settings, client_name="demo")
     sender.connect()
-    runs = [
-        run_message(facility=facility, instrument="WISH", rb=1920001, run=44001,
-                    script=GOOD_SCRIPT, reduction_arguments={
-                        "standard_vars": {"binning": "0.5,-0.004,10"}, "advanced_vars": {}}),
-        run_message(facility=facility, instrument="WISH", rb=1920001, run=44002,
-                    script=GOOD_SCRIPT, reduction_arguments={
-                        "standard_vars": {"binning": "1,-0.004,10"}, "advanced_vars": {}}),
-        run_message(facility=facility, instrument="LET", rb=1920002, run=9001,
-                    script=BROKEN_SCRIPT),
-    ]
-    say("submitting 3 runs: two of RB 1920001 (one at a time), one of RB 1920002 that fails")
-    for run in runs:
-        sender.send(destination=settings.queues.pending, body=json.dumps(run).encode(),
-                    priority=9)
-    final = {settings.queues.complete, settings.queues.error, settings.queues.skipped}
-    reader.wait_for(lambda seen: sum(d.destination in final for d in seen) >= 3, timeout=180)
-    say("outcome messages, in the order they arrived:")
-    for delivery in reader.seen:
-        body = json.loads(delivery.body)
-        where = delivery.destination.rsplit("/", 1)[-1]
-        extra = body.get("message") or ", ".join(body.get("reduction_data") or []) or ""
-        print(f"  {where:<20} {body['instrument']:<5} run {body['run_number']:<6} {extra}")
-    say("kubectl get jobs -n autoreduce -L autoreduce.io/rb-number")
-    print(kube.kubectl("get", "jobs", "-n", NAMESPACE, "-L", "autoreduce.io/rb-number").stdout)
-    jobs = k8s.BatchV1Api(kube.api_client()).list_namespaced_job(NAMESPACE).items
-    first = sorted(jobs, key=lambda j: j.metadata.creation_timestamp)[0].metadata.name
-    say(f"kubectl logs -n autoreduce job/{first}")
-    print(kube.kubectl("logs", "-n", NAMESPACE, f"job/{first}").stdout)
-    outputs = sorted(str(p.relative_to(facility.output)) for p in facility.output.rglob("*.txt"))
-    say("reduced data on the output share: " + ", ".join(outputs))
-    if keep:
-        say(f"stack left running; KUBECONFIG={kube.kubeconfig}; broker {broker.host}")
-        time.sleep(10**9)
+    jobs = d.submit()
+    d.status_while_running(jobs)
+    d.bad_message(sender, queues)
+    ok = d.outcomes(reader, queues)
+    d.look(jobs)
     sender.disconnect()
     reader.close()
-    dispatcher.stop()
-    ok = len(reader.bodies(settings.queues.complete)) == 2 and len(
-        reader.bodies(settings.queues.error)) == 1
-    say("demo finished: " + ("as expected" if ok else "UNEXPECTED outcomes"))
+    say("demo finished: " + ("as expected (2 Complete, 1 failed, 1 cancelled, 1 dead-lettered)"
+                             if ok else "UNEXPECTED outcomes"))
+    if keep:
+        say("left running. In another shell:")
+        print(f"   export KUBECONFIG={d.kube.kubeconfig}\n"
+              f"   export PATH={REPO}/.venv/bin:$PATH\n"
+              f"   autoreduce status --watch --config {d.cli_config}\n"
+              f"   kubectl get jobs -n {NAMESPACE}\n"
+              f"   kubectl logs -n {NAMESPACE} deploy/{RELEASE}\n"
+              "   Ctrl-C here stops everything.", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
     return 0 if ok else 1
 
 

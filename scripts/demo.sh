@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The demo: install what is missing, then bring up a real broker and control plane,
-# run the dispatcher and reduce sample runs end to end. --keep leaves it running.
+# The demo: install what is missing (scripts/bootstrap.sh), then scripts/demo.py brings
+# up a real broker and control plane, `helm install`s the chart, submits sample runs
+# with the `autoreduce` CLI and shows how to look at them. --keep leaves it running.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/bootstrap.sh"

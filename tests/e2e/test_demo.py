@@ -1,0 +1,51 @@
+"""The README's demo, end to end: scripts/demo.py brings up the stack, installs the
+chart, submits the sample runs with the CLI, and must end as it says it does."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(600)
+def test_demo_runs_to_its_expected_end() -> None:
+    bin_dir = os.environ.get("AUTOREDUCE_BIN", str(Path.home() / ".cache/autoreduce/bin"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "demo.py")],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=540, check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-6000:] + result.stderr[-4000:]
+    assert "demo finished: as expected" in out
+    # The chart was installed and its dispatcher pod ran.
+    assert "helm install autoreduce helm/autoreduce" in out
+    assert re.search(r"autoreduce-[a-z0-9]+-[a-z0-9]+\s+1/1\s+Running", out), out
+    # While running: one WISH run reducing, the others of its RB waiting for it.
+    assert re.search(r"WISH\s+1920001\s+44002\s+0\s+\S+\s+1\s+red-wish-44002-v0-\S+\s+"
+                     r"RB held by red-wish-44001-v0-", out), out
+    # Every outcome, one each.
+    for line in (r"ReductionComplete\s+WISH\s+run 44001",
+                 r"ReductionComplete\s+WISH\s+run 44002",
+                 r"ReductionError\s+LET\s+run 9001\s+Error in user reduction script: "
+                 r"ZeroDivisionError",
+                 r"ReductionError\s+WISH\s+run 44003\s+Run cancelled while waiting",
+                 r"ReductionError\s+MARI\s+run 25581\s+invalid message"):
+        assert len(re.findall(line, out)) == 1, (line, out)
+    # How to look: CLI status, dead letters, kubectl jobs/describe/logs, metrics.
+    assert "RECENTLY FINISHED (3 of 3)" in out
+    assert re.search(r"ID:\S+\s+\S+\s+MARI\s+25581\s+invalid message", out)
+    assert "Waiting " in out and "held by Job red-wish-44001-v0-" in out
+    assert "step 6/6" in out and "ReductionComplete posted" in out
+    assert "autoreduce_runs_received_total 6.0" in out
+    assert "autoreduce_runs_accepted_total 4.0" in out
+    assert "tearing down" in out
