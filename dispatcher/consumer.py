@@ -28,7 +28,7 @@ class Consumer:
         destination: str,
         workers: int,
         retry_initial_s: float = 0.5,
-        retry_max_s: float = 15.0,
+        retry_max_s: float = 5.0,  # a held message is retried at least this often
     ) -> None:
         self._client = client
         self._dispatcher = dispatcher

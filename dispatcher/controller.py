@@ -26,6 +26,10 @@ from dispatcher.logs import job_logger
 log = logging.getLogger(__name__)
 Job = dict[str, Any]
 FinishedHook = Callable[[Job], None]
+API_PROBE_S = 2.0  # readiness asks the API server's /readyz at most this often
+# Re-list at least this often while the API is away: a re-list is one call, and a
+# longer cap only delays admission once the API is back (10 s cost up to 10 s).
+WATCH_BACKOFF_MAX_S = 3.0
 
 
 def _timestamp(text: Any) -> float | None:
@@ -152,6 +156,7 @@ class Controller:
         self._finished_seen: set[str] = set()
         self.admissions = 0
         self.api_healthy = False
+        self._api_ready = (0.0, False)  # (monotonic time of the probe, its answer)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -169,6 +174,18 @@ class Controller:
 
     def alive(self) -> bool:
         return all(thread.is_alive() for thread in self._threads)
+
+    def api_ready(self) -> bool:
+        """Readiness of our API side: the watch is up *and* the API server says it can
+        serve (its /readyz checks etcd; a watch fed from its cache does not notice an
+        etcd outage, while every create would fail). Probed at most every 2 s."""
+        if not self.api_healthy:
+            return False
+        probed_at, ready = self._api_ready
+        if time.monotonic() - probed_at > API_PROBE_S:
+            ready = self.kube.healthy()
+            self._api_ready = (time.monotonic(), ready)
+        return ready
 
     def wait_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)
@@ -202,7 +219,7 @@ class Controller:
                 failed = True
                 log.warning("Job watch failed (%s); re-listing in %.1fs", error, backoff)
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, WATCH_BACKOFF_MAX_S)
 
     def _relist(self, selector: str) -> str:
         jobs, resource_version = self.kube.list_jobs(selector=selector)

@@ -167,6 +167,11 @@ class Kube:
             )
         # Enough pooled connections for the dispatch workers, the watch and probes.
         configuration.connection_pool_maxsize = 32
+        # No hidden urllib3 retries: a failed call surfaces at once as Unavailable and
+        # our callers retry (the message stays unacked). With urllib3's default 3
+        # retries a frozen apiserver held a worker 4 x 30 s per call, and a readiness
+        # probe outlived its own timeout (found by tests/faults).
+        configuration.retries = False
         return cls(
             api_client=client.ApiClient(configuration),
             namespace=namespace,
@@ -435,7 +440,7 @@ class Kube:
 
     def healthy(self) -> bool:
         try:
-            self._send("readyz", "GET", "/readyz", timeout=(2.0, 3.0))
+            self._send("readyz", "GET", "/readyz", timeout=(1.0, 1.5))
         except KubeError:
             return False
         return True

@@ -1,0 +1,385 @@
+"""What the fault suite shares: a burst sender, an outcome collector that survives
+broker faults, and the judge that turns the broker's and the API's own records into
+figures (lost, duplicated, exclusivity violations, drained queues, recovery times)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from autoreduce_common.broker_settings import BrokerSettings
+from autoreduce_common.stomp_client import BrokerError, Delivery, StompClient
+from kubernetes import client as k8s
+
+from tests.harness.product import Facility, read_timeline, run_message
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results"
+SELECTOR = "autoreduce.io/managed=true"
+# The harness's timeline script plus the pid: a retried run (same file, new version)
+# is a separate span, and a killed attempt leaves a start without an end.
+TIMELINE_SCRIPT = """
+import json, os, time
+SLEEP = {sleep}
+def note(event, input_file):
+    with open("/instrument/timeline.jsonl", "a") as f:
+        f.write(json.dumps({{"event": event, "file": input_file, "t": time.time(),
+                            "pid": os.getpid()}}) + "\\n")
+def main(input_file, output_dir):
+    note("start", input_file)
+    time.sleep(SLEEP)
+    with open(os.path.join(output_dir, "reduced.txt"), "w") as out:
+        out.write("reduced " + input_file)
+    note("end", input_file)
+"""
+FAST_SCRIPT = TIMELINE_SCRIPT.format(sleep=0.02)
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
+
+
+def wait_ready(port: int, *, timeout: float) -> float:
+    """Seconds until /readyz answers 200 (AssertionError after ``timeout``)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if http_status(port, "/readyz") == 200:
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise AssertionError(f"dispatcher not ready within {timeout}s")
+
+
+# -- the broker side -------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    at: float  # monotonic
+    destination: str
+    message_id: str
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self) -> dict[str, Any]:
+        loaded = json.loads(self.body)
+        return loaded if isinstance(loaded, dict) else {}
+
+
+class Collector:
+    """Reads every outcome queue and the dead-letter queue on its own thread, acking
+    each, reconnecting through broker faults; broker redeliveries (same message-id)
+    are counted once, so only a second *send* shows up as a duplicate."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.client = StompClient(settings=settings, client_name="fault-collector")
+        self.sink: queue.Queue[Delivery] = queue.Queue()
+        self.seen: list[Seen] = []
+        self._ids: set[tuple[str, str]] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="collector")
+
+    def start(self) -> Collector:
+        self.client.connect()
+        q = self.settings.queues
+        for destination in (q.started, q.complete, q.error, q.skipped, q.dead_letter):
+            self.client.subscribe(destination=destination, sink=self.sink, prefetch=500)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.client.connected:
+                self.client.ensure_connected(stop=self._stop)
+            try:
+                delivery = self.sink.get(timeout=0.3)
+            except queue.Empty:
+                continue
+            self.client.ack(delivery)
+            key = (delivery.destination, str(delivery.headers.get("message-id", "")))
+            with self._lock:
+                if key in self._ids:
+                    continue
+                self._ids.add(key)
+                self.seen.append(Seen(time.monotonic(), delivery.destination, key[1],
+                                      delivery.body, dict(delivery.headers)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.client.disconnect()
+
+    def on(self, *kinds: str) -> list[Seen]:
+        destinations = {getattr(self.settings.queues, kind) for kind in kinds}
+        with self._lock:
+            return [s for s in self.seen if s.destination in destinations]
+
+    def finals(self) -> list[Seen]:
+        return self.on("complete", "error", "skipped")
+
+    def first_final_after(self, moment: float) -> float | None:
+        times = [s.at for s in self.finals() if s.at >= moment]
+        return min(times) - moment if times else None
+
+    def wait(self, predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            time.sleep(0.25)
+
+
+def browse_count(settings: BrokerSettings, destination: str, *,
+                 match: Callable[[Delivery], bool] | None = None) -> int:
+    """Messages still in ``destination`` (delivered-but-unacked ones included)."""
+    client = StompClient(settings=settings, client_name="fault-browser")
+    client.connect()
+    sink: queue.Queue[Delivery] = queue.Queue()
+    try:
+        client.subscribe(destination=destination, sink=sink, prefetch=1000,
+                         headers={"browser": "true"})
+        count = 0
+        while True:
+            delivery = sink.get(timeout=30)
+            if delivery.headers.get("browser") == "end":
+                return count
+            if match is None or match(delivery):
+                count += 1
+    finally:
+        client.disconnect()
+
+
+class Producer:
+    """Sends a burst on its own thread, resending whatever the broker did not confirm
+    (a resend after a lost receipt is a duplicate the dispatcher must absorb)."""
+
+    def __init__(self, settings: BrokerSettings, bodies: list[dict[str, Any]], *,
+                 pace_s: float = 0.0) -> None:
+        self.settings = settings
+        self.bodies = bodies
+        self.pace_s = pace_s
+        self.client = StompClient(settings=settings, client_name="fault-producer")
+        self.sent = 0
+        self.resends = 0
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="producer")
+
+    def start(self) -> Producer:
+        self.client.connect()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        for body in self.bodies:
+            while True:
+                try:
+                    if not self.client.connected:
+                        self.client.ensure_connected()
+                    self.client.send(destination=self.settings.queues.pending,
+                                     body=json.dumps(body).encode(), priority=4)
+                    break
+                except BrokerError:
+                    self.resends += 1
+                    time.sleep(0.2)
+            self.sent += 1
+            if self.pace_s:
+                time.sleep(self.pace_s)
+        self.done.set()
+
+    def join(self, timeout: float) -> None:
+        assert self.done.wait(timeout), f"producer stuck after {self.sent} sends"
+        self.client.disconnect()
+
+
+def burst(facility: Facility, *, runs: int, rbs: int, rb_base: int, run_base: int,
+          script: str = FAST_SCRIPT) -> list[dict[str, Any]]:
+    instruments = ["WISH", "LET", "MARI", "OSIRIS", "POLARIS"]
+    return [
+        run_message(facility=facility, instrument=instruments[(i % rbs) % len(instruments)],
+                    rb=rb_base + i % rbs, run=run_base + i, script=script)
+        for i in range(runs)
+    ]
+
+
+# -- the judge -------------------------------------------------------------------------
+
+
+def _ts(value: Any) -> float:
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+def exclusivity_violations(facility: Facility, jobs: list[dict[str, Any]]) -> int:
+    """Overlapping runs of one RB, from the scripts' timeline and the Jobs' own times."""
+    rb_of: dict[int, str] = {}
+    for job in jobs:
+        labels = job["metadata"]["labels"]
+        rb_of[int(labels["autoreduce.io/run-number"])] = labels["autoreduce.io/rb-number"]
+    spans: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for event in read_timeline(facility):
+        stem = Path(event["file"]).stem
+        run = int(stem[-8:])
+        key = f"{run}@{event.get('pid', '')}"
+        spans[rb_of.get(run, "?")].setdefault(key, []).append(event["t"])
+    violations = 0
+    for runs in spans.values():
+        intervals = sorted((min(ts), max(ts)) for ts in runs.values())
+        violations += sum(1 for (_, end), (start, _) in pairwise(intervals) if start < end)
+    per_rb: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for job in jobs:
+        status = job.get("status") or {}
+        if status.get("startTime") and status.get("completionTime"):
+            rb = job["metadata"]["labels"]["autoreduce.io/rb-number"]
+            per_rb[rb].append((_ts(status["startTime"]), _ts(status["completionTime"])))
+    for intervals in per_rb.values():
+        intervals.sort()
+        violations += sum(1 for (_, end), (start, _) in pairwise(intervals) if start < end)
+    return violations
+
+
+def list_jobs(kube: Any, namespace: str) -> list[dict[str, Any]]:
+    with kube.api_client() as api:
+        raw = k8s.BatchV1Api(api).list_namespaced_job(
+            namespace, label_selector=SELECTOR, _preload_content=False)
+        return list(json.loads(raw.data)["items"])
+
+
+@dataclass
+class Figures:
+    scenario: str
+    mode: str
+    runs: int
+    rbs: int
+    faults: int
+    outcomes: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    jobs: int = 0
+    duplicate_jobs: int = 0
+    exclusivity_violations: int = 0
+    pending_left: int = -1
+    dead_letters: int = 0
+    broker_dlq: int = 0
+    retried_versions: int = 0
+    errors: int = 0
+    producer_resends: int = 0
+    recovery_s: list[float] = field(default_factory=list)
+    progress_s: list[float] = field(default_factory=list)
+    duration_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def check(self, *, dead_letters: int = 0) -> None:
+        assert self.lost == 0, self
+        assert self.duplicated == 0 and self.duplicate_jobs == 0, self
+        assert self.exclusivity_violations == 0, self
+        assert self.pending_left == 0, self
+        assert self.dead_letters == dead_letters and self.broker_dlq == 0, self
+
+
+def judge(
+    *, figures: Figures, collector: Collector, kube: Any, namespace: str, facility: Facility,
+    sent: list[dict[str, Any]], settle_s: float = 3.0,
+) -> Figures:
+    """Fill ``figures`` from the broker's and the API's records (call once all is done)."""
+    time.sleep(settle_s)  # anything still to arrive would be a duplicate
+    finals: dict[tuple[int, int], list[Seen]] = defaultdict(list)
+    for seen in collector.finals():
+        body = seen.json()
+        if isinstance(body.get("run_number"), int):
+            finals[(body["run_number"], int(body.get("run_version") or 0))].append(seen)
+    jobs = list_jobs(kube, namespace)
+    job_keys = Counter(
+        (int(j["metadata"]["labels"]["autoreduce.io/run-number"]),
+         int(j["metadata"]["labels"]["autoreduce.io/run-version"]))
+        for j in jobs
+    )
+    expected = {(int(m["run_number"]), 0) for m in sent} | set(job_keys)
+    figures.outcomes = sum(len(v) for v in finals.values())
+    figures.lost = sum(1 for key in expected if not finals.get(key))
+    figures.duplicated = sum(len(v) - 1 for v in finals.values() if len(v) > 1)
+    figures.jobs = len(jobs)
+    figures.duplicate_jobs = sum(n - 1 for n in job_keys.values() if n > 1)
+    figures.retried_versions = sum(1 for _, version in job_keys if version > 0)
+    figures.errors = len(collector.on("error"))
+    figures.exclusivity_violations = exclusivity_violations(facility, jobs)
+    queues = collector.settings.queues
+    figures.pending_left = browse_count(collector.settings, queues.pending)
+    figures.dead_letters = len(collector.on("dead_letter"))
+    figures.broker_dlq = browse_count(
+        collector.settings, "/queue/ActiveMQ.DLQ",
+        match=lambda d: queues.pending.rsplit("/", 1)[-1] in str(d.headers))
+    if figures.lost or figures.duplicated:
+        missing = sorted(key for key in expected if not finals.get(key))[:10]
+        doubled = {f"{k[0]}v{k[1]}": [s.destination for s in v]
+                   for k, v in finals.items() if len(v) > 1}
+        figures.notes.append(f"missing: {missing}; doubled: {dict(list(doubled.items())[:10])}")
+    return figures
+
+
+def record(figures: Figures) -> None:
+    """Print the figures and keep them in bench/results/faults.{json,md}."""
+    entry: dict[str, Any] = dict(figures.__dict__)
+    entry["recovery_s"] = [round(x, 2) for x in figures.recovery_s]
+    entry["progress_s"] = [round(x, 2) for x in figures.progress_s]
+    entry["duration_s"] = round(figures.duration_s, 1)
+    entry["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    entry["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                     capture_output=True, text=True, check=False).stdout.strip()
+    print(f"\nFAULT FIGURES {json.dumps(entry)}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "faults.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {}
+    results[f"{figures.scenario}/{figures.mode}"] = entry
+    path.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
+    (RESULTS / "faults.md").write_text(markdown(results))
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+    head = ("| scenario | mode | runs | RBs | faults | outcomes | lost | duplicated | "
+            "dup Jobs | exclusivity violations | pending left | DLQ | retried | "
+            "recovery s (max) | first outcome after fault s (max) | duration s |")
+    lines = [
+        "# Fault suite results",
+        "",
+        "Written by `tests/faults` (short: CI; long: `pytest --long tests/faults`). "
+        "Every figure comes from the broker's and the API's own records: outcome messages "
+        "(broker redeliveries counted once), Jobs, the scripts' timeline, a browse of the "
+        "pending queue and the DLQs. Recovery = fault cleared until the dispatcher's "
+        "/readyz is 200 again.",
+        "",
+        head,
+        "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|",
+    ]
+    for entry in results.values():
+        rec = max(entry.get("recovery_s") or [0])
+        prog = max(entry.get("progress_s") or [0])
+        lines.append(
+            f"| {entry['scenario']} | {entry['mode']} | {entry['runs']} | {entry['rbs']} | "
+            f"{entry['faults']} | {entry['outcomes']} | {entry['lost']} | "
+            f"{entry['duplicated']} | {entry['duplicate_jobs']} | "
+            f"{entry['exclusivity_violations']} | {entry['pending_left']} | "
+            f"{entry['dead_letters'] + entry['broker_dlq']} | {entry['retried_versions']} | "
+            f"{rec:.1f} | {prog:.1f} | {entry['duration_s']} |"
+        )
+    return "\n".join(lines) + "\n"
