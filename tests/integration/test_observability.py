@@ -248,3 +248,27 @@ def test_kubectl_logs_follows_a_running_reduction(
     wait_until(lambda: (batch.read_namespaced_job(name, namespace).status.succeeded or 0) > 0,
                timeout=60, what="the Job to complete")
 
+
+
+def test_a_run_held_back_by_the_cap_is_told_why_once(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, kube: Any,
+) -> None:
+    start_dispatcher(caps={"max_running": 1})
+    send(stomp, broker_settings, run_message(
+        facility=facility, instrument="HRPD", rb=1940031, run=1, script=SLOW))
+    first = job_name(RunKey("ISIS", "HRPD", (1,), 0, "1940031"))
+    wait_until(lambda: events_of(kube, namespace, first), timeout=30, what="first admitted")
+    for run in (2, 3):  # other RBs: free, but the cap is full
+        send(stomp, broker_settings, run_message(
+            facility=facility, instrument="HRPD", rb=1940031 + run, run=run, script=FAST))
+    q = broker_settings.queues
+    reader.wait_for(lambda seen: len([d for d in seen if d.destination == q.complete]) == 3,
+                    timeout=120)
+    for run in (2, 3):
+        name = job_name(RunKey("ISIS", "HRPD", (run,), 0, str(1940031 + run)))
+        ours = [e for e in events_of(kube, namespace, name)
+                if e.get("reportingController") == "autoreduce.io/dispatcher"]
+        assert [e["reason"] for e in ours] == ["Waiting", "Admitted"], ours
+        assert ours[0]["note"] == "waiting for a slot: 1 runs reducing (max_running 1)"
