@@ -46,6 +46,8 @@ MANUAL_PRIORITY = 1  # legacy manual submission
 RERUN_PRIORITY = 0  # reruns and retries
 CANCEL_PRIORITY = 9  # a cancel should not queue behind the burst it cancels
 BROWSE_TIMEOUT_S = 10.0
+# Seconds after the Job finished before we stop looking for its outcome message.
+CONSUMED_GRACE_S = 15.0
 
 
 class CliError(Exception):
@@ -229,6 +231,7 @@ def follow(ctx: Context, key: RunKey, *, timeout: float) -> dict[str, Any]:
     started = time.monotonic()
     last: tuple[str, str] | None = None
     announced_start = False
+    finished_at: float | None = None
     while True:
         elapsed = time.monotonic() - started
         state = _job_state(ctx, name)
@@ -236,6 +239,8 @@ def follow(ctx: Context, key: RunKey, *, timeout: float) -> dict[str, Any]:
             where = f" ({state[1]})" if state[1] else ""
             ctx.progress(f"[{elapsed:6.1f}s] Job {name}: {state[0]}{where}")
             last = state
+        if state[0] == view.FINISHED and finished_at is None:
+            finished_at = elapsed
         found = _outcomes(ctx, key)
         if "started" in found and not announced_start:
             ctx.progress(f"[{elapsed:6.1f}s] ReductionStarted")
@@ -252,9 +257,31 @@ def follow(ctx: Context, key: RunKey, *, timeout: float) -> dict[str, Any]:
                 "reduction_data": body.get("reduction_data"),
                 "seconds": round(elapsed, 1),
             }
+        if finished_at is not None and elapsed - finished_at > CONSUMED_GRACE_S:
+            # A consumer (the web app) took the outcome before we could browse it:
+            # say what the Job and the runner's termination message tell.
+            return _from_job(ctx, name, elapsed)
         if elapsed > timeout:
             raise CliError(f"no outcome for {key.describe()} after {timeout:.0f}s", EXIT_TIMEOUT)
         time.sleep(1.0)
+
+
+def _from_job(ctx: Context, name: str, elapsed: float) -> dict[str, Any]:
+    job = ctx.kube().get_job(name) or {}
+    pods = ctx.kube().list_pods(selector=f"batch.kubernetes.io/job-name={name}")
+    row = view.row_for(job, labels=ctx.labels, pods=pods, holders={}, now=time.time())
+    outcome = "Error" if row.outcome in ("Failed", "Cancelled") else row.outcome
+    ctx.progress(
+        f"[{elapsed:6.1f}s] {row.outcome} (from the Job; the outcome message was consumed)"
+    )
+    return {
+        "job": name,
+        "outcome": outcome,
+        "message": row.detail or None,
+        "reduction_data": None,
+        "seconds": round(elapsed, 1),
+        "source": "job",
+    }
 
 
 def _send_run(ctx: Context, message: dict[str, Any], *, priority: int) -> RunKey:

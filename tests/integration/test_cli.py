@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -166,6 +167,24 @@ def test_status_shows_who_holds_the_rb_and_cancel_removes_a_waiting_run(
         j.metadata.name == second and j.metadata.deletion_timestamp is None
         for j in batch.list_namespaced_job(namespace, label_selector=SELECTOR).items))
     reader.wait_for(lambda seen: any(d.destination == q.complete for d in seen), timeout=60)
+
+    # With a consumer taking the outcomes (as the web app does), submit still ends: from
+    # the outcome message if it browsed it in time, else from the finished Job.
+    draining = threading.Event()
+
+    def drain() -> None:
+        while not draining.is_set():
+            reader.settle(0.2)
+
+    consumer = threading.Thread(target=drain, daemon=True)
+    consumer.start()
+    good = write(tmp_path, "good.py", GOOD)
+    followed = cli(proc, "submit", facility.data_file("MARI", 103), str(good), "--rb", "1930013",
+                   "-o", "json", "--timeout", "120")
+    draining.set()
+    consumer.join()
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    assert as_json(followed)["outcome"] == "Complete"
 
 
 def test_retry_and_rerun_resubmit_the_stored_message_as_the_next_version(
