@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import tempfile
 import time
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     print(f"[bench] {args.mode} mode; stack state in {workdir}", flush=True)
+    # SIGTERM unwinds like Ctrl-C, so the broker (its own session) is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     stack = Stack.start(workdir)
     failed = False
