@@ -139,6 +139,7 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         on_finished=lifecycle.on_finished,
         metrics=metrics,
     )
+    lifecycle.on_gave_up = controller.forget_finished
     metrics.refresh = lambda: _refresh_metrics(metrics, controller, client)
     dispatcher = Dispatcher(
         settings=settings,

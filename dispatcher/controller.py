@@ -194,6 +194,11 @@ class Controller:
         """Our own write, seen before the watch delivers it."""
         self.cache.upsert(job)
 
+    def forget_finished(self, name: str) -> None:
+        """Offer Job ``name`` to the finished hook again at the next re-list (its outcome
+        could not be settled yet: broker or API away for longer than the hook retries)."""
+        self._finished_seen.discard(name)
+
     def enqueue(self, rb: str) -> None:
         if rb:
             self.queue.put(rb)

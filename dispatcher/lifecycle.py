@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,9 @@ class Lifecycle:
         self.metrics = metrics
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lifecycle")
         self._stuck_since: dict[str, float] = {}
+        # Told when we give up on a Job for now, so the next re-list offers it again
+        # (the controller offers each finished Job once; set in __main__).
+        self.on_gave_up: Callable[[str], None] | None = None
 
     def on_finished(self, job: Obj) -> None:
         """Hook for the controller's watch thread: the work runs on our pool."""
@@ -77,16 +81,19 @@ class Lifecycle:
         name = admission.name_of(job)
         for attempt in range(5):
             try:
+                if attempt:  # re-read: another replica may have settled it meanwhile
+                    fresh = self.kube.get_job(name)
+                    if fresh is None:
+                        return
+                    job = fresh
                 self.handle_failed(job)
                 return
             except (KubeError, BrokerError) as error:
                 log.warning("outcome for %s not settled yet (%s); retrying", name, error)
                 time.sleep(min(2**attempt, 10))
-                fresh = self.kube.get_job(name) if attempt < 4 else None
-                if fresh is None:
-                    return
-                job = fresh
         log.error("gave up settling the outcome of %s; the next resync retries it", name)
+        if self.on_gave_up is not None:
+            self.on_gave_up(name)
 
     def _handled(self, job: Obj) -> bool:
         annotations = job.get("metadata", {}).get("annotations") or {}
