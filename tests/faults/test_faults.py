@@ -208,7 +208,7 @@ def restart_broker(broker: Any, signals: list[int]) -> Callable[[Scenario], None
 
 
 def test_broker_restarted_mid_burst(scenario: Callable[..., Scenario], broker: Any) -> None:
-    scenario("broker-restart", runs=40, rbs=10).run(
+    scenario("broker-restart", runs=30, rbs=10).run(
         restart_broker(broker, [signal.SIGTERM, signal.SIGKILL]), timeout=300)
 
 
@@ -241,7 +241,7 @@ def freeze_broker(broker: Any, seconds: float) -> Callable[[Scenario], None]:
 
 
 def test_broker_frozen_then_thawed(scenario: Callable[..., Scenario], broker: Any) -> None:
-    scenario("broker-freeze", runs=40, rbs=10).run(freeze_broker(broker, 20), timeout=300)
+    scenario("broker-freeze", runs=30, rbs=10).run(freeze_broker(broker, 15), timeout=300)
 
 
 @pytest.mark.slow
@@ -278,7 +278,7 @@ def stop_control_plane(kube: Any, seconds: float) -> Callable[[Scenario], None]:
 def test_apiserver_and_etcd_stopped_mid_burst(
     scenario: Callable[..., Scenario], kube: Any,
 ) -> None:
-    scenario("control-plane-stop", runs=40, rbs=10).run(stop_control_plane(kube, 10),
+    scenario("control-plane-stop", runs=30, rbs=10).run(stop_control_plane(kube, 10),
                                                          timeout=400)
 
 
