@@ -161,6 +161,11 @@ def main() -> int:
         )
         poster.post(destination=report.destination(result.outcome, queues=settings.broker.queues),
                     message=body)
+        # Record "posted" the moment the broker confirmed, before the disconnect: a pod
+        # killed during close() must not make the dispatcher post a second outcome.
+        code = _finish(termination, outcome=result.outcome, posted=True,
+                       retry_in=result.retry_in, message=result.message or _summary(result),
+                       code=report.exit_code(result, posted=True))
     except BrokerError as problem:
         log.error("outcome not posted: %s", problem)
         return _finish(termination, outcome=result.outcome if result else None, posted=False,
@@ -171,9 +176,7 @@ def main() -> int:
     finally:
         poster.close()
     log.info("Reduction%s posted", result.outcome.value)
-    return _finish(termination, outcome=result.outcome, posted=True, retry_in=result.retry_in,
-                   message=result.message or _summary(result),
-                   code=report.exit_code(result, posted=True))
+    return code
 
 
 def _summary(result: RunResult) -> str:

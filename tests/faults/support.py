@@ -28,21 +28,23 @@ from tests.harness.product import Facility, read_timeline, run_message
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
 SELECTOR = "autoreduce.io/managed=true"
-# The harness's timeline script plus the pid: a retried run (same file, new version)
-# is a separate span, and a killed attempt leaves a start without an end.
+# The harness's timeline script plus an attempt id: a retried run (same file, new
+# version) is a separate span, and a killed attempt leaves a start without an end.
+# (Not the pid: every pod has its own PID namespace, so pids repeat.)
 TIMELINE_SCRIPT = """
-import json, os, time
+import json, os, time, uuid
 SLEEP = {sleep}
-def note(event, input_file):
+def note(event, input_file, attempt):
     with open("/instrument/timeline.jsonl", "a") as f:
         f.write(json.dumps({{"event": event, "file": input_file, "t": time.time(),
-                            "pid": os.getpid()}}) + "\\n")
+                            "pid": attempt}}) + "\\n")
 def main(input_file, output_dir):
-    note("start", input_file)
+    attempt = uuid.uuid4().hex
+    note("start", input_file, attempt)
     time.sleep(SLEEP)
     with open(os.path.join(output_dir, "reduced.txt"), "w") as out:
         out.write("reduced " + input_file)
-    note("end", input_file)
+    note("end", input_file, attempt)
 """
 FAST_SCRIPT = TIMELINE_SCRIPT.format(sleep=0.02)
 
