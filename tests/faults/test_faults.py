@@ -188,6 +188,7 @@ def test_dispatcher_sigkilled_during_a_burst(scenario: Callable[..., Scenario]) 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_dispatcher_sigkilled_during_a_burst_long(scenario: Callable[..., Scenario]) -> None:
     scenario("dispatcher-sigkill", runs=1000, rbs=100).run(
         sigkill_dispatcher(kills=24, seed=2), timeout=2400)
@@ -213,6 +214,7 @@ def test_broker_restarted_mid_burst(scenario: Callable[..., Scenario], broker: A
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_broker_restarted_mid_burst_long(scenario: Callable[..., Scenario], broker: Any) -> None:
     scenario("broker-restart", runs=300, rbs=30).run(
         restart_broker(broker, [signal.SIGTERM, signal.SIGKILL] * 3), timeout=1800)
@@ -245,6 +247,7 @@ def test_broker_frozen_then_thawed(scenario: Callable[..., Scenario], broker: An
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_broker_frozen_then_thawed_long(scenario: Callable[..., Scenario], broker: Any) -> None:
     scenario("broker-freeze", runs=200, rbs=20).run(freeze_broker(broker, 60), timeout=1200)
 
@@ -283,6 +286,7 @@ def test_apiserver_and_etcd_stopped_mid_burst(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_apiserver_and_etcd_stopped_mid_burst_long(
     scenario: Callable[..., Scenario], kube: Any,
 ) -> None:
@@ -340,6 +344,7 @@ def test_runner_pods_killed_at_random(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_runner_pods_killed_at_random_long(
     scenario: Callable[..., Scenario], kube: Any, namespace: str,
 ) -> None:
