@@ -26,6 +26,8 @@ from dispatcher.logs import job_logger
 log = logging.getLogger(__name__)
 Job = dict[str, Any]
 FinishedHook = Callable[[Job], None]
+# Admission workers: different RBs are handed over in parallel, one RB never twice at once.
+ADMISSION_WORKERS = 4
 API_PROBE_S = 2.0  # readiness asks the API server's /readyz at most this often
 # Re-list at least this often while the API is away: a re-list is one call, and a
 # longer cap only delays admission once the API is back (10 s cost up to 10 s).
@@ -48,10 +50,15 @@ def _rv(job: Job) -> int:
 
 
 class RbQueue:
-    """A de-duplicating work queue of RB numbers (an RB queued twice runs once)."""
+    """A de-duplicating work queue of RB numbers (an RB queued twice runs once).
+
+    Several workers take from it, but never the same RB at once: an RB queued again
+    while a worker has it waits until that worker calls ``done``.
+    """
 
     def __init__(self) -> None:
         self._items: dict[str, None] = {}
+        self._busy: set[str] = set()
         self._cond = threading.Condition()
 
     def put(self, rb: str) -> None:
@@ -60,14 +67,23 @@ class RbQueue:
             self._cond.notify()
 
     def get(self, *, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
         with self._cond:
-            if not self._items and not self._cond.wait(timeout):
-                return None
-            if not self._items:
-                return None
-            rb = next(iter(self._items))
-            del self._items[rb]
-            return rb
+            while True:
+                rb = next((item for item in self._items if item not in self._busy), None)
+                if rb is not None:
+                    del self._items[rb]
+                    self._busy.add(rb)
+                    return rb
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    return None
+
+    def done(self, rb: str) -> None:
+        with self._cond:
+            self._busy.discard(rb)
+            if rb in self._items:
+                self._cond.notify()
 
     def __len__(self) -> int:
         with self._cond:
@@ -152,6 +168,7 @@ class Controller:
         self._stop = threading.Event()
         self._synced = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._caps_lock = threading.Lock()
         self._cap_blocked: set[str] = set()
         self._finished_seen: set[str] = set()
         self.admissions = 0
@@ -162,7 +179,9 @@ class Controller:
 
     def start(self) -> None:
         self.waiting_events.start()
-        for target, name in ((self._watch_loop, "job-watch"), (self._work_loop, "admission")):
+        targets = [(self._watch_loop, "job-watch")]
+        targets += [(self._work_loop, f"admission-{n}") for n in range(ADMISSION_WORKERS)]
+        for target, name in targets:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -290,10 +309,11 @@ class Controller:
     def _work_loop(self) -> None:
         while not self._stop.is_set():
             rb = self.queue.get(timeout=1.0)
-            if not rb:
+            if rb is None:
                 continue
             try:
-                self.reconcile(rb)
+                if rb:
+                    self.reconcile(rb)
             except Unavailable as error:
                 log.warning("RB %s: API unavailable (%s); will retry", rb, error)
                 self._stop.wait(0.5)
@@ -302,6 +322,8 @@ class Controller:
                 log.error("RB %s: %s", rb, error)
                 self._stop.wait(1.0)
                 self.enqueue(rb)
+            finally:
+                self.queue.done(rb)
 
     def reconcile(self, rb: str) -> None:
         """Bring one RB to its right state; safe to run any number of times anywhere."""
@@ -332,6 +354,14 @@ class Controller:
             self.enqueue(rb)  # the Lease moved under us: look again
 
     def _admit(self, rb: str, job: Job, lease: Job | None) -> None:
+        if self.caps.max_running is None and not self.caps.per_instrument:
+            self._admit_within_caps(rb, job, lease)
+            return
+        # Admission workers run in parallel; counting and taking a slot must not.
+        with self._caps_lock:
+            self._admit_within_caps(rb, job, lease)
+
+    def _admit_within_caps(self, rb: str, job: Job, lease: Job | None) -> None:
         running = [other for other in self.cache.running() if other is not job]
         if not admission.caps_allow(labels=self.labels, caps=self.caps, job=job, running=running):
             self._cap_blocked.add(rb)
@@ -346,7 +376,9 @@ class Controller:
             return
         self._unsuspend(job)
         self.admissions += 1
-        self.kube.record_event(job=job, reason="Admitted", note=f"RB {rb} is free: reducing")
+        # Commentary, not state: written off the admission path so hand-off waits for
+        # two API calls (Lease, unsuspend), not three.
+        self.waiting_events.record(job, reason="Admitted", note=f"RB {rb} is free: reducing")
         self._observe_admitted(job)
         self._note_held(rb, self.cache.of_rb(rb), job)
 

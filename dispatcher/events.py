@@ -90,6 +90,14 @@ class WaitingEvents:
             if self._on_drop is not None:
                 self._on_drop()
 
+    def record(self, job: Job, *, reason: str, note: str) -> None:
+        """Any other Event, written off the caller's thread (dropped, counted, if full)."""
+        try:
+            self._queue.put_nowait(_Note(job=job, reason=reason, note=note))
+        except queue.Full:
+            if self._on_drop is not None:
+                self._on_drop()
+
     def forget(self, name: str) -> None:
         with self._lock:
             self._noted.discard(name)
