@@ -34,7 +34,9 @@ from kubernetes import config as kube_config
 from tests.harness.activemq import free_port
 from tests.harness.pki import ClusterPKI, make_cluster_pki, make_node_serving_cert
 
-BIN_DIR = Path(os.environ.get("AUTOREDUCE_KUBE_BIN", "/root/.cache/autoreduce/bin"))
+BIN_DIR = Path(
+    os.environ.get("AUTOREDUCE_BIN", str(Path.home() / ".cache" / "autoreduce" / "bin"))
+)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"

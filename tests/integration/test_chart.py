@@ -12,8 +12,6 @@ agent and the real broker).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from dispatcher.manifests import Arrival, load_template, render_job
 from tests.conftest import QueueReader
 from tests.harness.activemq import free_port
 from tests.harness.product import Facility, run_message
+from tests.harness.tools import helm_binary
 
 pytestmark = pytest.mark.integration
 
@@ -43,17 +42,6 @@ CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 # Kinds whose CRDs a bare cluster does not have.
 NEEDS_CRD = {"ServiceMonitor"}
 RUNNER_PRESENT = (REPO / "runner-image" / "autoreduce_runner" / "__main__.py").exists()
-
-
-def helm_binary() -> str:
-    for candidate in (
-        os.environ.get("AUTOREDUCE_HELM"),
-        shutil.which("helm"),
-        "/root/.cache/autoreduce/bin/helm",
-    ):
-        if candidate and Path(candidate).exists():
-            return candidate
-    pytest.fail("no helm binary: set AUTOREDUCE_HELM")
 
 
 def helm(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -31,23 +29,13 @@ from dispatcher.config import (
 )
 from dispatcher.identity import RunKey
 from dispatcher.manifests import Arrival, load_template, render_job
+from tests.harness.tools import helm_binary
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "autoreduce"
 CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 NAMESPACE = "reduction"
 RELEASE = "ar"
-
-
-def helm_binary() -> str:
-    for candidate in (
-        os.environ.get("AUTOREDUCE_HELM"),
-        shutil.which("helm"),
-        "/root/.cache/autoreduce/bin/helm",
-    ):
-        if candidate and Path(candidate).exists():
-            return candidate
-    pytest.skip("no helm binary (set AUTOREDUCE_HELM)")
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

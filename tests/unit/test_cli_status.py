@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import re
-import shutil
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +21,7 @@ from dispatcher.events import caps_note, held_note
 from dispatcher.identity import Labels, RunKey
 from dispatcher.logs import JsonFormatter, job_logger, run_logger
 from dispatcher.metrics import Metrics
+from tests.harness.tools import helm_binary
 
 LABELS = Labels("autoreduce.io")
 NOW = 1_700_000_000.0
@@ -362,9 +362,7 @@ def test_dashboard_charts_every_metric_and_only_real_ones() -> None:
 
 
 def test_dashboard_config_map_renders_behind_its_value() -> None:
-    helm = shutil.which("helm") or "/root/.cache/autoreduce/bin/helm"
-    if not Path(helm).exists():
-        pytest.skip("no helm binary")
+    helm = helm_binary()
 
     def render(*values: str) -> list[dict[str, Any]]:
         out = subprocess.run(

@@ -1,0 +1,23 @@
+"""Where the suite finds its command-line tools (helm, built by scripts/bootstrap.sh)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.harness.controlplane import BIN_DIR
+
+
+def helm_binary() -> str:
+    """helm: $AUTOREDUCE_HELM, then PATH, then the bootstrap's cache. Never a skip."""
+    for candidate in (
+        os.environ.get("AUTOREDUCE_HELM"),
+        shutil.which("helm"),
+        str(BIN_DIR / "helm"),
+    ):
+        if candidate and Path(candidate).exists():
+            return candidate
+    pytest.fail("no helm binary: run scripts/bootstrap.sh or set AUTOREDUCE_HELM")
