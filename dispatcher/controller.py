@@ -49,6 +49,19 @@ def _rv(job: Job) -> int:
         return 0
 
 
+def _slim(job: Job) -> Job:
+    """What admission needs of a Job: its identity, labels, annotations, suspend flag
+    and status. The pod template and managedFields are most of a Job's size, and
+    10,000 waiting runs are held here."""
+    metadata = {k: v for k, v in (job.get("metadata") or {}).items() if k != "managedFields"}
+    spec = job.get("spec") or {}
+    return {
+        "metadata": metadata,
+        "spec": {k: spec[k] for k in ("suspend", "activeDeadlineSeconds") if k in spec},
+        "status": job.get("status") or {},
+    }
+
+
 class RbQueue:
     """A de-duplicating work queue of RB numbers (an RB queued twice runs once).
 
@@ -99,15 +112,17 @@ class JobCache:
         self._lock = threading.Lock()
 
     def replace_all(self, jobs: list[Job]) -> None:
+        slim = {admission.name_of(job): _slim(job) for job in jobs}
         with self._lock:
-            self._jobs = {admission.name_of(job): job for job in jobs}
+            self._jobs = slim
 
     def upsert(self, job: Job) -> None:
         name = admission.name_of(job)
+        slim = _slim(job)
         with self._lock:
             known = self._jobs.get(name)
             if known is None or _rv(job) >= _rv(known):
-                self._jobs[name] = job
+                self._jobs[name] = slim
 
     def remove(self, name: str) -> None:
         with self._lock:
