@@ -248,13 +248,29 @@ def exclusivity_violations(facility: Facility, jobs: list[dict[str, Any]]) -> in
     per_rb: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for job in jobs:
         status = job.get("status") or {}
-        if status.get("startTime") and status.get("completionTime"):
+        end = _job_end(status)
+        if status.get("startTime") and end is not None:
             rb = job["metadata"]["labels"]["autoreduce.io/rb-number"]
-            per_rb[rb].append((_ts(status["startTime"]), _ts(status["completionTime"])))
+            per_rb[rb].append((_ts(status["startTime"]), end))
     for intervals in per_rb.values():
         intervals.sort()
         violations += sum(1 for (_, end), (start, _) in pairwise(intervals) if start < end)
     return violations
+
+
+# The first condition that says the pod is done. completionTime is written only once
+# the Job controller has also cleaned up (after a control-plane outage, long after the
+# pod ended and the RB's next run started), so it overstates the run's span.
+_END_CONDITIONS = {"SuccessCriteriaMet", "FailureTarget", "Complete", "Failed"}
+
+
+def _job_end(status: dict[str, Any]) -> float | None:
+    times = [_ts(c["lastTransitionTime"]) for c in status.get("conditions") or []
+             if c.get("type") in _END_CONDITIONS and c.get("status") == "True"
+             and c.get("lastTransitionTime")]
+    if times:
+        return min(times)
+    return _ts(status["completionTime"]) if status.get("completionTime") else None
 
 
 def list_jobs(kube: Any, namespace: str) -> list[dict[str, Any]]:
@@ -357,6 +373,25 @@ def record(figures: Figures) -> None:
     (RESULTS / "faults.md").write_text(markdown(results))
 
 
+def record_fuzz(*, mode: str, cases: int, sent: int, broker_refused: int, dead_lettered: int,
+                jobs: int, dispatcher_alive: bool) -> None:
+    """Keep the broker fuzz figures next to the fault figures."""
+    path = RESULTS / "faults.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {}
+    results[f"fuzz/{mode}"] = {
+        "scenario": "fuzz", "mode": mode, "cases": cases, "sent": sent,
+        "broker_refused": broker_refused, "dead_lettered": dead_lettered, "jobs": jobs,
+        "dispatcher_alive": dispatcher_alive,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
+    (RESULTS / "faults.md").write_text(markdown(results))
+
+
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     head = ("| scenario | mode | runs | RBs | faults | outcomes | lost | duplicated | "
             "dup Jobs | exclusivity violations | pending left | DLQ | retried | "
@@ -373,7 +408,9 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
         head,
         "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|",
     ]
-    for entry in results.values():
+    faults = {k: v for k, v in results.items() if v.get("scenario") != "fuzz"}
+    fuzz = [v for v in results.values() if v.get("scenario") == "fuzz"]
+    for entry in faults.values():
         rec = max(entry.get("recovery_s") or [0])
         prog = max(entry.get("progress_s") or [0])
         lines.append(
@@ -384,4 +421,24 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             f"{entry['dead_letters'] + entry['broker_dlq']} | {entry['retried_versions']} | "
             f"{rec:.1f} | {prog:.1f} | {entry['duration_s']} |"
         )
+    noted = [(k, n) for k, v in faults.items() for n in v.get("notes") or []
+             if "readiness" not in n]
+    if noted:
+        lines += ["", "Notes:", ""] + [f"- {key}: {note}" for key, note in noted]
+    if fuzz:
+        lines += [
+            "",
+            "Fuzzed frames (hypothesis bodies and headers) through the broker into a running "
+            "dispatcher: each must be dead-lettered with a reason exactly when the message "
+            "validation refuses it, else become a Job; the pending queue ends empty.",
+            "",
+            "| mode | cases | sent | refused by the broker itself | dead-lettered | Jobs | "
+            "dispatcher up |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {f['mode']} | {f['cases']} | {f['sent']} | {f['broker_refused']} | "
+            f"{f['dead_lettered']} | {f['jobs']} | {f['dispatcher_alive']} |"
+            for f in fuzz
+        ]
     return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from tests.faults.support import (
     Collector,
     browse_count,
     list_jobs,
+    record_fuzz,
 )
 from tests.harness.checks import count_outcomes, outcomes, send
 from tests.harness.product import DispatcherProcess, Facility, run_message
@@ -124,6 +125,9 @@ def fuzz_through_broker(*, cases: int, start_dispatcher: Callable[..., Dispatche
         assert browse_count(broker_settings, broker_settings.queues.pending) == 0
         print(f"\nFUZZ FIGURES cases={cases} sent={len(sent)} broker_refused={refused_by_broker} "
               f"dead_lettered={len(dead)} jobs={len(names)} dlq={dlq}")
+        record_fuzz(mode="long" if cases > 1000 else "short", cases=cases, sent=len(sent),
+                    broker_refused=refused_by_broker, dead_lettered=len(dead), jobs=len(names),
+                    dispatcher_alive=dispatcher.alive())
     finally:
         collector.stop()
         client.disconnect()
