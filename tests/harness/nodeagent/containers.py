@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import signal
 import subprocess
 import time
@@ -333,6 +334,17 @@ def mounts_for(
     return mounts
 
 
+def _image_paths(env: dict[str, str]) -> list[str]:
+    """The host folders an image's environment needs (its venv and PYTHONPATH)."""
+    paths = [env[k] for k in ("VIRTUAL_ENV",) if env.get(k)]
+    paths += [p for p in env.get("PYTHONPATH", "").split(":") if p]
+    kept: list[str] = []
+    for path in sorted({p.rstrip("/") or "/" for p in paths}, key=len):
+        if not any(path == k or path.startswith(k + "/") for k in kept):
+            kept.append(path)
+    return kept
+
+
 def launch(
     c: Container, pod: Obj, volumes: dict[str, Volume], image: images.ImageSpec, ctx: NodeContext
 ) -> None:
@@ -361,6 +373,8 @@ def launch(
         working_dir=spec.get("workingDir") or image.working_dir or "/",
         log_file=c.log_file(), exit_file=c.dir / "exit",
         run_as_user=uid, run_as_group=gid, supplemental_groups=groups, read_only_root=ro_root,
+        keep_visible=_image_paths(image.env),
+        stage_dir=Path("/run/autoreduce-keep") / hashlib.sha256(bytes(c.dir)).hexdigest()[:16],
     )  # fmt: skip
     proc = runtime.launch(launch_spec)
     c.proc, c.env = proc, env

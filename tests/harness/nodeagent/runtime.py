@@ -40,6 +40,11 @@ class LaunchSpec:
     run_as_group: int | None = None
     supplemental_groups: list[int] = field(default_factory=list)
     read_only_root: bool = False
+    # Host paths the image's environment lives in (the repo and its venv): they must
+    # stay visible even when a volume is mounted over a parent (an emptyDir at /tmp
+    # over a checkout in /tmp/...). ``stage_dir`` is where they are held meanwhile.
+    keep_visible: list[str] = field(default_factory=list)
+    stage_dir: Path | None = None
 
 
 def _q(value: str | Path) -> str:
@@ -71,6 +76,12 @@ def _mount_lines(spec: LaunchSpec) -> list[str]:
             lines.append(f"/bin/mkdir -p {_q(parent)}; [ -e {_q(m.target)} ] || : > {_q(m.target)}")
         else:
             lines.append(f"/bin/mkdir -p {_q(m.target)}")
+    shadowed = [
+        k for k in spec.keep_visible if any(_under(k, m.target) for m in spec.mounts)
+    ]
+    stages = [f"{spec.stage_dir}/{i}" for i in range(len(shadowed))]
+    for path, stage in zip(shadowed, stages, strict=True):
+        lines.append(f"/bin/mkdir -p {_q(stage)} && /bin/mount --bind {_q(path)} {_q(stage)}")
     if spec.read_only_root:
         # / is not a bind mount, so it cannot be flipped read-only in place: stack one.
         lines.append("/bin/mount --rbind / / && /bin/mount -o remount,bind,ro /")
@@ -81,6 +92,11 @@ def _mount_lines(spec: LaunchSpec) -> list[str]:
         elif spec.read_only_root:
             # A bind taken from the read-only root inherits its flag: lift it again.
             lines.append(f"/bin/mount -o remount,bind,rw {_q(m.target)}")
+    for path, stage in zip(shadowed, stages, strict=True):
+        lines.append(
+            f"/bin/mkdir -p {_q(path)} 2>/dev/null; /bin/mount --bind {_q(stage)} {_q(path)}"
+            f" && /bin/mount -o remount,bind,ro {_q(path)} || true"
+        )
     return lines
 
 
