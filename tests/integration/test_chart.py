@@ -360,7 +360,25 @@ def test_install_dispatch_upgrade_uninstall(
         assert outcome["run_number"] == 25581
         assert reader.bodies(q.complete), f"run did not complete: {outcome.get('message')}"
 
-    # 3. `helm upgrade` with a changed value rolls the dispatcher (config checksum).
+    # 3. `helm upgrade` with a changed value rolls the dispatcher (config checksum)
+    # while a run waits for its RB: the waiting run survives the roll and is reduced.
+    slow = "import time\ndef main(input_file, output_dir):\n    time.sleep(8)\n"
+    holder = run_message(facility=facility, instrument="MARI", rb=1920322, run=25590, script=slow)
+    waiter = run_message(facility=facility, instrument="MARI", rb=1920322, run=25591, script=script)
+    for body in (holder, waiter):
+        stomp.send(destination=broker_settings.queues.pending, body=json.dumps(body).encode())
+    wait_for(
+        "two Jobs of RB 1920322, one waiting",
+        lambda: (
+            len(
+                batch.list_namespaced_job(
+                    namespace, label_selector="autoreduce.io/rb-number=1920322"
+                ).items
+            )
+            == 2
+        ),
+        timeout=60,
+    )
     values["concurrency"] = 3
     values_file.write_text(yaml.safe_dump(values))
     helm(kube, "upgrade", release, str(CHART), "-n", namespace, "-f", str(values_file))
@@ -385,6 +403,12 @@ def test_install_dispatch_upgrade_uninstall(
         new_pod.metadata.annotations["checksum/config"]
         != pod.metadata.annotations["checksum/config"]
     )
+    if RUNNER_PRESENT:
+        q = broker_settings.queues
+        reader.wait_for(
+            lambda seen: {m["run_number"] for m in reader.bodies(q.complete)} >= {25590, 25591},
+            timeout=180,
+        )
 
     # 4. `helm uninstall` leaves no dispatcher resources behind (runs' Jobs stay:
     # they are the record of the runs, and their TTL removes them).
