@@ -109,7 +109,17 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         burst=settings.api_burst,
     )
     client = StompClient(settings=settings.broker, client_name=settings.identity)
-    reporter = Reporter(client=client, queues=settings.broker.queues)
+    # Outcomes and dead letters go on a connection of their own without heartbeats,
+    # so a broker stall delays them instead of duplicating them (see Reporter).
+    reporter = Reporter(
+        client=StompClient(
+            settings=settings.broker,
+            client_name=f"{settings.identity}-outcomes",
+            heartbeats=False,
+            receipt_timeout_s=settings.broker.outcome_receipt_timeout_s,
+        ),
+        queues=settings.broker.queues,
+    )
     labels = Labels(settings.jobs.label_prefix)
     caps = Caps(
         max_running=settings.caps.max_running,
@@ -184,6 +194,7 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
     consumer.stop(timeout=30)
     controller.stop()
     lifecycle.shutdown()
+    reporter.client.disconnect()
     if server is not None:
         server.shutdown()
     return 0

@@ -205,7 +205,7 @@ class Lifecycle:
         retry["run_version"] = int(raw.get("run_version") or 0) + 1
         # Reruns and retries go in at priority 0 (message-contract.md); the broker
         # holds the delay (AMQ_SCHEDULED_DELAY), so it survives our restarts.
-        self.reporter.client.send(
+        self.reporter.send(
             destination=self.pending_queue,
             body=encode(retry),
             priority=0,

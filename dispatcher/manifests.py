@@ -130,6 +130,7 @@ def render_job(
         "broker": {
             "hosts": settings.broker.hosts,
             "username": settings.broker.username,
+            "outcome_receipt_timeout_s": settings.broker.outcome_receipt_timeout_s,
             "queues": settings.broker.queues.model_dump(),
         },
     }

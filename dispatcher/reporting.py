@@ -27,6 +27,13 @@ def error_body(raw: dict[str, Any], *, message: str, retry_in: int | None = None
 
 @dataclass
 class Reporter:
+    """Sends outcomes, dead letters and retries on its own connection.
+
+    ``client`` should be made with ``heartbeats=False`` and a receipt timeout longer
+    than a broker stall we want to ride out: an unconfirmed send is retried by the
+    caller, and a retry after a RECEIPT lost in a stall is a duplicate outcome.
+    """
+
     client: StompClient
     queues: QueueNames
 
@@ -38,9 +45,19 @@ class Reporter:
             Outcome.SKIPPED: self.queues.skipped,
         }[outcome]
 
+    def send(self, *, destination: str, body: bytes, **options: Any) -> None:
+        """Connect if need be, send persistently and wait for the receipt.
+
+        BrokerError when the broker is unreachable or did not confirm: the callers
+        leave the run as it is and try again on their next pass.
+        """
+        if not self.client.connected:
+            self.client.connect()
+        self.client.send(destination=destination, body=body, **options)
+
     def post(self, outcome: Outcome, body: dict[str, Any]) -> None:
         """Persistent send, confirmed by a broker receipt (BrokerError otherwise)."""
-        self.client.send(destination=self.destination(outcome), body=encode(body))
+        self.send(destination=self.destination(outcome), body=encode(body))
 
     def dead_letter(self, *, body: bytes, headers: dict[str, str], reason: str) -> None:
         """Park a message we cannot process, with why, for an operator to inspect or requeue."""
@@ -50,7 +67,7 @@ class Reporter:
             if key in {"message-id", "destination", "priority", "timestamp"}
         }
         kept[REASON_HEADER] = _header_safe(reason)[:MAX_REASON]
-        self.client.send(destination=self.queues.dead_letter, body=body, headers=kept)
+        self.send(destination=self.queues.dead_letter, body=body, headers=kept)
         log.warning("dead-lettered message %s: %s", headers.get("message-id", "?"), reason)
 
 

@@ -37,6 +37,10 @@ class BrokerSettings(BaseModel):
     heartbeat_ms: int = Field(default=10_000, ge=0)
     # Seconds to wait for a broker RECEIPT on a send before treating it as failed.
     receipt_timeout_s: float = Field(default=15.0, gt=0)
+    # The same for outcome messages (runner and dispatcher) and dead letters, sent on
+    # connections without heartbeats: longer than any broker stall to ride out, since
+    # giving up on a RECEIPT the broker still owes means resending, i.e. a duplicate.
+    outcome_receipt_timeout_s: float = Field(default=120.0, gt=0)
     # Reconnect backoff: first wait and ceiling, seconds.
     reconnect_initial_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)

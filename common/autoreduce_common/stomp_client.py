@@ -84,9 +84,23 @@ class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
 class StompClient:
     """A reconnecting STOMP 1.2 client; safe to call from several threads."""
 
-    def __init__(self, *, settings: BrokerSettings, client_name: str) -> None:
+    def __init__(
+        self,
+        *,
+        settings: BrokerSettings,
+        client_name: str,
+        heartbeats: bool = True,
+        receipt_timeout_s: float | None = None,
+    ) -> None:
         self._settings = settings
         self._client_name = client_name
+        # Off for connections that only send: a missed heartbeat makes stomp.py drop
+        # the socket, and a SEND whose RECEIPT a frozen broker still owes would then be
+        # resent on a new connection and delivered twice. Without heartbeats the frame
+        # waits in the socket until the broker thaws and confirms it on the same
+        # connection; a broker that really goes away closes the socket.
+        self._heartbeats = heartbeats
+        self._receipt_timeout_s = receipt_timeout_s or settings.receipt_timeout_s
         self._lock = threading.RLock()
         self._conn: Any = None
         self._generation = 0
@@ -122,7 +136,7 @@ class StompClient:
             raise BrokerError("no broker reachable: " + "; ".join(errors))
 
     def _open(self, host_port: tuple[str, int]) -> None:
-        heartbeat = self._settings.heartbeat_ms
+        heartbeat = self._settings.heartbeat_ms if self._heartbeats else 0
         conn = stomp.Connection12(
             host_and_ports=[host_port],
             heartbeats=(heartbeat, heartbeat),
@@ -220,7 +234,7 @@ class StompClient:
 
     def _await_receipt(self, receipt: str, waiter: threading.Event, *, what: str) -> None:
         try:
-            if not waiter.wait(self._settings.receipt_timeout_s):
+            if not waiter.wait(self._receipt_timeout_s):
                 raise BrokerError(f"{what}: no receipt from the broker")
             if receipt in self._failed_receipts:
                 raise BrokerError(f"{what}: the broker rejected it")

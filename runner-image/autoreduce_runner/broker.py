@@ -1,4 +1,4 @@
-"""Posting outcome messages: connect with a deadline, send, reconnect once."""
+"""Posting outcome messages: one short connection per message, confirmed by a receipt."""
 
 from __future__ import annotations
 
@@ -14,12 +14,26 @@ log = logging.getLogger(__name__)
 
 
 class Poster:
-    """One STOMP connection for the runner's two sends (Started and the outcome)."""
+    """Sends Started and the outcome, each on a connection opened for it.
+
+    The connection has no heartbeats and waits ``outcome_receipt_timeout_s`` for the
+    receipt: when the broker stalls (GC pause, frozen host, SIGSTOP) the SEND waits in
+    the socket and is confirmed once it thaws. With heartbeats, stomp.py would drop
+    the connection mid-stall and our resend would be delivered a second time. Only a
+    connection the broker really closed (or a receipt that never came in the long
+    timeout) leads to one resend, which may then duplicate: a duplicate beats a loss.
+    A connection per message also means nothing idles through an hours-long script.
+    """
 
     def __init__(self, *, settings: BrokerSettings, connect_timeout_s: float) -> None:
         self._settings = settings
         self._connect_timeout_s = connect_timeout_s
-        self._client = StompClient(settings=settings, client_name="autoreduce-runner")
+        self._client = StompClient(
+            settings=settings,
+            client_name="autoreduce-runner",
+            heartbeats=False,
+            receipt_timeout_s=settings.outcome_receipt_timeout_s,
+        )
 
     def connect(self) -> None:
         """Connect, retrying with backoff until the timeout; BrokerError after it."""
@@ -38,20 +52,23 @@ class Poster:
                 delay = min(delay * 2, self._settings.reconnect_max_s)
 
     def post(self, *, destination: str, message: dict[str, Any]) -> None:
-        """Send persistently and wait for the receipt; one reconnect on failure.
-
-        A lost receipt can mean the broker has the message after all, so a resend
-        may duplicate it: consumers key on the run, and a duplicate beats a loss.
-        """
+        """Send persistently, wait for the receipt, disconnect; one resend on failure."""
         body = encode(message)
+        try:
+            self._send_once(destination, body)
+        except BrokerError as error:
+            log.warning(
+                "send to %s not confirmed (%s); reconnecting to send it again", destination, error
+            )
+            self._send_once(destination, body)
+
+    def _send_once(self, destination: str, body: bytes) -> None:
         try:
             if not self._client.connected:
                 self.connect()
             self._client.send(destination=destination, body=body)
-        except BrokerError as error:
-            log.warning("send to %s failed (%s); reconnecting once", destination, error)
-            self.connect()
-            self._client.send(destination=destination, body=body)
+        finally:
+            self.close()
 
     def close(self) -> None:
         self._client.disconnect()

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import signal
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import BrokerError, Delivery, StompClient
+from autoreduce_runner.broker import Poster
+
+from dispatcher.reporting import Reporter
 
 pytestmark = pytest.mark.integration
 
@@ -125,3 +132,62 @@ def test_wrong_password_is_a_clear_error(broker_settings: BrokerSettings) -> Non
     client = StompClient(settings=bad, client_name="bad")
     with pytest.raises(BrokerError, match="no broker reachable"):
         client.connect()
+
+
+def _send_only(kind: str, settings: BrokerSettings) -> Callable[[bytes], None]:
+    """The runner's Poster and the dispatcher's Reporter, as a plain ``send(body)``."""
+    if kind == "runner":
+        poster = Poster(settings=settings, connect_timeout_s=10)
+        poster.connect()
+        return lambda body: poster.post(destination=settings.queues.complete,
+                                        message=json.loads(body))
+    reporter = Reporter(
+        client=StompClient(settings=settings, client_name="reporter", heartbeats=False,
+                           receipt_timeout_s=settings.outcome_receipt_timeout_s),
+        queues=settings.queues,
+    )
+    reporter.client.connect()
+    return lambda body: reporter.send(destination=settings.queues.complete, body=body)
+
+
+@pytest.mark.parametrize("kind", ["runner", "dispatcher"])
+def test_outcome_send_rides_out_a_frozen_broker_without_a_duplicate(
+    broker: Any, broker_settings: BrokerSettings, kind: str
+) -> None:
+    """A frozen broker (SIGSTOP) holds the SEND and owes its RECEIPT. A heartbeating
+    connection would be dropped mid-freeze and the outcome resent: twice on the queue.
+    The outcome connections have no heartbeats, so the send completes after the thaw,
+    once."""
+    if not hasattr(broker, "freeze"):
+        pytest.skip("cannot freeze a broker this suite did not start")
+    settings = BrokerSettings.model_validate(
+        {**broker_settings.model_dump(), "heartbeat_ms": 1000,
+         "password": broker_settings.password.get_secret_value()})
+    send = _send_only(kind, settings)
+    errors: list[BaseException] = []
+
+    def post() -> None:
+        try:
+            send(b'{"run_number": 1, "frozen": true}')
+        except BaseException as error:  # reported below, on the test's thread
+            errors.append(error)
+
+    broker.freeze()
+    try:
+        sender = threading.Thread(target=post, daemon=True)
+        sender.start()
+        sender.join(8)  # eight heartbeat periods: a heartbeating client gives up in ~2
+        assert sender.is_alive(), f"the send gave up during the freeze: {errors}"
+    finally:
+        broker.thaw()
+    sender.join(60)
+    assert not sender.is_alive() and not errors, errors
+    consumer, sink = _consumer(broker_settings, broker_settings.queues.complete)
+    received = [sink.get(timeout=20)]
+    consumer.ack(received[0])
+    with contextlib.suppress(queue.Empty):
+        while True:
+            received.append(sink.get(timeout=3))
+            consumer.ack(received[-1])
+    consumer.disconnect()
+    assert [json.loads(d.body) for d in received] == [{"run_number": 1, "frozen": True}]

@@ -210,6 +210,7 @@ Secrets never appear here: the password is a mounted file.
   "password_file" "/etc/autoreduce/broker/password"
   "heartbeat_ms" (int $v.broker.heartbeatMs)
   "receipt_timeout_s" $v.broker.receiptTimeoutSeconds
+  "outcome_receipt_timeout_s" $v.broker.outcomeReceiptTimeoutSeconds
   "reconnect_initial_s" $v.broker.reconnectInitialSeconds
   "reconnect_max_s" $v.broker.reconnectMaxSeconds
   "queues" (dict "pending" $q.pending "started" $q.started "complete" $q.complete "error" $q.error "skipped" $q.skipped "dead_letter" $q.deadLetter)

@@ -66,6 +66,9 @@ class Agent:
         self.workers: dict[str, PodWorker] = {}
         self.by_name: dict[tuple[str, str], PodWorker] = {}
         self.done: set[str] = set()  # uids whose worker finished: never restart them
+        # Pods whose binding failed on a server error (e.g. etcd away): the scheduler
+        # retries those, and no further watch event may ever come for them.
+        self.unbound: dict[str, tuple[str, str]] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -79,6 +82,7 @@ class Agent:
         )
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
         threading.Thread(target=self._memory_loop, daemon=True, name="memory").start()
+        threading.Thread(target=self._rebind_loop, daemon=True, name="rebind").start()
         self._watch_loop()
 
     def shutdown(self, *, kill_pods: bool) -> None:
@@ -271,9 +275,35 @@ class Agent:
         try:
             self.api.post(pod_path(meta["namespace"], meta["name"], "binding"), body)
             log.info("bound %s/%s", meta["namespace"], meta["name"])
+            with self.lock:
+                self.unbound.pop(meta["uid"], None)
         except ApiError as exc:
-            if exc.status not in (404, 409):  # 409: another node won the race
-                log.warning("binding %s/%s failed: %s", meta["namespace"], meta["name"], exc)
+            if exc.status in (404, 409):  # 409: bound already (another node, or a retry)
+                with self.lock:
+                    self.unbound.pop(meta["uid"], None)
+                return
+            log.warning("binding %s/%s failed (retrying): %s", meta["namespace"], meta["name"],
+                        exc)
+            with self.lock:
+                self.unbound[meta["uid"]] = (meta["namespace"], meta["name"])
+
+    def _rebind_loop(self) -> None:
+        while not self.stop.wait(1.0):
+            with self.lock:
+                pending = list(self.unbound.items())
+            for uid, (namespace, name) in pending:
+                try:
+                    pod = self.api.get(pod_path(namespace, name))
+                except ApiError as exc:
+                    if exc.status == 404:
+                        with self.lock:
+                            self.unbound.pop(uid, None)
+                    continue
+                if pod["metadata"]["uid"] != uid or not wants_binding(pod):
+                    with self.lock:
+                        self.unbound.pop(uid, None)
+                    continue
+                self._bind(pod)
 
     def lookup(self, namespace: str, pod: str, container: str) -> Container | str:
         with self.lock:
