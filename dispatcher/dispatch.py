@@ -23,7 +23,7 @@ from autoreduce_common.stomp_client import BrokerError
 from dispatcher import admission
 from dispatcher.config import DispatcherSettings
 from dispatcher.controller import Controller
-from dispatcher.identity import Labels, RunKey, job_name, run_key, tombstone_name
+from dispatcher.identity import Labels, RunKey, job_name, run_key
 from dispatcher.kube import AlreadyExists, Forbidden, Invalid, Kube, KubeError, Unavailable
 from dispatcher.logs import run_logger
 from dispatcher.manifests import (
@@ -139,10 +139,11 @@ class Dispatcher:
                 f"{self.settings.max_message_bytes} bytes (Kubernetes ConfigMap limit)",
                 raw=raw,
             )
-        if self._cancelled_in_advance(key, raw):
-            return Verdict.ACK
         started = time.monotonic()
         job = self._ensure_job(key, arrival_of(received.headers))
+        if self._is_cancel_marker(job):
+            self._drop_cancelled(key, raw, job)
+            return Verdict.ACK
         self._ensure_config_map(key, raw, job)
         self.controller.observe(job)
         self.controller.enqueue(key.rb_number)
@@ -165,7 +166,7 @@ class Dispatcher:
             existing = self.kube.get_job(job_name(key))
             if existing is None:
                 raise TryLater(f"Job {job_name(key)} exists and vanished; retrying") from None
-            if self.metrics is not None:
+            if self.metrics is not None and not self._is_cancel_marker(existing):
                 self.metrics.duplicates.inc()
             return existing
 
@@ -180,18 +181,28 @@ class Dispatcher:
 
     # -- cancellations -------------------------------------------------------------
 
-    def _cancelled_in_advance(self, key: RunKey, raw: dict[str, Any]) -> bool:
-        tombstone = tombstone_name(key)
-        if self.kube.get_config_map(tombstone) is None:
-            return False
+    def _is_cancel_marker(self, job: dict[str, Any]) -> bool:
+        labels = (job.get("metadata") or {}).get("labels") or {}
+        return labels.get(self.labels.key("cancel")) == "true"
+
+    def _drop_cancelled(self, key: RunKey, raw: dict[str, Any], marker: dict[str, Any]) -> None:
+        """The run arrived after its cancellation: report it once, never run it.
+
+        The marker stays (annotated) so a redelivery or a resend of the run is
+        dropped too instead of running; it is a suspended Job, so it costs nothing.
+        """
+        outcome_key = self.labels.key("outcome")
+        annotations = (marker.get("metadata") or {}).get("annotations") or {}
+        if annotations.get(outcome_key) == "Error":
+            run_logger(log, key).info("dropped %s again: it was cancelled", key.describe())
+            return
         self.reporter.post(
             Outcome.ERROR, error_body(raw, message="Run cancelled before it was dispatched")
         )
-        self.kube.delete_config_map(tombstone)
+        self.kube.annotate_job(job_name(key), {outcome_key: "Error"})
         self._count("dropped")
         self._count_outcome("CancelledBeforeDispatch")
         run_logger(log, key).info("dropped %s: it was cancelled before it arrived", key.describe())
-        return True
 
     def _cancel(self, raw: dict[str, Any], message: ReductionMessage) -> Verdict:
         key = run_key(message)
@@ -199,6 +210,9 @@ class Dispatcher:
         self._count("cancels")
         if job is None:
             self._remember_cancel(key)
+            return Verdict.ACK
+        if self._is_cancel_marker(job):
+            run_logger(log, key).info("cancel for %s already remembered", key.describe())
             return Verdict.ACK
         if admission.is_finished(job) or admission.is_deleting(job):
             run_logger(log, key).info("cancel for %s ignored: it already finished", key.describe())
@@ -226,17 +240,26 @@ class Dispatcher:
         return Verdict.ACK
 
     def _remember_cancel(self, key: RunKey) -> None:
-        body = {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": tombstone_name(key),
-                "labels": {**self.labels.for_run(key), self.labels.key("cancel"): "true"},
-            },
-            "data": {"run": key.describe()},
+        """Park a cancellation for a run we have not seen, as a Job under the run's name.
+
+        When the run arrives, its create answers 409 and the read that follows finds
+        the marker: the happy path pays no extra read for cancellations that are rare.
+        The marker has no managed label, so the controller never sees it as a run.
+        """
+        marker = render_job(
+            settings=self.settings,
+            template=self.template,
+            key=key,
+            arrival=Arrival(priority=0, enqueued_ms=int(time.time() * 1000), message_id=""),
+        )
+        metadata = marker["metadata"]
+        metadata["labels"] = {
+            **{k: v for k, v in metadata["labels"].items() if k != self.labels.managed},
+            self.labels.key("cancel"): "true",
         }
+        marker["spec"]["suspend"] = True  # never runs, whatever the template says
         with contextlib.suppress(AlreadyExists):
-            self.kube.create_config_map(body)
+            self.kube.create_job(marker)
         log.info("cancel for unknown %s remembered", key.describe())
 
     def _message_of(self, key: RunKey) -> dict[str, Any] | None:

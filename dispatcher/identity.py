@@ -71,11 +71,6 @@ def lease_name(rb_number: str) -> str:
     return f"rb-{rb_number.lower()}"
 
 
-def tombstone_name(key: RunKey) -> str:
-    """ConfigMap remembering a cancellation that arrived before its run."""
-    return "cancel-" + job_name(key)[len("red-") :]
-
-
 @dataclass(frozen=True)
 class Labels:
     """Label and annotation keys under the operator's prefix."""

@@ -340,10 +340,6 @@ class Kube:
         )
         return page.get("items") or []
 
-    def delete_config_map(self, name: str) -> None:
-        with contextlib.suppress(NotFound):
-            self._call(f"delete ConfigMap {name}", "DELETE", f"{self._config_maps}/{name}")
-
     # -- leases --------------------------------------------------------------------
 
     def get_lease(self, name: str) -> Obj | None:

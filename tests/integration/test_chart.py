@@ -307,7 +307,7 @@ def test_install_dispatch_upgrade_uninstall(
         ("update", "leases.coordination.k8s.io"),
         ("get", "pods --subresource=log"),
         ("create", "events.events.k8s.io"),
-        ("delete", "configmaps"),
+        ("list", "configmaps"),
     ]:
         answer = kube.kubectl(
             "auth", "can-i", verb, *resource.split(), "-n", namespace, "--as", who
@@ -316,6 +316,7 @@ def test_install_dispatch_upgrade_uninstall(
     for verb, resource, ns in [
         ("get", "secrets", namespace),
         ("update", "jobs.batch", namespace),
+        ("delete", "configmaps", namespace),
         ("create", "pods", namespace),
         ("list", "jobs.batch", "default"),
         ("patch", "leases.coordination.k8s.io", namespace),

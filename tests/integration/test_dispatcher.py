@@ -161,6 +161,17 @@ def test_cancel_waiting_run_and_run_cancelled_before_it_arrives(
     assert [m["run_number"] for m in complete] == [1]
     assert sorted(m["run_number"] for m in errors) == [2, 3]
     assert all("ancel" in m["message"] for m in errors)
+    # The early cancellation is kept as a suspended marker Job under the run's name,
+    # outside the managed selector (never a run), so a resend of run 3 is dropped too,
+    # silently: it has had its one outcome.
+    markers = batch.list_namespaced_job(namespace, label_selector="autoreduce.io/cancel=true")
+    assert [(j.metadata.labels["autoreduce.io/run-number"], j.spec.suspend)
+            for j in markers.items] == [("3", True)]
+    managed = batch.list_namespaced_job(namespace, label_selector=SELECTOR).items
+    assert all(j.metadata.labels.get("autoreduce.io/run-number") != "3" for j in managed)
+    send(stomp, broker_settings, early)
+    reader.settle(3)
+    assert sorted(m["run_number"] for m in outcomes(reader, broker_settings, "error")) == [2, 3]
     starts = [e for e in read_timeline(facility) if e["event"] == "start"]
     assert len(starts) == 1  # neither cancelled run ever ran
 

@@ -515,7 +515,7 @@ def test_role_grants_exactly_what_the_dispatcher_calls() -> None:
     assert granted == {
         ("batch", "jobs"): sorted(["create", "get", "list", "watch", "patch", "delete"]),
         ("batch", "jobs/finalizers"): ["update"],
-        ("", "configmaps"): sorted(["create", "get", "list", "delete"]),
+        ("", "configmaps"): sorted(["create", "get", "list"]),
         ("coordination.k8s.io", "leases"): sorted(["create", "get", "list", "update", "delete"]),
         ("", "pods"): ["list"],
         ("", "pods/log"): ["get"],

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dispatcher.config import DispatcherSettings
-from dispatcher.identity import Labels, RunKey, job_name, lease_name, run_key, tombstone_name
+from dispatcher.identity import Labels, RunKey, job_name, lease_name, run_key
 from dispatcher.manifests import (
     Arrival,
     load_template,
@@ -99,8 +99,6 @@ TEMPLATE = load_template(SETTINGS.jobs.template_path)
 def _check_identity(key: RunKey) -> None:
     name = job_name(key)
     assert len(name) <= 63 and DNS_LABEL.match(name), name
-    tomb = tombstone_name(key)
-    assert len(tomb) <= 63 and DNS_LABEL.match(tomb), tomb
     lease = lease_name(key.rb_number)
     assert len(lease) <= 63 and DNS_LABEL.match(lease), lease
     for value in Labels("autoreduce.io").for_run(key).values():
