@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             "workdir": str(workdir),
         },
     }
+    previous = report.previous(args.out / "latest.json")
+    if previous:
+        results["previous"] = previous  # "before" beside this run's "after"
     print(f"[bench] {args.mode} mode; stack state in {workdir}", flush=True)
     # SIGTERM unwinds like Ctrl-C, so the broker (its own session) is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

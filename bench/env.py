@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import re
+import signal
 import ssl
 import threading
 import time
@@ -181,10 +182,33 @@ class Scenario:
         return settings
 
     def start_dispatcher(self, settings: dict[str, Any], *, name: str = "dispatcher") -> None:
+        # The real main, under a profiler that stays off until profile_start().
         self.dispatcher = DispatcherProcess(
             workdir=self.workdir, settings=settings, kubeconfig=self.stack.kube.kubeconfig,
-            name=name,
+            name=name, module="bench.profiled",
+            extra_env={"AUTOREDUCE_PROFILE_OUT": str(self.profile_path)},
         ).start()  # fmt: skip
+
+    @property
+    def profile_path(self) -> Path:
+        return self.workdir / "profile.json"
+
+    def profile_start(self) -> None:
+        assert self.dispatcher is not None and self.dispatcher.process is not None
+        self.profile_path.unlink(missing_ok=True)
+        self.dispatcher.process.send_signal(signal.SIGUSR1)
+
+    def profile_stop(self, *, timeout: float = 60) -> dict[str, Any]:
+        """The dispatcher's wall-clock profile since profile_start() (bench/profiled.py)."""
+        assert self.dispatcher is not None and self.dispatcher.process is not None
+        self.dispatcher.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.profile_path.exists():  # renamed into place when complete
+                loaded: dict[str, Any] = json.loads(self.profile_path.read_text())
+                return loaded
+            time.sleep(0.2)
+        return {"error": f"no profile written within {timeout} s"}
 
     def start_watch(self) -> JobWatcher:
         self.watcher = JobWatcher(self.stack.kube_client(self.namespace))

@@ -43,8 +43,22 @@ def _version(binary: Path) -> str:
     return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
 
 
+def commit() -> str:
+    """The commit measured (``+dirty`` when the tree has changes)."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def describe(*, kube_bin: Path) -> dict[str, Any]:
     return {
+        "commit": commit(),
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
         "memory_mb": _memory_mb(),

@@ -180,6 +180,7 @@ def render_markdown(results: dict[str, Any], rows: list[Row]) -> str:
         f"- Machine: {machine.get('cpu_model')}, {machine.get('cores')} cores, "
         f"{machine.get('memory_mb')} MB, kernel {machine.get('kernel')}, "
         f"Python {machine.get('python')}, {machine.get('kube_apiserver')}",
+        f"- Commit measured: {machine.get('commit', 'not recorded')}",
         f"- Load average (1/5/15 min): start {machine.get('load_at_start')}, "
         f"end {machine.get('load_at_end')}",
         f"- Dispatcher API budget: api_qps={settings.get('api_qps')}, "
@@ -194,8 +195,68 @@ def render_markdown(results: dict[str, Any], rows: list[Row]) -> str:
     if errors:
         lines += ["", "## Scenario errors", ""]
         lines += [f"- {k}: {v}" for k, v in errors.items()]
+    lines += _profile(results)
+    lines += _before_after(results)
     lines += ["", "Raw figures: `latest.json` next to this file.", ""]
     return "\n".join(lines)
+
+
+def previous(path: Path) -> dict[str, Any] | None:
+    """The last run's headline (when, commit, mode, targets), kept as "before"."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {
+        "finished_at": old.get("finished_at"),
+        "commit": (old.get("machine") or {}).get("commit", "before commits were recorded"),
+        "mode": (old.get("settings") or {}).get("mode"),
+        "targets": old.get("targets") or [],
+    }
+
+
+def _before_after(results: dict[str, Any]) -> list[str]:
+    before = results.get("previous") or {}
+    if not before.get("targets"):
+        return []
+    old = {t["target"].split(" (at ")[0]: t for t in before["targets"]}
+    lines = [
+        "",
+        f"## Before / after (before: the previous run, {before.get('finished_at')}, "
+        f"commit {before.get('commit')}, mode {before.get('mode')})",
+        "",
+        "| target | before | after | status now |",
+        "|---|---|---|---|",
+    ]
+    for target in results.get("targets") or []:
+        was = old.get(target["target"].split(" (at ")[0]) or {}
+        lines.append(
+            f"| {target['target']} | {_num(was.get('value'), ' ' + was.get('unit', ''), 2)} | "
+            f"{_num(target['value'], ' ' + target['unit'], 2)} | {target['status']} |"
+        )
+    return lines
+
+
+def _profile(results: dict[str, Any]) -> list[str]:
+    rates = _get(results, "dispatch", "rates") or []
+    profiled = [r for r in rates if isinstance(r.get("profile"), dict)]
+    if not profiled or "watched" not in profiled[0]["profile"]:
+        return []
+    rate, prof = profiled[0], profiled[0]["profile"]
+    lines = [
+        "",
+        f"## Where the dispatcher's time goes at {rate.get('offered_per_s')} runs/s "
+        "(yappi, wall clock summed over threads)",
+        "",
+        "| function | what | calls | inclusive s | per call ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in sorted(prof["watched"].items(), key=lambda kv: -kv[1]["inclusive_s"]):
+        lines.append(f"| `{name}` | {row['what']} | {row['calls']} | {row['inclusive_s']} | "
+                     f"{row['per_call_ms']} |")  # fmt: skip
+    top = ", ".join(f"`{r['function']}` {r['self_s']} s" for r in prof.get("top_self_ours", [])[:6])
+    lines += ["", f"Most self time in our code: {top}."]
+    return lines
 
 
 def write(results: dict[str, Any], out: Path) -> tuple[Path, Path, str]:
