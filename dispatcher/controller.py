@@ -185,6 +185,9 @@ class Controller:
         self._threads: list[threading.Thread] = []
         self._caps_lock = threading.Lock()
         self._cap_blocked: set[str] = set()
+        # RBs whose optimistic Lease create was refused: read the Lease next time.
+        self._lease_exists_hint: set[str] = set()
+        self._hint_lock = threading.Lock()
         self._finished_seen: set[str] = set()
         self.admissions = 0
         self.api_healthy = False
@@ -342,9 +345,11 @@ class Controller:
 
     def reconcile(self, rb: str) -> None:
         """Bring one RB to its right state; safe to run any number of times anywhere."""
-        lease = self.leases.read(rb)
-        holder = holder_of(lease)
         jobs = self.cache.of_rb(rb)
+        # When every Job we know of for this RB has only ever waited, no Lease is
+        # expected: skip the read and let the create (a CAS too) tell us otherwise.
+        lease = None if self._lease_probably_absent(rb, jobs) else self.leases.read(rb)
+        holder = holder_of(lease)
         if holder and self.cache.get(holder) is None:
             # Not in our cache: maybe another replica just made it. Ask the API
             # before treating the Lease as stale.
@@ -387,6 +392,9 @@ class Controller:
             return
         name = admission.name_of(job)
         if not self.leases.grant(rb=rb, job=name, base=lease):
+            if lease is None:
+                with self._hint_lock:
+                    self._lease_exists_hint.add(rb)
             self.enqueue(rb)  # someone else moved the Lease: look again
             return
         self._unsuspend(job)
@@ -396,6 +404,18 @@ class Controller:
         self.waiting_events.record(job, reason="Admitted", note=f"RB {rb} is free: reducing")
         self._observe_admitted(job)
         self._note_held(rb, self.cache.of_rb(rb), job)
+
+    def _lease_probably_absent(self, rb: str, jobs: list[Job]) -> bool:
+        """True when the RB's Jobs are all still waiting and no create was refused.
+
+        A wrong guess costs one refused create (409) and a read on the next pass;
+        exclusivity never rests on the guess, only on the compare-and-swap.
+        """
+        with self._hint_lock:
+            if rb in self._lease_exists_hint:
+                self._lease_exists_hint.discard(rb)
+                return False
+        return bool(jobs) and all(admission.is_waiting(job) for job in jobs)
 
     def _note_held(self, rb: str, jobs: list[Job], holder: Job) -> None:
         """A Waiting Event (once per Job) on every other waiting run of the RB."""

@@ -3,7 +3,8 @@
 A Lease ``rb-<rb>`` names the Job allowed to reduce. Granting writes the Lease
 with the resourceVersion we read (create when there was none); if another replica
 got there first the API answers 409 and we simply re-read. That CAS is what keeps
-one run per RB across any number of dispatcher replicas.
+one run per RB across any number of dispatcher replicas. (The controller may skip
+the read when it expects no Lease; the create is then the CAS.)
 """
 
 from __future__ import annotations

@@ -395,7 +395,8 @@ def record_fuzz(*, mode: str, cases: int, sent: int, broker_refused: int, dead_l
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     head = ("| scenario | mode | runs | RBs | faults | outcomes | lost | duplicated | "
             "dup Jobs | exclusivity violations | pending left | DLQ | retried | "
-            "recovery s (max) | first outcome after fault s (max) | duration s |")
+            "recovery s (max) | first outcome after fault s (max) | duration s | "
+            "when (UTC) | commit |")
     lines = [
         "# Fault suite results",
         "",
@@ -419,7 +420,8 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             f"{entry['duplicated']} | {entry['duplicate_jobs']} | "
             f"{entry['exclusivity_violations']} | {entry['pending_left']} | "
             f"{entry['dead_letters'] + entry['broker_dlq']} | {entry['retried_versions']} | "
-            f"{rec:.1f} | {prog:.1f} | {entry['duration_s']} |"
+            f"{rec:.1f} | {prog:.1f} | {entry['duration_s']} | "
+            f"{entry.get('when', '')} | {entry.get('commit', '')} |"
         )
     noted = [(k, n) for k, v in faults.items() for n in v.get("notes") or []
              if "readiness" not in n]

@@ -385,6 +385,7 @@ def test_runner_pods_killed_at_random(
 def test_runner_pods_killed_at_random_long(
     scenario: Callable[..., Scenario], kube: Any, namespace: str,
 ) -> None:
-    scenario("runner-pod-kill", runs=200, rbs=20, script=TIMELINE_SCRIPT.format(sleep=1.5)).run(
+    # Runs long enough (15 per RB, 4 s each) that 40 kills land while pods run.
+    scenario("runner-pod-kill", runs=300, rbs=20, script=TIMELINE_SCRIPT.format(sleep=4)).run(
         kill_runner_pods(kube, namespace, kills=40, seed=4), timeout=1800)
 

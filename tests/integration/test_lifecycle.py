@@ -195,6 +195,7 @@ def test_global_cap_bounds_running_reductions(
     assert peak <= 2, f"{peak} reductions ran at once with a cap of 2"
 
 
+@pytest.mark.timeout(900)
 def test_two_replicas_with_one_killed_every_few_seconds(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
@@ -220,7 +221,7 @@ def test_two_replicas_with_one_killed_every_few_seconds(
             send(stomp, broker_settings, run_message(
                 facility=facility, instrument="WISH", rb=2600000 + index % 20,
                 run=10_000 + index, script=SLEEPY_SCRIPT.replace('"0.3"', '"0.05"')))
-        reader.wait_for(count_outcomes(broker_settings, runs), timeout=900)
+        reader.wait_for(count_outcomes(broker_settings, runs), timeout=600)
     finally:
         stop.set()
         killer.join()
