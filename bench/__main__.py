@@ -34,6 +34,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where latest.json and latest.md go")  # fmt: skip
     parser.add_argument("--scale-rbs", type=int, default=None,
                         help="RBs in the scale scenario (10 runs each)")  # fmt: skip
+    parser.add_argument("--api-qps", type=float, default=None,
+                        help="dispatcher API budget (QPS) instead of its default")  # fmt: skip
+    parser.add_argument("--api-burst", type=int, default=None,
+                        help="the dispatcher's API burst instead of its default")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=None,
                         help="state of the stack (default: a new dir under /var/tmp)")  # fmt: skip
     return parser.parse_args(argv)
@@ -46,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         sizes = dataclasses.replace(sizes, scale_rbs=args.scale_rbs)
     # Not under /tmp: runner pods get an emptyDir there and could not see the gate file.
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="autoreduce-bench-", dir="/var/tmp"))
-    defaults = DispatcherSettings()
+    overrides: dict[str, Any] = {}
+    if args.api_qps is not None:
+        overrides["api_qps"] = args.api_qps
+    if args.api_burst is not None:
+        overrides["api_burst"] = args.api_burst
+    defaults = DispatcherSettings.model_validate(overrides)
     results: dict[str, Any] = {
         "machine": machine.describe(kube_bin=Path.home() / ".cache/autoreduce/bin"),
         "settings": {
@@ -55,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             "api_qps": defaults.api_qps,
             "api_burst": defaults.api_burst,
             "concurrency": defaults.concurrency,
-            "budget_note": "the dispatcher runs with its default client-side API budget; "
-            "the limit has none",
+            "budget_note": (
+                "the dispatcher runs with its default client-side API budget; the limit has none"
+                if not overrides
+                else f"the dispatcher's API budget was overridden ({overrides}); the limit has none"
+            ),
             "workdir": str(workdir),
         },
     }
@@ -68,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     stack = Stack.start(workdir)
+    stack.dispatcher_overrides = overrides
     failed = False
     try:
         print(f"[bench] stack up in {time.monotonic() - started:.0f} s", flush=True)

@@ -55,6 +55,8 @@ class Stack:
     workdir: Path
     broker: ActiveMQ
     kube: LocalKube
+    # Dispatcher settings for every scenario (e.g. a different API budget, --api-qps).
+    dispatcher_overrides: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def start(cls, workdir: Path) -> Stack:
@@ -178,6 +180,7 @@ class Scenario:
             "node_selector": {} if runs_pods else NEVER_SCHEDULED,
             "active_deadline_seconds": 3600,
         }  # fmt: skip
+        settings.update(self.stack.dispatcher_overrides)
         settings.update(overrides)
         return settings
 
