@@ -104,17 +104,25 @@ class RbQueue:
 
 
 class JobCache:
-    """Jobs by name, fed by list+watch and by our own writes (read-your-writes)."""
+    """Jobs by name and by RB, fed by list+watch and by our own writes (read-your-writes).
+
+    The RB index matters at scale: admission asks for one RB's Jobs on every pass,
+    and a scan of 10,000 waiting Jobs under the lock was most of its CPU.
+    """
 
     def __init__(self, labels: Labels) -> None:
         self._labels = labels
         self._jobs: dict[str, Job] = {}
+        self._by_rb: dict[str, dict[str, Job]] = {}
         self._lock = threading.Lock()
 
     def replace_all(self, jobs: list[Job]) -> None:
         slim = {admission.name_of(job): _slim(job) for job in jobs}
+        by_rb: dict[str, dict[str, Job]] = {}
+        for name, job in slim.items():
+            by_rb.setdefault(self.rb_of(job), {})[name] = job
         with self._lock:
-            self._jobs = slim
+            self._jobs, self._by_rb = slim, by_rb
 
     def upsert(self, job: Job) -> None:
         name = admission.name_of(job)
@@ -122,11 +130,24 @@ class JobCache:
         with self._lock:
             known = self._jobs.get(name)
             if known is None or _rv(job) >= _rv(known):
+                if known is not None:
+                    self._unindex(name, known)
                 self._jobs[name] = slim
+                self._by_rb.setdefault(self.rb_of(slim), {})[name] = slim
 
     def remove(self, name: str) -> None:
         with self._lock:
-            self._jobs.pop(name, None)
+            known = self._jobs.pop(name, None)
+            if known is not None:
+                self._unindex(name, known)
+
+    def _unindex(self, name: str, job: Job) -> None:
+        rb = self.rb_of(job)
+        bucket = self._by_rb.get(rb)
+        if bucket is not None:
+            bucket.pop(name, None)
+            if not bucket:
+                del self._by_rb[rb]
 
     def get(self, name: str) -> Job | None:
         with self._lock:
@@ -138,7 +159,7 @@ class JobCache:
 
     def of_rb(self, rb: str) -> list[Job]:
         with self._lock:
-            return [job for job in self._jobs.values() if self.rb_of(job) == rb]
+            return list((self._by_rb.get(rb) or {}).values())
 
     def running(self) -> list[Job]:
         with self._lock:
@@ -150,7 +171,7 @@ class JobCache:
 
     def rbs(self) -> set[str]:
         with self._lock:
-            return {self.rb_of(job) for job in self._jobs.values()}
+            return set(self._by_rb)
 
 
 class Controller:
@@ -264,7 +285,11 @@ class Controller:
                 backoff = min(backoff * 2, WATCH_BACKOFF_MAX_S)
 
     def _relist(self, selector: str) -> str:
-        jobs, resource_version = self.kube.list_jobs(selector=selector)
+        # Finished Jobs stay whole: the finished-Job hook reads their pod template.
+        jobs, resource_version = self.kube.list_jobs(
+            selector=selector,
+            keep=lambda job: job if admission.is_finished(job) else _slim(job),
+        )
         self.cache.replace_all(jobs)
         self.api_healthy = True
         self._synced.set()
@@ -374,7 +399,7 @@ class Controller:
             self.enqueue(rb)  # the Lease moved under us: look again
 
     def _admit(self, rb: str, job: Job, lease: Job | None) -> None:
-        if self.caps.max_running is None and not self.caps.per_instrument:
+        if not self._capped():
             self._admit_within_caps(rb, job, lease)
             return
         # Admission workers run in parallel; counting and taking a slot must not.
@@ -382,13 +407,7 @@ class Controller:
             self._admit_within_caps(rb, job, lease)
 
     def _admit_within_caps(self, rb: str, job: Job, lease: Job | None) -> None:
-        running = [other for other in self.cache.running() if other is not job]
-        if not admission.caps_allow(labels=self.labels, caps=self.caps, job=job, running=running):
-            self._cap_blocked.add(rb)
-            note = caps_note(self.labels, caps=self.caps, job=job, running=running)
-            for waiting in self.cache.of_rb(rb):
-                if admission.is_waiting(waiting):
-                    self.waiting_events.waiting(waiting, note)
+        if self._capped() and not self._room_for(rb, job):
             return
         name = admission.name_of(job)
         if not self.leases.grant(rb=rb, job=name, base=lease):
@@ -416,6 +435,21 @@ class Controller:
                 self._lease_exists_hint.discard(rb)
                 return False
         return bool(jobs) and all(admission.is_waiting(job) for job in jobs)
+
+    def _capped(self) -> bool:
+        return self.caps.max_running is not None or bool(self.caps.per_instrument)
+
+    def _room_for(self, rb: str, job: Job) -> bool:
+        """Whether the caps let ``job`` start; if not, its RB waits for a slot (noted)."""
+        running = [other for other in self.cache.running() if other is not job]
+        if admission.caps_allow(labels=self.labels, caps=self.caps, job=job, running=running):
+            return True
+        self._cap_blocked.add(rb)
+        note = caps_note(self.labels, caps=self.caps, job=job, running=running)
+        for waiting in self.cache.of_rb(rb):
+            if admission.is_waiting(waiting):
+                self.waiting_events.waiting(waiting, note)
+        return False
 
     def _note_held(self, rb: str, jobs: list[Job], holder: Job) -> None:
         """A Waiting Event (once per Job) on every other waiting run of the RB."""

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -239,8 +239,15 @@ class Kube:
         except NotFound:
             return None
 
-    def list_jobs(self, *, selector: str) -> tuple[list[Obj], str]:
-        """All matching Jobs and the list's resourceVersion (to start a watch from)."""
+    def list_jobs(
+        self, *, selector: str, keep: Callable[[Obj], Obj] | None = None, page_size: int = 500
+    ) -> tuple[list[Obj], str]:
+        """All matching Jobs and the list's resourceVersion (to start a watch from).
+
+        ``keep`` trims each Job as its page arrives: with 10,000 Jobs the whole list
+        of full objects (pod templates, managedFields) is hundreds of MB at once, and
+        Python keeps that high-water mark as resident memory.
+        """
         items: list[Obj] = []
         token: str | None = None
         while True:
@@ -248,9 +255,10 @@ class Kube:
                 "list Jobs",
                 "GET",
                 self._jobs,
-                query={"labelSelector": selector, "limit": 2000, "continue": token},
+                query={"labelSelector": selector, "limit": page_size, "continue": token},
             )
-            items.extend(page.get("items") or [])
+            got = page.get("items") or []
+            items.extend(got if keep is None else (keep(job) for job in got))
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items, str((page.get("metadata") or {}).get("resourceVersion", ""))

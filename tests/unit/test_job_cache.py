@@ -1,0 +1,56 @@
+"""The controller's Job cache: its RB index stays consistent with the Jobs it holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dispatcher.controller import JobCache
+from dispatcher.identity import Labels
+
+LABELS = Labels("autoreduce.io")
+
+
+def job(name: str, rb: str, rv: int) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "resourceVersion": str(rv),
+                     "labels": {"autoreduce.io/rb-number": rb}, "managedFields": [{"x": 1}]},
+        "spec": {"suspend": True, "template": {"spec": {"containers": []}}},
+        "status": {},
+    }  # fmt: skip
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["upsert", "remove"]), st.sampled_from("abcdef"),
+              st.sampled_from(["1", "2", "3"]), st.integers(1, 50)),
+    max_size=60,
+)  # fmt: skip
+
+
+@given(ops)
+def test_rb_index_matches_a_scan(operations: list[tuple[str, str, str, int]]) -> None:
+    cache = JobCache(LABELS)
+    for op, name, rb, rv in operations:
+        if op == "upsert":
+            cache.upsert(job(name, rb, rv))
+        else:
+            cache.remove(name)
+    everything = cache.all()
+    for rb in "123":
+        scanned = sorted(j["metadata"]["name"] for j in everything if cache.rb_of(j) == rb)
+        assert sorted(j["metadata"]["name"] for j in cache.of_rb(rb)) == scanned
+    assert cache.rbs() == {cache.rb_of(j) for j in everything}
+
+
+def test_older_write_does_not_replace_a_newer_one_and_cached_jobs_are_slim() -> None:
+    cache = JobCache(LABELS)
+    cache.upsert(job("a", "1", 5))
+    cache.upsert(job("a", "2", 4))  # stale: ignored, index unchanged
+    assert [j["metadata"]["name"] for j in cache.of_rb("1")] == ["a"] and cache.of_rb("2") == []
+    cached = cache.get("a")
+    assert cached is not None and "managedFields" not in cached["metadata"]
+    assert "template" not in cached["spec"]
+    cache.replace_all([job("b", "3", 1)])
+    assert cache.rbs() == {"3"} and cache.get("a") is None
