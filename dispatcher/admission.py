@@ -94,6 +94,15 @@ class Plan:
     job: Job | None = None
 
 
+def occupant(jobs: Iterable[Job]) -> Job | None:
+    """A Job of the RB that our view shows running: the RB is busy whoever holds the Lease.
+
+    Admission of its RB can wait for that Job's finish event without reading the Lease:
+    nothing is written on that path, so exclusivity does not rest on this view.
+    """
+    return next((job for job in jobs if is_running(job) and not is_deleting(job)), None)
+
+
 def plan_rb(*, labels: Labels, holder: str | None, jobs: list[Job], lease_exists: bool) -> Plan:
     """Decide what to do for one RB given its Lease holder and its Jobs.
 

@@ -175,6 +175,14 @@ def test_plan_keeps_a_running_holder() -> None:
     assert plan.action is admission.Action.KEEP
 
 
+def test_occupant_is_the_running_job_only() -> None:
+    running = job("run", suspended=False)
+    done = job("done", suspended=False, finished="Complete")
+    assert admission.occupant([job("wait"), done, running]) is running
+    assert admission.occupant([job("wait"), done]) is None
+    assert admission.occupant([]) is None
+
+
 def test_plan_resumes_a_granted_but_suspended_holder() -> None:
     plan = admission.plan_rb(labels=LABELS, holder="wait", jobs=[job("wait")], lease_exists=True)
     assert plan.action is admission.Action.RESUME
