@@ -199,8 +199,10 @@ def test_bad_input_is_dead_lettered_with_a_reason_and_the_line_keeps_moving(
     dispatcher = start_dispatcher()
     for body, _, _ in BAD_BODIES:
         send(stomp, broker_settings, body)
+    # The good run is large but under the limit (900 KB of script): it must travel
+    # through its ConfigMap and reduce, while the 1.1 MB one above is refused.
     good = run_message(facility=facility, instrument="WISH", rb=1600001, run=9,
-                       script=SLEEPY_SCRIPT)
+                       script=SLEEPY_SCRIPT + "\n#" + "x" * 900_000 + "\n")
     send(stomp, broker_settings, good)
     dlq = broker_settings.queues.dead_letter
     reader.wait_for(lambda seen: sum(d.destination == dlq for d in seen) >= len(BAD_BODIES)
