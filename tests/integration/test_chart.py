@@ -6,12 +6,16 @@ agent and the real broker).
 - the Job the rendered template makes for a run is accepted too;
 - `helm install` gives a dispatcher pod that becomes Ready under its own
   ServiceAccount (ready = broker connected and Jobs listed with that account),
-  dispatches a run into a Job, rolls on `helm upgrade`, and `helm uninstall` removes it.
+  dispatches a run into a Job, rolls on `helm upgrade`, and `helm uninstall` removes it
+  while keeping the runs (README "Uninstalling"), which the documented commands remove;
+- that ServiceAccount may do exactly what dispatcher/kube.py calls, nothing more;
+- bad values fail `helm install` naming the value, and nothing is created.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -25,6 +29,7 @@ import yaml
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 
 from dispatcher.config import load_settings
 from dispatcher.identity import RunKey, job_name
@@ -261,6 +266,23 @@ def describe_failure(kube: Any, namespace: str) -> str:
     return f"pods:\n{pods}\nevents:\n{events[-3000:]}\ndispatcher:\n{joined}"
 
 
+MANAGED = "autoreduce.io/managed=true"
+
+
+def run_job_name(*, rb: int, run: int) -> str:
+    return job_name(
+        RunKey(facility="ISIS", instrument="MARI", runs=(run,), version=0, rb_number=str(rb))
+    )
+
+
+def cleanup_commands() -> list[str]:
+    """The kubectl commands the chart README gives for what `helm uninstall` keeps."""
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("## Uninstalling", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```\n", 2)[1]
+    return [line.strip() for line in block.splitlines() if line.startswith("kubectl delete ")]
+
+
 def test_install_dispatch_upgrade_uninstall(
     kube: Any,
     namespace: str,
@@ -284,6 +306,10 @@ def test_install_dispatch_upgrade_uninstall(
     assert f"kubectl get jobs -n {namespace} -l autoreduce.io/managed=true" in notes
     assert f"kubectl logs -n {namespace} job/<name>" in notes
     assert "-l autoreduce.io/rb-number=<rb>" in notes
+    # ...and what `helm uninstall` keeps, with the commands that remove it.
+    assert f"kubectl delete jobs -n {namespace} -l autoreduce.io/managed=true" in notes
+    assert f"kubectl delete jobs -n {namespace} -l autoreduce.io/cancel=true" in notes
+    assert f"kubectl delete leases -n {namespace} -l autoreduce.io/managed=true" in notes
     try:
         # 1. The dispatcher becomes Ready: /readyz needs the broker connected and a
         # Job list from the API, made with the pod's own ServiceAccount token.
@@ -298,31 +324,7 @@ def test_install_dispatch_upgrade_uninstall(
     assert sa == f"{release}-autoreduce"
     assert core.read_namespaced_service_account(sa, namespace)
     first_pod = pod.metadata.name
-    # The account may do what the dispatcher needs, and no more.
-    who = f"system:serviceaccount:{namespace}:{sa}"
-    for verb, resource in [
-        ("create", "jobs.batch"),
-        ("watch", "jobs.batch"),
-        ("patch", "jobs.batch"),
-        ("update", "leases.coordination.k8s.io"),
-        ("get", "pods --subresource=log"),
-        ("create", "events.events.k8s.io"),
-        ("list", "configmaps"),
-    ]:
-        answer = kube.kubectl(
-            "auth", "can-i", verb, *resource.split(), "-n", namespace, "--as", who
-        )
-        assert answer.stdout.strip() == "yes", (verb, resource, answer.stdout, answer.stderr)
-    for verb, resource, ns in [
-        ("get", "secrets", namespace),
-        ("update", "jobs.batch", namespace),
-        ("delete", "configmaps", namespace),
-        ("create", "pods", namespace),
-        ("list", "jobs.batch", "default"),
-        ("patch", "leases.coordination.k8s.io", namespace),
-    ]:
-        answer = kube.kubectl("auth", "can-i", verb, resource, "-n", ns, "--as", who)
-        assert answer.stdout.strip() == "no", (verb, resource, ns, answer.stdout)
+    # What that account may do: test_dispatcher_account_can_do_exactly_what_it_needs.
 
     # 2. A run message becomes the run's Job (and, with the runner, an outcome).
     script = (
@@ -332,9 +334,7 @@ def test_install_dispatch_upgrade_uninstall(
         facility=facility, instrument="MARI", rb=1920321, run=25581, script=script
     )
     stomp.send(destination=broker_settings.queues.pending, body=json.dumps(message).encode())
-    name = job_name(
-        RunKey(facility="ISIS", instrument="MARI", runs=(25581,), version=0, rb_number="1920321")
-    )
+    name = run_job_name(rb=1920321, run=25581)
     try:
         job = wait_for(
             f"Job {name}",
@@ -411,8 +411,35 @@ def test_install_dispatch_upgrade_uninstall(
             timeout=180,
         )
 
-    # 4. `helm uninstall` leaves no dispatcher resources behind (runs' Jobs stay:
-    # they are the record of the runs, and their TTL removes them).
+    # 4. Runs in every state `helm uninstall` has to leave alone: one holding its RB,
+    # one waiting behind it, and a cancellation whose run has not arrived (a marker).
+    long = "import time\ndef main(input_file, output_dir):\n    time.sleep(600)\n"
+    busy = run_message(facility=facility, instrument="MARI", rb=1920323, run=25600, script=long)
+    queued = run_message(facility=facility, instrument="MARI", rb=1920323, run=25601, script=script)
+    early = run_message(facility=facility, instrument="MARI", rb=1920324, run=25610, script=script)
+    for body in (busy, queued, {**early, "cancel": True}):
+        stomp.send(destination=broker_settings.queues.pending, body=json.dumps(body).encode())
+    busy_name = run_job_name(rb=1920323, run=25600)
+    queued_name = run_job_name(rb=1920323, run=25601)
+    marker_name = run_job_name(rb=1920324, run=25610)
+
+    def held_waiting_and_marked() -> bool:
+        jobs = {j.metadata.name: j for j in batch.list_namespaced_job(namespace).items}
+        return (
+            busy_name in jobs
+            and not jobs[busy_name].spec.suspend
+            and queued_name in jobs
+            and marker_name in jobs
+        )
+
+    try:
+        wait_for(
+            "RB 1920323 held, a run waiting, a cancel marker", held_waiting_and_marked, timeout=60
+        )
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{describe_failure(kube, namespace)}") from None
+
+    # 5. `helm uninstall` leaves no dispatcher resources behind...
     helm(kube, "uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")
     selector = f"app.kubernetes.io/instance={release}"
     assert not apps.list_namespaced_deployment(namespace, label_selector=selector).items
@@ -426,3 +453,265 @@ def test_install_dispatch_upgrade_uninstall(
     wait_for(
         "dispatcher pods gone", lambda: not dispatcher_pods(core, namespace, release), timeout=90
     )
+
+    # ...and keeps what the README says it keeps: the runs.
+    finished = [name] + [run_job_name(rb=1920322, run=run) for run in (25590, 25591)]
+    kept = {
+        j.metadata.name: j
+        for j in batch.list_namespaced_job(namespace, label_selector=MANAGED).items
+    }
+    assert set(kept) == {*finished, busy_name, queued_name}, sorted(kept)
+    assert kept[queued_name].spec.suspend is True  # still waiting, for a reinstall to admit
+    for job_name_ in finished:
+        # Finished Jobs go when their TTL says, not with the release.
+        assert kept[job_name_].spec.ttl_seconds_after_finished == 3600
+        if RUNNER_PRESENT:
+            assert kept[job_name_].status.succeeded == 1, job_name_
+    messages = {
+        c.metadata.name: c
+        for c in core.list_namespaced_config_map(namespace, label_selector=MANAGED).items
+    }
+    assert set(messages) == set(kept)  # one message ConfigMap per run, named as its Job
+    for job_name_, config_map in messages.items():
+        (owner,) = config_map.metadata.owner_references
+        assert (owner.kind, owner.name, owner.uid) == (
+            "Job",
+            job_name_,
+            kept[job_name_].metadata.uid,
+        )
+    coordination = k8s.CoordinationV1Api(kube.api_client())
+    leases = coordination.list_namespaced_lease(namespace, label_selector=MANAGED).items
+    assert [(lease.metadata.name, lease.spec.holder_identity) for lease in leases] == [
+        ("rb-1920323", busy_name)
+    ]
+    markers = batch.list_namespaced_job(namespace, label_selector="autoreduce.io/cancel=true")
+    assert [(j.metadata.name, j.spec.suspend) for j in markers.items] == [(marker_name, True)]
+
+    # 6. The README's commands remove all of it (pods and ConfigMaps with their Jobs).
+    commands = cleanup_commands()
+    assert {c.split(" -l ")[0].split(" -n ")[0] for c in commands} >= {
+        "kubectl delete jobs",
+        "kubectl delete leases",
+    }
+    for command in commands:
+        argv = shlex.split(command.replace("<ns>", namespace))
+        result = kube.kubectl(*argv[1:])
+        assert result.returncode == 0, f"{command}:\n{result.stderr}"
+
+    def leftovers() -> list[str]:
+        names = [
+            f"job/{j.metadata.name}"
+            for selector in (MANAGED, "autoreduce.io/cancel=true")
+            for j in batch.list_namespaced_job(namespace, label_selector=selector).items
+        ]
+        names += [
+            f"configmap/{c.metadata.name}"
+            for c in core.list_namespaced_config_map(namespace, label_selector=MANAGED).items
+        ]
+        names += [
+            f"lease/{lease.metadata.name}"
+            for lease in coordination.list_namespaced_lease(namespace, label_selector=MANAGED).items
+        ]
+        names += [
+            f"pod/{p.metadata.name}"
+            for p in core.list_namespaced_pod(namespace, label_selector=MANAGED).items
+        ]
+        return names
+
+    wait_for("nothing of the runs left", lambda: not leftovers(), timeout=120)
+
+
+# -- RBAC: the dispatcher's ServiceAccount ---------------------------------------------
+
+# (verb, resource, subresource): every call dispatcher/kube.py makes from the dispatcher
+# (and `autoreduce status` run in its pod), with the Kube method that makes it.
+ALLOWED = [
+    ("create", "jobs.batch", ""),  # create_job (and the cancel markers), dry_run_job
+    ("get", "jobs.batch", ""),  # get_job: after a 409, to confirm a Lease holder
+    ("list", "jobs.batch", ""),  # list_jobs: rebuild state, resync
+    ("watch", "jobs.batch", ""),  # watch_jobs: admission is watch-driven
+    ("patch", "jobs.batch", ""),  # set_suspend, annotate_job (merge patches)
+    ("delete", "jobs.batch", ""),  # delete_job: cancellations, pods that cannot start
+    ("update", "jobs.batch", "finalizers"),  # blockOwnerDeletion on the message ConfigMap
+    ("create", "configmaps", ""),  # create_config_map: the run's message
+    ("get", "configmaps", ""),  # get_config_map: the message, for an outcome
+    ("create", "leases.coordination.k8s.io", ""),  # create_lease: take a free RB
+    ("get", "leases.coordination.k8s.io", ""),  # get_lease
+    ("update", "leases.coordination.k8s.io", ""),  # replace_lease: compare-and-swap
+    ("delete", "leases.coordination.k8s.io", ""),  # delete_lease: release the RB
+    ("list", "leases.coordination.k8s.io", ""),  # list_leases: `autoreduce status`
+    ("list", "pods", ""),  # list_pods: why a run died, stuck image pulls
+    ("get", "pods", "log"),  # pod_log_tail: the end of a dead runner's log
+    ("create", "events.events.k8s.io", ""),  # record_event
+]
+# Nearby rights it must not have in its own namespace.
+DENIED = [
+    ("update", "jobs.batch", ""),  # every Job change is a patch
+    ("deletecollection", "jobs.batch", ""),
+    ("update", "jobs.batch", "status"),
+    ("patch", "jobs.batch", "status"),
+    ("create", "cronjobs.batch", ""),
+    ("list", "configmaps", ""),
+    ("watch", "configmaps", ""),
+    ("update", "configmaps", ""),
+    ("patch", "configmaps", ""),
+    ("delete", "configmaps", ""),  # they go with their Job (garbage collector)
+    ("patch", "leases.coordination.k8s.io", ""),  # would bypass the compare-and-swap
+    ("watch", "leases.coordination.k8s.io", ""),
+    ("deletecollection", "leases.coordination.k8s.io", ""),
+    ("get", "pods", ""),
+    ("watch", "pods", ""),
+    ("create", "pods", ""),
+    ("delete", "pods", ""),
+    ("create", "pods", "exec"),
+    ("get", "secrets", ""),  # the broker password is a mounted file
+    ("list", "secrets", ""),
+    ("watch", "secrets", ""),
+    ("create", "secrets", ""),
+    ("create", "events", ""),  # the core/v1 Events API: it uses events.k8s.io
+    ("list", "events.events.k8s.io", ""),
+    ("patch", "events.events.k8s.io", ""),
+    ("create", "serviceaccounts", "token"),
+    ("patch", "deployments.apps", ""),
+    ("create", "roles.rbac.authorization.k8s.io", ""),
+    ("create", "rolebindings.rbac.authorization.k8s.io", ""),
+]
+# Other namespaces and cluster-scoped resources: nothing at all.
+DENIED_ELSEWHERE = [
+    ("list", "jobs.batch", ""),  # all namespaces
+    ("list", "jobs.batch", "default"),
+    ("create", "jobs.batch", "kube-system"),
+    ("create", "leases.coordination.k8s.io", "default"),
+    ("get", "configmaps", "kube-system"),
+    ("list", "nodes", ""),
+    ("list", "namespaces", ""),
+    ("create", "namespaces", ""),
+    ("create", "priorityclasses.scheduling.k8s.io", ""),
+    ("create", "clusterroles.rbac.authorization.k8s.io", ""),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io", ""),
+]
+
+
+def can_i(
+    kube: Any,
+    *,
+    account: tuple[str, str],
+    verb: str,
+    resource: str,
+    subresource: str = "",
+    namespace: str | None = None,
+) -> str:
+    """`kubectl auth can-i` as the ServiceAccount, with the groups its token carries."""
+    ns, name = account
+    args = ["auth", "can-i", verb, resource]
+    args += [f"--subresource={subresource}"] if subresource else []
+    args += ["-n", namespace] if namespace else ["--all-namespaces"]
+    args += ["--as", f"system:serviceaccount:{ns}:{name}"]
+    for group in ("system:serviceaccounts", f"system:serviceaccounts:{ns}", "system:authenticated"):
+        args += ["--as-group", group]
+    answer = kube.kubectl(*args)
+    assert answer.stdout.strip() in ("yes", "no"), (args, answer.stdout, answer.stderr)
+    return answer.stdout.strip()
+
+
+def granted_rules(kube: Any, *, namespace: str, account: str) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) the account may use in ``namespace``, as its own token
+    sees them (SelfSubjectRulesReview: what `kubectl auth can-i --list` shows)."""
+    config_file = kube.service_account_kubeconfig(namespace=namespace, name=account)
+    with k8s_config.new_client_from_config(config_file=str(config_file)) as api:
+        review = k8s.AuthorizationV1Api(api).create_self_subject_rules_review(
+            {"spec": {"namespace": namespace}}
+        )
+    return {
+        (group, resource, verb)
+        for rule in review.status.resource_rules
+        if not rule.resource_names
+        for group in rule.api_groups or [""]
+        for resource in rule.resources or []
+        for verb in rule.verbs
+    }
+
+
+def test_dispatcher_account_can_do_exactly_what_it_needs(kube: Any, namespace: str) -> None:
+    release = f"ar-{uuid.uuid4().hex[:6]}"
+    # No dispatcher pod needed: RBAC is about the account, not the process.
+    helm(
+        kube, "install", release, str(CHART), "-n", namespace,
+        "--set", "broker.password=x", "--set", "replicaCount=0",
+    )  # fmt: skip
+    account = (namespace, f"{release}-autoreduce")
+    # RBAC reaches the authorizer through its informer: allow a moment.
+    wait_for(
+        "the Role to apply",
+        lambda: can_i(kube, account=account, verb="create", resource="jobs.batch",
+                      namespace=namespace) == "yes",
+        timeout=15,
+    )  # fmt: skip
+    wrong = []
+    for expected, checks in (("yes", ALLOWED), ("no", DENIED)):
+        for verb, resource, subresource in checks:
+            answer = can_i(
+                kube, account=account, verb=verb, resource=resource, subresource=subresource,
+                namespace=namespace,
+            )  # fmt: skip
+            if answer != expected:
+                wrong.append(f"{verb} {resource} {subresource}: {answer}, want {expected}")
+    for verb, resource, ns in DENIED_ELSEWHERE:
+        answer = can_i(kube, account=account, verb=verb, resource=resource, namespace=ns or None)
+        if answer != "no":
+            wrong.append(f"{verb} {resource} in {ns or 'all namespaces'}: {answer}, want no")
+    assert not wrong, "\n".join(wrong)
+
+    # Exhaustive: the account's rules, minus what every account in the namespace gets
+    # (discovery, self reviews), are exactly the allowed list.
+    own = granted_rules(kube, namespace=namespace, account=account[1])
+    baseline = granted_rules(kube, namespace=namespace, account="default")
+    expected = {
+        (
+            resource.split(".", 1)[1] if "." in resource else "",
+            resource.split(".", 1)[0] + (f"/{subresource}" if subresource else ""),
+            verb,
+        )
+        for verb, resource, subresource in ALLOWED
+    }
+    assert own - baseline == expected
+
+
+# -- bad values ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "names"),
+    [
+        (("replicaCuont=2",), ("replicaCuont",)),  # an unknown key
+        (("caps.maxRunning=-1",), ("'/caps/maxRunning'", "got -1")),  # a negative cap
+        (("image.repository=null",), ("'/image'", "'repository'")),  # a missing image
+        (("runner.image.repository=",), ("'/runner/image/repository'",)),  # an empty one
+    ],
+    ids=["unknown-key", "negative-cap", "missing-image", "empty-runner-image"],
+)
+def test_bad_values_fail_helm_install_and_create_nothing(
+    kube: Any, namespace: str, sets: tuple[str, ...], names: tuple[str, ...]
+) -> None:
+    release = f"ar-{uuid.uuid4().hex[:6]}"
+    # priorityClass.create: a cluster-scoped object would be created too.
+    args = ["install", release, str(CHART), "-n", namespace]
+    for item in ("broker.password=x", "priorityClass.create=true", *sets):
+        args += ["--set", item]
+    result = helm(kube, *args, check=False)
+    assert result.returncode != 0, result.stdout
+    assert "INSTALLATION FAILED" in result.stderr, result.stderr
+    for name in names:
+        assert name in result.stderr, result.stderr
+    # No release record, and no object of the release in the namespace or the cluster.
+    assert helm(kube, "list", "-n", namespace, "--all", "-q").stdout.strip() == ""
+    assert helm(kube, "status", release, "-n", namespace, check=False).returncode != 0
+    selector = f"app.kubernetes.io/instance={release}"
+    kinds = "all,configmaps,secrets,serviceaccounts,roles,rolebindings,poddisruptionbudgets"
+    objects = kube.kubectl("get", f"{kinds},networkpolicies", "-n", namespace, "-l", selector,
+                           "-o", "name")  # fmt: skip
+    assert objects.returncode == 0 and objects.stdout.strip() == "", objects.stdout
+    cluster = kube.kubectl("get", "priorityclasses", "-l", selector, "-o", "name")
+    assert cluster.returncode == 0 and cluster.stdout.strip() == "", cluster.stdout
+    secrets = kube.kubectl("get", "secrets", "-n", namespace, "-l", "owner=helm", "-o", "name")
+    assert secrets.stdout.strip() == "", secrets.stdout

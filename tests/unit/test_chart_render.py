@@ -27,7 +27,8 @@ from dispatcher.config import (
     RunnerSpec,
     load_settings,
 )
-from dispatcher.identity import RunKey
+from dispatcher.identity import Labels, RunKey
+from dispatcher.leases import lease_body
 from dispatcher.manifests import Arrival, load_template, render_job
 from tests.harness.tools import helm_binary
 
@@ -167,6 +168,45 @@ def test_schema_rejects_bad_values(sets: tuple[str, ...], complaint: str) -> Non
     result = helm(*args, check=False)
     assert result.returncode != 0, f"{sets} rendered:\n{result.stdout[:500]}"
     assert complaint in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "names"),
+    [
+        # A negative (or zero) cap: the message names the value and what it got.
+        (("caps.maxRunning=-1",), ("'/caps/maxRunning'", "got -1")),
+        (("caps.maxRunning=0",), ("'/caps/maxRunning'", "got 0")),
+        (("instruments.WISH.maxRunning=-1",), ("'/instruments/WISH/maxRunning'", "got -1")),
+        # An empty image repository.
+        (("image.repository=",), ("'/image/repository'",)),
+        (("runner.image.repository=",), ("'/runner/image/repository'",)),
+        (("instruments.WISH.image.repository=",), ("'/instruments/WISH/image/repository'",)),
+        # A missing one (null deletes the default): it would render ":0.1.0".
+        (("image.repository=null",), ("'/image'", "'repository'")),
+        (("runner.image.repository=null",), ("'/runner/image'", "'repository'")),
+        (("image=null",), ("missing property 'image'",)),
+        (("runner.image=null",), ("'/runner'", "'image'")),
+    ],
+)
+def test_schema_rejects_a_negative_cap_and_a_missing_image(
+    sets: tuple[str, ...], names: tuple[str, ...]
+) -> None:
+    args = ["template", RELEASE, str(CHART), "--set", "broker.password=x"]
+    for item in sets:
+        args += ["--set", item]
+    result = helm(*args, check=False)
+    assert result.returncode != 0, f"{sets} rendered:\n{result.stdout[:500]}"
+    for name in names:
+        assert name in result.stderr, result.stderr
+
+
+def test_an_image_without_repository_in_a_values_file_fails(tmp_path: Path) -> None:
+    # "repository:" with nothing after it is null in YAML, the easiest way to lose it.
+    bad = tmp_path / "bad-values.yaml"
+    bad.write_text("broker:\n  password: x\nrunner:\n  image:\n    repository:\n    tag: '1'\n")
+    result = helm("template", RELEASE, str(CHART), "-f", str(bad), check=False)
+    assert result.returncode != 0
+    assert "'/runner/image'" in result.stderr and "'repository'" in result.stderr
 
 
 def test_a_typo_in_a_values_file_fails_too(tmp_path: Path) -> None:
@@ -478,6 +518,53 @@ def test_ha_has_a_pod_disruption_budget() -> None:
     assert find(docs, "Deployment")["spec"]["replicas"] == 2
 
 
+def test_service_and_service_monitor_reach_the_dispatchers_metrics_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = render(
+        CHART / "ci" / "default-values.yaml",
+        sets=(
+            "httpPort=9102",
+            "service.port=80",
+            "podLabels.team=reduction",
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.serviceMonitor.interval=15s",
+            "metrics.serviceMonitor.labels.release=prometheus",
+        ),
+    )
+    deployment = find(docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    container_ports = {p["name"]: p for p in container["ports"]}
+    # The Service selects exactly the dispatcher pods of this release...
+    service = find(docs, "Service")
+    selector = service["spec"]["selector"]
+    assert selector == deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    assert selector["app.kubernetes.io/instance"] == RELEASE
+    # ...on the port the dispatcher serves /metrics on.
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == 80
+    target = container_ports[port["targetPort"]]
+    assert target["containerPort"] == 9102 and target["protocol"] == port["protocol"]
+    settings = load_rendered_settings(docs, tmp_path, monkeypatch)
+    assert settings.http_port == target["containerPort"]
+    # The ServiceMonitor selects that Service (not the pods) in the release namespace,
+    # scrapes its named port, and carries the labels Prometheus selects monitors by.
+    monitor = find(docs, "ServiceMonitor")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["namespaceSelector"] == {
+        "matchNames": [service["metadata"]["namespace"]]
+    }
+    assert service["metadata"]["namespace"] == NAMESPACE
+    assert monitor["spec"]["endpoints"] == [
+        {"port": port["name"], "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+    ]
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+
+
 def test_every_object_has_standard_labels_and_fitting_names() -> None:
     long_release = "a-long-release-name-for-autoreduction-at-facility-xyz"  # 53: Helm's max
     assert len(long_release) == 53
@@ -515,7 +602,7 @@ def test_role_grants_exactly_what_the_dispatcher_calls() -> None:
     assert granted == {
         ("batch", "jobs"): sorted(["create", "get", "list", "watch", "patch", "delete"]),
         ("batch", "jobs/finalizers"): ["update"],
-        ("", "configmaps"): sorted(["create", "get", "list"]),
+        ("", "configmaps"): sorted(["create", "get"]),
         ("coordination.k8s.io", "leases"): sorted(["create", "get", "list", "update", "delete"]),
         ("", "pods"): ["list"],
         ("", "pods/log"): ["get"],
@@ -541,6 +628,26 @@ def test_every_rbac_rule_carries_a_comment() -> None:
     for index in rule_lines:
         assert text[index - 1].strip().startswith("#"), f"rule at line {index + 1} has no comment"
     assert "resourceNames" in "\n".join(text)  # says why Leases cannot use it
+
+
+def test_readme_cleanup_commands_select_what_the_dispatcher_labels() -> None:
+    """The commands that remove what `helm uninstall` keeps use the labels the
+    dispatcher really puts on its Jobs, cancel markers and Leases."""
+    readme = (CHART / "README.md").read_text()
+    labels = Labels("autoreduce.io")
+    key = sample_key()
+    job_labels = labels.for_run(key)
+    lease = lease_body(labels=labels, rb=key.rb_number, holder="j", identity="d", base=None)
+    managed = f"{labels.managed}={job_labels[labels.managed]}"
+    assert lease["metadata"]["labels"][labels.managed] == "true"
+    assert f"kubectl delete jobs -n <ns> -l {managed}\n" in readme
+    assert f"kubectl delete leases -n <ns> -l {managed}\n" in readme
+    assert f"kubectl delete configmaps -n <ns> -l {managed}\n" in readme
+    # Cancel markers drop the managed label (never a run) and carry the cancel one.
+    assert f"kubectl delete jobs -n <ns> -l {labels.key('cancel')}=true\n" in readme
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    for selector in ("managed=true", "cancel=true"):
+        assert f"-l {{{{ .Values.jobs.labelPrefix }}}}/{selector}" in notes
 
 
 # -- network policy ----------------------------------------------------------------------
