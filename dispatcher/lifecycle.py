@@ -158,7 +158,9 @@ class Lifecycle:
         return raw if isinstance(raw, dict) else {}
 
     def _post_on_behalf(self, job: Obj, raw: Obj, verdict: failures.Verdict) -> None:
-        body = error_body(raw or self._identity(job), message=verdict.message)
+        body = error_body(
+            raw or self._identity(job), message=verdict.message, retry_in=self._retry_in(verdict)
+        )
         self.reporter.post(Outcome.ERROR, body)
         self.kube.record_event(
             job=job,
@@ -182,6 +184,14 @@ class Lifecycle:
         }
 
     # -- retries -------------------------------------------------------------------
+
+    def _retry_in(self, verdict: failures.Verdict) -> int | None:
+        """``retry_in`` for an error we post: set only when the web app does the retries
+        (``retries.mode: upstream``) and the failure is worth one; with the dispatcher
+        retrying, a ``retry_in`` would make the web app retry a second time."""
+        if self.retry.by_dispatcher or not verdict.transient:
+            return None
+        return verdict.retry_in if verdict.retry_in is not None else self.retry.delay_s
 
     def _maybe_retry(self, job: Obj, raw: Obj, verdict: failures.Verdict) -> None:
         if not self.retry.by_dispatcher or not raw:

@@ -19,10 +19,9 @@ MAX_REASON = 900
 
 def error_body(raw: dict[str, Any], *, message: str, retry_in: int | None = None) -> dict[str, Any]:
     """ReductionError for ``raw``, with a bounded reason (consumers store it)."""
-    fields: dict[str, Any] = {"message": bound_text(message, limit=4000)}
-    if retry_in is not None:
-        fields["retry_in"] = retry_in
-    return echo(raw, **fields)
+    # retry_in is always set, to None when not retrying: echoing a retry_in that the
+    # incoming message happened to carry would ask the web app for a retry we never meant.
+    return echo(raw, message=bound_text(message, limit=4000), retry_in=retry_in)
 
 
 @dataclass

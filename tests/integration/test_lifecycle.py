@@ -20,6 +20,7 @@ from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
 
+from dispatcher.identity import RunKey, job_name
 from tests.conftest import QueueReader
 from tests.harness.activemq import free_port
 from tests.harness.checks import (
@@ -47,9 +48,10 @@ def main(input_file, output_dir):
         block[i] = 1
 """
 KILLER_SCRIPT = """
-import os, signal
+import os, signal, time
 def main(input_file, output_dir):
     print("taking the runner down with me", flush=True)
+    time.sleep(1)  # the runner copies our output to the pod log: let it, then kill it
     os.kill(os.getppid(), signal.SIGKILL)
 """
 LONG_SCRIPT = SLEEPY_SCRIPT.replace('"0.3"', '"60"')
@@ -59,9 +61,48 @@ def errors_for(reader: QueueReader, settings: BrokerSettings, run: int) -> list[
     return [m for m in outcomes(reader, settings, "error") if m["run_number"] == run]
 
 
+def name_of(instrument: str, rb: int, run: int, version: int = 0) -> str:
+    return job_name(RunKey("ISIS", instrument, (run,), version, str(rb)))
+
+
+def dispatcher_events(kube: Any, namespace: str, job: str) -> list[tuple[str, str, str]]:
+    """(reason, type, note) of the dispatcher's Events on Job ``job``, oldest first, as
+    the API server holds them (they outlive a deleted Job)."""
+    # kubectl, not the Python client: it cannot parse the Job controller's Events.
+    out = kube.kubectl("get", "events.events.k8s.io", "-n", namespace, "-o", "json",
+                       "--field-selector", f"regarding.name={job}")
+    ours = [e for e in json.loads(out.stdout)["items"]
+            if e.get("reportingController") == "autoreduce.io/dispatcher"]
+    ours.sort(key=lambda e: e["eventTime"])
+    return [(e["reason"], e["type"], e["note"]) for e in ours]
+
+
+def event_of(kube: Any, namespace: str, job: str, reason: str) -> tuple[str, str]:
+    """(type, note) of the dispatcher's Event ``reason`` on ``job``, once it is there."""
+    found = wait_until(lambda: [(kind, note) for r, kind, note
+                                in dispatcher_events(kube, namespace, job) if r == reason],
+                       timeout=30, what=f"a {reason} Event on {job}")
+    assert len(found) == 1, found
+    return tuple(found[0])
+
+
+def running_pod(core: k8s.CoreV1Api, namespace: str) -> str | None:
+    for pod in core.list_namespaced_pod(namespace, label_selector=SELECTOR).items:
+        if pod.status.phase == "Running":
+            return str(pod.metadata.name)
+    return None
+
+
+def evict(core: k8s.CoreV1Api, namespace: str, pod: str) -> None:
+    """The node agent's eviction hook: killed at once, phase Failed, reason Evicted."""
+    core.patch_namespaced_pod(pod, namespace,
+                              {"metadata": {"annotations": {"autoreduce.test/evict": "true"}}})
+
+
 def test_silent_deaths_each_get_one_error_with_the_reason_and_free_the_rb(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str,
 ) -> None:
     start_dispatcher(
         instruments={
@@ -71,10 +112,10 @@ def test_silent_deaths_each_get_one_error_with_the_reason_and_free_the_rb(
         },
         retries={"mode": "dispatcher", "max_attempts": 1},
     )
-    cases = [("OOM", HUNGRY_SCRIPT, "out of memory (limit 200Mi)"),
-             ("SLOW", LONG_SCRIPT, "time limit of 4 s"),
-             ("CRASH", KILLER_SCRIPT, "exited with code")]
-    for index, (instrument, script, _) in enumerate(cases):
+    cases = [("OOM", HUNGRY_SCRIPT, "out of memory (limit 200Mi)", "OOMKilled"),
+             ("SLOW", LONG_SCRIPT, "time limit of 4 s", "DeadlineExceeded"),
+             ("CRASH", KILLER_SCRIPT, "exited with code 137", "ExitCode137")]
+    for index, (instrument, script, _, _) in enumerate(cases):
         rb = 2100000 + index
         send(stomp, broker_settings, run_message(facility=facility, instrument=instrument,
                                                  rb=rb, run=10 + index, script=script))
@@ -83,10 +124,18 @@ def test_silent_deaths_each_get_one_error_with_the_reason_and_free_the_rb(
                                                  rb=rb, run=20 + index, script=SLEEPY_SCRIPT))
     reader.wait_for(count_outcomes(broker_settings, 6), timeout=180)
     reader.settle(5)
-    for index, (_, _, fragment) in enumerate(cases):
+    for index, (instrument, _, fragment, reason) in enumerate(cases):
         errors = errors_for(reader, broker_settings, 10 + index)
         assert len(errors) == 1, errors
         assert fragment in errors[0]["message"], errors[0]["message"]
+        # `kubectl describe job` says who posted the error and why.
+        job = name_of(instrument, 2100000 + index, 10 + index)
+        assert event_of(kube, namespace, job, "OutcomePosted") == (
+            "Warning", f"ReductionError on the run's behalf: {reason}")
+    # The crashed runner's last words, read from the pod log, are in the error.
+    (crash,) = errors_for(reader, broker_settings, 12)
+    assert "last lines of its log:\n" in crash["message"], crash["message"]
+    assert "taking the runner down with me" in crash["message"], crash["message"]
     complete = sorted(m["run_number"] for m in outcomes(reader, broker_settings, "complete"))
     assert complete == [20, 21, 22]
 
@@ -100,30 +149,30 @@ def test_evicted_run_is_reported_once_and_retried_as_the_next_version(
     send(stomp, broker_settings, run_message(facility=facility, instrument="WISH", rb=2200001,
                                              run=31, script=LONG_SCRIPT.replace('"60"', '"8"')))
     core = k8s.CoreV1Api(kube.api_client())
-
-    def running_pod() -> str | None:
-        for pod in core.list_namespaced_pod(namespace, label_selector=SELECTOR).items:
-            if pod.status.phase == "Running":
-                return str(pod.metadata.name)
-        return None
-
-    pod = wait_until(running_pod, timeout=60, what="a running runner pod")
+    pod = wait_until(lambda: running_pod(core, namespace), timeout=60,
+                     what="a running runner pod")
     time.sleep(1)
-    core.patch_namespaced_pod(pod, namespace,
-                              {"metadata": {"annotations": {"autoreduce.test/evict": "true"}}})
+    evict(core, namespace, pod)
     reader.wait_for(lambda seen: bool(outcomes(reader, broker_settings, "complete")),
                     timeout=120)
     reader.settle(3)
     errors = errors_for(reader, broker_settings, 31)
     assert len(errors) == 1 and "evicted" in errors[0]["message"], errors
     assert errors[0]["run_version"] == 0
+    assert errors[0].get("retry_in") is None  # we retry: the web app must not as well
     (complete,) = outcomes(reader, broker_settings, "complete")
     assert complete["run_version"] == 1  # the retry, as a new version
+    first = name_of("WISH", 2200001, 31)
+    assert event_of(kube, namespace, first, "OutcomePosted") == (
+        "Warning", "ReductionError on the run's behalf: Evicted")
+    assert event_of(kube, namespace, first, "RetryScheduled") == (
+        "Normal", "retry as version 1 in 1 s (attempt 2 of 2)")
 
 
 def test_retry_in_is_honoured_bounded_and_survives_a_dispatcher_restart(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str,
 ) -> None:
     settings = {"retries": {"mode": "dispatcher", "max_attempts": 3},
                 "runner": {"env": {"AUTOREDUCE_PERMISSION_RETRY_S": "4"}}}
@@ -147,12 +196,62 @@ def test_retry_in_is_honoured_bounded_and_survives_a_dispatcher_restart(
     assert [e["run_version"] for e in errors] == [0, 1, 2]
     assert all(e["retry_in"] == 4 for e in errors)
     assert second_gap >= 8  # two delays of 4 s each
+    # (v0's Event may be written twice: the first dispatcher can die after writing it)
+    assert event_of(kube, namespace, name_of("WISH", 2300001, 41, 1), "RetryScheduled") == (
+        "Normal", "retry as version 2 in 4 s (attempt 3 of 3)")
+    last = name_of("WISH", 2300001, 41, 2)
+    assert event_of(kube, namespace, last, "RetriesExhausted") == (
+        "Warning", "attempt 3 of 3: not retried")
+    assert "RetryScheduled" not in [r for r, _, _ in dispatcher_events(kube, namespace, last)]
+
+
+def test_upstream_retries_report_retry_in_and_never_resubmit(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str, batch: k8s.BatchV1Api,
+) -> None:
+    # retries.mode upstream: transient failures are only reported, with retry_in, and
+    # the web app decides (as the legacy system did). Both kinds of transient failure:
+    # one the dispatcher reports (an eviction) and one the runner reports (retry_in).
+    start_dispatcher(retries={"mode": "upstream", "max_attempts": 3, "delay_s": 2},
+                     runner={"env": {"AUTOREDUCE_PERMISSION_RETRY_S": "3"}})
+    send(stomp, broker_settings, run_message(facility=facility, instrument="WISH", rb=2800001,
+                                             run=81, script=LONG_SCRIPT))
+    wait_until(lambda: any(e["event"] == "start" for e in read_timeline(facility)),
+               timeout=60, what="run 81 to start")
+    core = k8s.CoreV1Api(kube.api_client())
+    pod = wait_until(lambda: running_pod(core, namespace), timeout=30, what="run 81's pod")
+    # From now on the runner cannot create an instrument's output folder: run 82 (of
+    # another instrument than 81, whose folder exists) fails its checks with retry_in=3.
+    facility.output.chmod(0o555)
+    try:
+        send(stomp, broker_settings, run_message(facility=facility, instrument="LET",
+                                                 rb=2800002, run=82, script=SLEEPY_SCRIPT))
+        evict(core, namespace, pod)
+        reader.wait_for(count_outcomes(broker_settings, 2), timeout=90)
+        reader.settle(8)  # past both delays: nothing is resubmitted
+    finally:
+        facility.output.chmod(0o777)
+    (evicted,) = errors_for(reader, broker_settings, 81)
+    assert "evicted" in evicted["message"] and evicted["retry_in"] == 2, evicted
+    (refused,) = errors_for(reader, broker_settings, 82)
+    assert refused["retry_in"] == 3, refused
+    assert (evicted["run_version"], refused["run_version"]) == (0, 0)
+    assert not outcomes(reader, broker_settings, "complete")
+    jobs = batch.list_namespaced_job(namespace, label_selector=SELECTOR).items
+    assert sorted(j.metadata.name for j in jobs) == sorted(
+        [name_of("WISH", 2800001, 81), name_of("LET", 2800002, 82)])
+    for job in (name_of("WISH", 2800001, 81), name_of("LET", 2800002, 82)):
+        reasons = [r for r, _, _ in dispatcher_events(kube, namespace, job)]
+        assert "RetryScheduled" not in reasons and "RetriesExhausted" not in reasons, reasons
+    assert event_of(kube, namespace, name_of("WISH", 2800001, 81), "OutcomePosted") == (
+        "Warning", "ReductionError on the run's behalf: Evicted")
 
 
 def test_cancelling_a_running_run_stops_it_and_frees_the_rb(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
-    namespace: str, batch: k8s.BatchV1Api,
+    namespace: str, batch: k8s.BatchV1Api, kube: Any,
 ) -> None:
     start_dispatcher()
     running = run_message(facility=facility, instrument="WISH", rb=2400001, run=51,
@@ -174,6 +273,12 @@ def test_cancelling_a_running_run_stops_it_and_frees_the_rb(
     names = [j.metadata.name for j in batch.list_namespaced_job(namespace,
                                                                 label_selector=SELECTOR).items]
     assert not any("-51-" in name for name in names)
+    # The Job is gone; its story is not. The cancel posted the outcome, not the watch.
+    cancelled = name_of("WISH", 2400001, 51)
+    assert event_of(kube, namespace, cancelled, "Cancelled") == (
+        "Normal", "Run cancelled while reducing")
+    assert "OutcomePosted" not in [r for r, _, _ in
+                                   dispatcher_events(kube, namespace, cancelled)]
 
 
 def test_global_cap_bounds_running_reductions(
@@ -193,6 +298,38 @@ def test_global_cap_bounds_running_reductions(
         level += step
         peak = max(peak, level)
     assert peak <= 2, f"{peak} reductions ran at once with a cap of 2"
+
+
+def test_instrument_cap_holds_that_instrument_back_but_not_the_others(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str,
+) -> None:
+    start_dispatcher(instruments={"MAPS": {"max_running": 1}})
+    script = SLEEPY_SCRIPT.replace('"0.3"', '"5"')
+    for instrument, rb, run in (("MAPS", 2510001, 901), ("MAPS", 2510002, 902),
+                                ("LET", 2510003, 903)):  # three RBs: none waits for its RB
+        send(stomp, broker_settings, run_message(facility=facility, instrument=instrument,
+                                                 rb=rb, run=run, script=script))
+    reader.wait_for(count_outcomes(broker_settings, 3), timeout=120)
+    assert len(outcomes(reader, broker_settings, "complete")) == 3
+    spans: dict[int, list[float]] = {}
+    for event in read_timeline(facility):
+        spans.setdefault(int(Path(event["file"]).stem[-8:]), []).append(event["t"])
+    (first, first_end), (second, _) = sorted(
+        (min(spans[run]), max(spans[run])) for run in (901, 902))
+    let_start, let_end = min(spans[903]), max(spans[903])
+    assert second >= first_end, "two MAPS runs reduced at once with an instrument cap of 1"
+    assert let_start < first_end and first < let_end, (
+        f"LET ({let_start}-{let_end}) did not run beside MAPS ({first}-{first_end})")
+    # The MAPS run that went second was told why it waited.
+    later = 901 if min(spans[901]) == second else 902
+    held = name_of("MAPS", 2510001 + later - 901, later)
+    reasons = dispatcher_events(kube, namespace, held)
+    assert [(r, note) for r, _, note in reasons] == [
+        ("Waiting", "waiting for a slot: 1 MAPS runs reducing (instrument cap 1)"),
+        ("Admitted", f"RB {2510001 + later - 901} is free: reducing"),
+    ], reasons
 
 
 @pytest.mark.timeout(900)
