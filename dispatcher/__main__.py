@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -32,6 +33,7 @@ EXIT_CONFIG = 2
 EXIT_BROKER = 3
 # How often runs are checked for pods that cannot start (image pull failures).
 STUCK_CHECK_S = 5.0
+MARKER_SWEEP_MAX_S = 600.0
 
 
 def _configure_logging(settings: DispatcherSettings) -> None:
@@ -82,6 +84,26 @@ def _check_stuck(lifecycle: Lifecycle, controller: Controller) -> None:
         lifecycle.check_stuck(controller.cache.running())
     except (KubeError, BrokerError) as error:
         log.warning("stuck-pod check failed: %s", error)
+
+
+class _MarkerSweep:
+    """Runs the cancel-marker sweep now and then: a marker lives days, so a sweep
+    every quarter of the TTL (at most every 10 min) costs one LIST and is on time."""
+
+    def __init__(self, dispatcher: Dispatcher, *, ttl_s: int) -> None:
+        self.dispatcher = dispatcher
+        self.every_s = min(max(ttl_s / 4, STUCK_CHECK_S), MARKER_SWEEP_MAX_S)
+        self.enabled = ttl_s > 0
+        self.last = 0.0
+
+    def maybe_run(self, now: float) -> None:
+        if not self.enabled or now - self.last < self.every_s:
+            return
+        self.last = now
+        try:
+            self.dispatcher.sweep_cancel_markers(now=now)
+        except KubeError as error:
+            log.warning("cancel-marker sweep failed: %s", error)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,9 +209,11 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         settings.broker.queues.pending,
         settings.jobs.namespace,
     )
+    sweep = _MarkerSweep(dispatcher, ttl_s=settings.jobs.cancel_marker_ttl_seconds)
     while not stop.wait(STUCK_CHECK_S):
         if settings.image_pull_grace_s > 0 and client.connected:
             _check_stuck(lifecycle, controller)
+        sweep.maybe_run(time.time())
     log.info("SIGTERM: finishing in-flight dispatches")
     consumer.stop(timeout=30)
     controller.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -137,3 +138,19 @@ def caps_allow(*, labels: Labels, caps: Caps, job: Job, running: Iterable[Job]) 
     instrument = (job.get("metadata", {}).get("labels") or {}).get(instrument_key, "")
     limit = caps.per_instrument.get(instrument)
     return limit is None or counts[instrument] < limit
+
+
+def created_at(job: Job) -> float | None:
+    """Seconds since the epoch of the Job's ``creationTimestamp`` (None if unreadable)."""
+    text = str(job.get("metadata", {}).get("creationTimestamp") or "")
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def expired(jobs: Iterable[Job], *, now: float, ttl_s: float) -> list[Job]:
+    """The Jobs created more than ``ttl_s`` seconds before ``now`` (oldest first)."""
+    aged = [(created_at(job), job) for job in jobs]
+    old = [(at, job) for at, job in aged if at is not None and now - at > ttl_s]
+    return [job for _, job in sorted(old, key=lambda pair: pair[0])]

@@ -83,6 +83,10 @@ class JobSettings(BaseModel):
     # Finished Jobs (and their ConfigMaps, by owner reference) vanish after a day:
     # long enough for an operator to read logs the morning after.
     ttl_seconds_after_finished: int = Field(default=86_400, ge=0)
+    # A cancellation that arrived before its run is kept as a suspended marker Job
+    # (it never finishes, so no TTL applies); after this long we delete it, and the
+    # run, should it still arrive, is reduced. 0 keeps markers forever.
+    cancel_marker_ttl_seconds: int = Field(default=7 * 86_400, ge=0)
     # Secret holding the broker password, mounted into runner pods (never in the spec).
     broker_secret_name: str = "autoreduce-broker"  # noqa: S105 - a name, not a secret
     broker_secret_key: str = "password"  # noqa: S105 - a key name

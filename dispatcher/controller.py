@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from dispatcher import admission
@@ -32,14 +31,6 @@ API_PROBE_S = 2.0  # readiness asks the API server's /readyz at most this often
 # Re-list at least this often while the API is away: a re-list is one call, and a
 # longer cap only delays admission once the API is back (10 s cost up to 10 s).
 WATCH_BACKOFF_MAX_S = 3.0
-
-
-def _timestamp(text: Any) -> float | None:
-    """Seconds since the epoch of an API timestamp (``2024-05-01T10:00:00Z``)."""
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _rv(job: Job) -> int:
@@ -470,7 +461,7 @@ class Controller:
         if self.metrics is None:
             return
         self.metrics.admitted.inc()
-        created = _timestamp(job.get("metadata", {}).get("creationTimestamp"))
+        created = admission.created_at(job)
         if created is not None:
             self.metrics.admission_latency.observe(max(time.time() - created, 0.0))
         job_logger(log, self.labels, job).info("admitted %s", admission.name_of(job))

@@ -262,6 +262,30 @@ class Dispatcher:
             self.kube.create_job(marker)
         log.info("cancel for unknown %s remembered", key.describe())
 
+    def sweep_cancel_markers(self, *, now: float) -> int:
+        """Delete cancel markers older than ``jobs.cancel_marker_ttl_seconds``.
+
+        Markers are suspended, so the TTL controller never takes them; without this
+        they pile up for ever. Each replica may sweep: the uid precondition and a
+        404 make a second delete harmless. Returns how many were deleted.
+        """
+        ttl = self.settings.jobs.cancel_marker_ttl_seconds
+        if ttl <= 0:
+            return 0
+        markers, _ = self.kube.list_jobs(selector=f"{self.labels.key('cancel')}=true")
+        deleted = 0
+        for marker in admission.expired(markers, now=now, ttl_s=ttl):
+            name = admission.name_of(marker)
+            uid = str((marker.get("metadata") or {}).get("uid") or "") or None
+            try:
+                self.kube.delete_job(name, uid=uid)
+            except KubeError as error:
+                log.warning("cancel marker %s not deleted (%s); next sweep retries", name, error)
+                continue
+            deleted += 1
+            log.info("cancel marker %s expired after %d s: deleted", name, ttl)
+        return deleted
+
     def _message_of(self, key: RunKey) -> dict[str, Any] | None:
         config_map = self.kube.get_config_map(job_name(key))
         if config_map is None:

@@ -176,6 +176,31 @@ def test_cancel_waiting_run_and_run_cancelled_before_it_arrives(
     assert len(starts) == 1  # neither cancelled run ever ran
 
 
+
+def test_cancel_markers_expire_and_a_late_run_is_then_reduced(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, batch: k8s.BatchV1Api,
+) -> None:
+    # Suspended markers never reach a TTL: the dispatcher's sweep removes them.
+    start_dispatcher(jobs={"cancel_marker_ttl_seconds": 3})
+    late = run_message(facility=facility, instrument="WISH", rb=1500002, run=4,
+                       script=SLEEPY_SCRIPT)
+    send(stomp, broker_settings, {**late, "cancel": True})
+
+    def markers() -> list[Any]:
+        found = batch.list_namespaced_job(namespace, label_selector="autoreduce.io/cancel=true")
+        return list(found.items)
+
+    wait_until(lambda: len(markers()) == 1, timeout=30, what="the cancel marker")
+    wait_until(lambda: not markers(), timeout=60, what="the marker's expiry")
+    send(stomp, broker_settings, late)
+    reader.wait_for(lambda seen: any(d.destination == broker_settings.queues.complete
+                                     for d in seen), timeout=120)
+    reader.settle(2)
+    assert [m["run_number"] for m in outcomes(reader, broker_settings, "complete")] == [4]
+    assert outcomes(reader, broker_settings, "error") == []
+
 BAD_BODIES = [
     (b"this is not json", "not JSON", False),
     (b"[1, 2, 3]", "not an object", False),

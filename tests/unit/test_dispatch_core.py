@@ -212,3 +212,19 @@ def test_caps() -> None:
     assert not admission.caps_allow(labels=LABELS, caps=caps, job=job("n"), running=running)
     assert admission.caps_allow(labels=LABELS, caps=caps, job=job("n", instrument="LET"),
                                 running=running)
+
+
+def test_expired_picks_jobs_older_than_the_ttl_oldest_first() -> None:
+    def made(name: str, stamp: str | None) -> dict[str, object]:
+        meta: dict[str, object] = {"name": name}
+        if stamp is not None:
+            meta["creationTimestamp"] = stamp
+        return {"metadata": meta}
+
+    now = admission.created_at(made("now", "2026-11-28T12:00:00Z"))
+    assert now is not None
+    jobs = [made("fresh", "2026-11-28T11:59:00Z"), made("day", "2026-11-27T11:00:00Z"),
+            made("week", "2026-11-20T12:00:00Z"), made("odd", "not a time"), made("none", None)]
+    old = admission.expired(jobs, now=now, ttl_s=3600)
+    assert [j["metadata"]["name"] for j in old] == ["week", "day"]  # type: ignore[index]
+    assert admission.expired(jobs, now=now, ttl_s=30 * 86400) == []

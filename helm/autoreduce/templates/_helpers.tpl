@@ -220,6 +220,7 @@ Secrets never appear here: the password is a mounted file.
   "template_path" "/etc/autoreduce/dispatcher/job.yaml.j2"
   "label_prefix" $v.jobs.labelPrefix
   "ttl_seconds_after_finished" (int $v.jobs.ttlSecondsAfterFinished)
+  "cancel_marker_ttl_seconds" (int $v.jobs.cancelMarkerTtlSeconds)
   "broker_secret_name" (include "autoreduce.brokerSecretName" .)
   "broker_secret_key" $v.broker.secretKey
   "runner_config_map" (include "autoreduce.runnerConfigMapName" . | default nil)
