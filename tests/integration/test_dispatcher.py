@@ -116,6 +116,37 @@ def test_killed_dispatcher_restarts_and_waiting_runs_still_reduce_in_order(
     assert_exclusive(facility, batch.list_namespaced_job(namespace, label_selector=SELECTOR).items)
 
 
+
+def test_sigterm_mid_burst_drains_in_flight_dispatches_and_loses_nothing(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, batch: k8s.BatchV1Api,
+) -> None:
+    # A rolling update sends SIGTERM while messages are arriving: whatever was being
+    # dispatched finishes (or stays unacked for the next replica), exit code 0.
+    first = start_dispatcher()
+    runs = [(1700000 + rb, 10 * rb + i) for i in range(4) for rb in range(6)]
+    for rb, run in runs[:8]:
+        send(stomp, broker_settings, run_message(
+            facility=facility, instrument="WISH", rb=rb, run=run, script=SLEEPY_SCRIPT))
+    wait_until(lambda: len(batch.list_namespaced_job(namespace, label_selector=SELECTOR).items)
+               >= 2, timeout=60, what="the first Jobs")
+    for rb, run in runs[8:]:
+        send(stomp, broker_settings, run_message(
+            facility=facility, instrument="WISH", rb=rb, run=run, script=SLEEPY_SCRIPT))
+    assert first.process is not None
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(60) == 0
+    assert "SIGTERM: finishing in-flight dispatches" in first.log()
+    start_dispatcher(name="dispatcher-after-term")
+    reader.wait_for(count_outcomes(broker_settings, len(runs)), timeout=300)
+    reader.settle(3)
+    complete = sorted(m["run_number"] for m in outcomes(reader, broker_settings, "complete"))
+    assert complete == sorted(run for _, run in runs)  # each run once, none lost
+    jobs = batch.list_namespaced_job(namespace, label_selector=SELECTOR).items
+    assert len(jobs) == len(runs)
+    assert_exclusive(facility, jobs)
+
 def test_two_dispatchers_keep_exclusivity(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
