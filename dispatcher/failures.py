@@ -102,7 +102,7 @@ def classify(*, job: Obj, pods: list[Obj], log_tail: str) -> Verdict:
     for pod in pods:
         verdict = _pod_verdict(job=job, pod=pod, log_tail=log_tail)
         if verdict is not None:
-            return verdict
+            return _with_unposted(verdict, reports)
     if reports:
         return Verdict(
             False, "NotPosted", reports[0].message or "runner reported no outcome", transient=True
@@ -110,6 +110,21 @@ def classify(*, job: Obj, pods: list[Obj], log_tail: str) -> Verdict:
     reason = condition.get("reason") or "Unknown"
     message = condition.get("message") or "the Job failed without a pod status"
     return Verdict(False, reason, f"Reduction failed: {reason}: {message}", transient=True)
+
+
+def _with_unposted(verdict: Verdict, reports: list[RunnerReport]) -> Verdict:
+    """Add what the runner had decided but could not post (exit 4: broker away).
+
+    Without it a run that reduced fine reads as a bare "exited with code 4"; with it
+    the web app's error text says the output is there and only the message is missing.
+    """
+    decided = next((r for r in reports if r.outcome and r.outcome.lower() != "none"), None)
+    if decided is None or not verdict.reason.startswith(("InfrastructureError", "ExitCode")):
+        return verdict
+    said = f" ({decided.message.strip()})" if decided.message.strip() else ""
+    text = f"The runner's {decided.outcome} was not posted{said}. {verdict.message}"
+    return Verdict(False, verdict.reason, text, transient=verdict.transient,
+                   retry_in=verdict.retry_in)
 
 
 def _deadline(job: Obj) -> Verdict:

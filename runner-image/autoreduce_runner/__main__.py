@@ -171,7 +171,7 @@ def main() -> int:
         return _finish(termination, outcome=result.outcome if result else None, posted=False,
                        retry_in=result.retry_in if result else None,
                        message=f"outcome not posted (broker): {problem}; "
-                       + (result.message or "" if result else ""),
+                       + ((result.message or _summary(result)) if result else ""),
                        code=ExitCode.NOT_POSTED)
     finally:
         poster.close()

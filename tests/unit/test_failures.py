@@ -181,6 +181,7 @@ def test_exit_4_not_posted_is_an_infrastructure_error_worth_retrying() -> None:
         False, "InfrastructureError", True)
     assert verdict.retry_in is None  # the retry policy's delay applies
     assert verdict.message == (
+        "The runner's Complete was not posted (outcome not posted (broker): no receipt). "
         "Reduction process exited with code 4 without reporting an outcome "
         "(it could not reach the message broker, or was stopped); "
         "last lines of its log:\nreduced\nconnection lost")
