@@ -278,7 +278,7 @@ def test_default_settings_match_the_values(tmp_path: Path, monkeypatch: pytest.M
     assert s.runner.resources.requests == {"cpu": "1", "memory": "2Gi"}
     assert s.runner.active_deadline_seconds == values["runner"]["activeDeadlineSeconds"]
     assert s.caps.max_running is None
-    assert (s.concurrency, s.api_qps, s.api_burst) == (4, 50.0, 100)
+    assert (s.concurrency, s.api_qps, s.api_burst) == (1, 50.0, 100)
     assert (s.retries.mode, s.retries.max_attempts, s.retries.delay_s) == ("dispatcher", 3, 300)
     assert s.image_pull_grace_s == 300
     assert s.priority_classes.model_dump() == {"run_detection": None, "manual": None, "rerun": None}
