@@ -222,3 +222,17 @@ def wait_until(predicate: Any, *, timeout: float, interval: float = 0.2, what: s
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+# A script writing through every path a reduction may use: Python, raw file
+# descriptors (what C extensions do), a subprocess, and stderr; the lines, in order.
+EVERY_OUTPUT_SCRIPT = """
+import os, subprocess, sys
+def main(input_file, output_dir):
+    print("python-print")
+    os.write(1, b"c-level-stdout\\n")
+    os.write(2, b"c-level-stderr\\n")
+    subprocess.run(["sh", "-c", "echo subprocess-stdout; echo subprocess-stderr >&2"], check=True)
+    sys.stderr.write("python-stderr\\n")
+"""
+EVERY_OUTPUT_LINES = ["python-print", "c-level-stdout", "c-level-stderr", "subprocess-stdout",
+                      "subprocess-stderr", "python-stderr"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from autoreduce_common.broker_settings import BrokerSettings
 from kubernetes import client
 
 from tests.conftest import QueueReader
+from tests.harness.product import EVERY_OUTPUT_LINES, EVERY_OUTPUT_SCRIPT
 
 pytestmark = pytest.mark.integration
 
@@ -333,24 +333,13 @@ def test_runner_job_pod_log_has_print_c_level_and_subprocess_output_in_order(
     kube: Any, namespace: str, run_job: Callable[..., JobRun], site: Site,
     broker_settings: BrokerSettings, reader: QueueReader,
 ) -> None:  # fmt: skip
-    script = textwrap.dedent("""
-        import os, subprocess, sys
-        def main(input_file, output_dir):
-            print("python-print")
-            os.write(1, b"c-level-stdout\\n")
-            os.write(2, b"c-level-stderr\\n")
-            subprocess.run(["sh", "-c", "echo subprocess-stdout; echo subprocess-stderr >&2"],
-                           check=True)
-            sys.stderr.write("python-stderr\\n")
-    """)
-    run = run_job(_message(script))
+    run = run_job(_message(EVERY_OUTPUT_SCRIPT))
     body = only_outcome(reader, broker_settings, broker_settings.queues.complete)
     assert run.terminated.exit_code == 0 and run.condition == "Complete"
     # What `kubectl logs` shows: the container log, served by the node through the apiserver.
     logs = kube.kubectl("logs", "-n", namespace, f"job/{run.name}", "-c", "runner")
     assert logs.returncode == 0, logs.stderr
-    lines = ["python-print", "c-level-stdout", "c-level-stderr", "subprocess-stdout",
-             "subprocess-stderr", "python-stderr"]  # fmt: skip
+    lines = EVERY_OUTPUT_LINES
     script_log = site.host(SCRIPT_LOG).read_text()
     for where, text in (("pod log", logs.stdout), ("reduction_log", body["reduction_log"]),
                         ("script log file", script_log)):  # fmt: skip

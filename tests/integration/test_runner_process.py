@@ -25,6 +25,7 @@ from autoreduce_common.broker_settings import BrokerSettings
 
 from tests.conftest import QueueReader
 from tests.harness.activemq import free_port
+from tests.harness.product import EVERY_OUTPUT_LINES, EVERY_OUTPUT_SCRIPT
 
 pytestmark = pytest.mark.integration
 
@@ -349,27 +350,10 @@ def test_reduction_arguments_that_are_not_objects_are_refused(
 def test_c_level_and_subprocess_output_is_captured_and_teed(
     site: Site, broker_settings: BrokerSettings, reader: QueueReader
 ) -> None:
-    script = textwrap.dedent("""
-        import os, subprocess, sys
-        def main(input_file, output_dir):
-            print("python-print")
-            os.write(1, b"c-level-stdout\\n")
-            os.write(2, b"c-level-stderr\\n")
-            subprocess.run(["sh", "-c", "echo subprocess-stdout; echo subprocess-stderr >&2"],
-                           check=True)
-            sys.stderr.write("python-stderr\\n")
-    """)
-    ran = run_runner(site, broker_settings, run_message(script))
+    ran = run_runner(site, broker_settings, run_message(EVERY_OUTPUT_SCRIPT))
     assert ran.returncode == 0, ran.stderr[-3000:]
     body = outcome(reader, broker_settings, broker_settings.queues.complete)
-    lines = [
-        "python-print",
-        "c-level-stdout",
-        "c-level-stderr",
-        "subprocess-stdout",
-        "subprocess-stderr",
-        "python-stderr",
-    ]
+    lines = EVERY_OUTPUT_LINES
     for line in lines:
         assert line in body["reduction_log"], body["reduction_log"]
         assert line in ran.stdout, ran.stdout
