@@ -342,12 +342,6 @@ class Kube:
         except NotFound:
             return None
 
-    def list_config_maps(self, *, selector: str) -> list[Obj]:
-        page = self._call(
-            "list ConfigMaps", "GET", self._config_maps, query={"labelSelector": selector}
-        )
-        return page.get("items") or []
-
     # -- leases --------------------------------------------------------------------
 
     def get_lease(self, name: str) -> Obj | None:
@@ -429,16 +423,6 @@ class Kube:
             self._call("create Event", "POST", self._events, body=body)
         except KubeError as error:  # an Event is commentary: never fail the run for it
             log.debug("event not recorded: %s", error)
-
-    def list_events(self, *, job: str) -> list[Obj]:
-        """Events about Job ``job`` (ours and the Job controller's), as plain dicts."""
-        page = self._call(
-            f"list Events of Job {job}",
-            "GET",
-            self._events,
-            query={"fieldSelector": f"regarding.kind=Job,regarding.name={job}"},
-        )
-        return page.get("items") or []
 
     # -- health --------------------------------------------------------------------
 
