@@ -38,10 +38,11 @@ from tests.harness.product import DispatcherProcess, Facility
 pytestmark = pytest.mark.integration
 
 # Failed runs are retried as the next version after 1 s (not the default 300 s) so a
-# killed runner's retry is part of the burst we judge.
+# killed runner's retry is part of the burst we judge. Concurrency is the product's
+# default (1: prefetch 1), not the harness's 4: the faults are judged on what ships.
 FAULT_SETTINGS: dict[str, Any] = {
     "retries": {"mode": "dispatcher", "max_attempts": 3, "delay_s": 1},
-    "concurrency": 4,
+    "concurrency": 1,
 }
 
 
