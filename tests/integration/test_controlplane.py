@@ -125,6 +125,23 @@ def test_job_completes_and_logs_go_through_apiserver(
     assert f"hello from {pod.metadata.name}" in out.stdout
 
 
+def test_ttl_after_finished_controller_deletes_finished_jobs(
+    namespace: str, batch: client.BatchV1Api, core: client.CoreV1Api
+) -> None:
+    # Our finished reduction Jobs (and, through ownership, their ConfigMaps and pods)
+    # rely on this controller to go away.
+    batch.create_namespaced_job(
+        namespace, job_body("brief", ["sh", "-c", "true"], spec={"ttlSecondsAfterFinished": 1})
+    )
+    wait_for("Complete", lambda: job_condition(batch, namespace, "brief", "Complete"))
+
+    def gone() -> bool:
+        names = [j.metadata.name for j in batch.list_namespaced_job(namespace).items]
+        return "brief" not in names and not job_pods(core, namespace, "brief")
+
+    wait_for("the Job deleted by its TTL, pods with it", gone, timeout=60)
+
+
 def test_failing_job_reports_exit_code(
     namespace: str, batch: client.BatchV1Api, core: client.CoreV1Api
 ) -> None:
@@ -245,7 +262,7 @@ def test_configmap_volume_and_env_sources(
     host.mkdir()
     (host / "data.txt").write_text("from host\n")
     script = (
-        "cat /etc/app/settings.yaml; cat /data/data.txt; "
+        "cat /etc/app/settings.yaml; cat /data/data.txt; echo secret-file=$(cat /etc/sec/pw); "
         "touch /data/new 2>/dev/null && echo WRITABLE || echo READONLY; "
         'echo "mode=$MODE pw=$PW pod=$POD ns=$NS node=$NODE lbl=$LBL"'
     )
@@ -260,8 +277,10 @@ def test_configmap_volume_and_env_sources(
     body = pod_body(
         "vols", ["sh", "-c", script], env=env,
         volumeMounts=[{"name": "cfg", "mountPath": "/etc/app"},
+                      {"name": "sec", "mountPath": "/etc/sec", "readOnly": True},
                       {"name": "host", "mountPath": "/data", "readOnly": True}],
         pod={"volumes": [{"name": "cfg", "configMap": {"name": "cfg"}},
+                         {"name": "sec", "secret": {"secretName": "sec"}},
                          {"name": "host", "hostPath": {"path": str(host)}}]},
     )  # fmt: skip
     body["metadata"]["labels"] = {"app": "demo"}
@@ -270,6 +289,7 @@ def test_configmap_volume_and_env_sources(
     text = pod_log(core, namespace, "vols")
     assert pod.status.phase == "Succeeded", text
     assert "a: 1" in text and "from host" in text and "READONLY" in text
+    assert "secret-file=s3cret" in text
     node = pod.spec.node_name
     assert f"mode=fast pw=s3cret pod=vols ns={namespace} node={node} lbl=demo" in text
     assert not (host / "new").exists()
