@@ -94,6 +94,70 @@ def test_duplicate_and_redelivered_messages_give_one_job(
     assert [j.metadata.name for j in jobs] == [job_name(key)]
 
 
+
+# The dispatcher's Role (helm/autoreduce/templates/rbac.yaml) without configmaps create.
+NO_CONFIGMAP_RULES = [
+    {"apiGroups": ["batch"], "resources": ["jobs"],
+     "verbs": ["create", "get", "list", "watch", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+     "verbs": ["create", "get", "list", "update", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+]
+
+
+def test_dispatcher_killed_between_job_create_and_ack_gives_one_job_after_redelivery(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, batch: k8s.BatchV1Api, kube: Any,
+) -> None:
+    # A real kill in the window, made wide on purpose: this dispatcher may create Jobs
+    # but not ConfigMaps, so each run stops after its Job with the message unacked
+    # (403 is a deployment fault: the message is kept). SIGKILL it there; the broker
+    # redelivers to a healthy dispatcher, whose create meets 409 and completes the run.
+    rbac = k8s.RbacAuthorizationV1Api(kube.api_client())
+    k8s.CoreV1Api(kube.api_client()).create_namespaced_service_account(
+        namespace, {"metadata": {"name": "no-configmaps"}})
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "no-configmaps"},
+                                            "rules": NO_CONFIGMAP_RULES})
+    rbac.create_namespaced_role_binding(namespace, {
+        "metadata": {"name": "no-configmaps"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": "no-configmaps"},
+        "subjects": [{"kind": "ServiceAccount", "name": "no-configmaps",
+                      "namespace": namespace}],
+    })
+    half = start_dispatcher(name="half", concurrency=1)
+    half.kill(signal.SIGKILL)
+    half.kubeconfig = kube.service_account_kubeconfig(namespace=namespace, name="no-configmaps")
+    half.start()
+    message = run_message(facility=facility, instrument="WISH", rb=1200002, run=8,
+                          script=SLEEPY_SCRIPT)
+    send(stomp, broker_settings, message)
+    key = RunKey(facility="ISIS", instrument="WISH", runs=(8,), version=0, rb_number="1200002")
+    core = k8s.CoreV1Api(kube.api_client())
+
+    def job_without_config_map() -> bool:
+        names = [j.metadata.name for j in batch.list_namespaced_job(
+            namespace, label_selector=SELECTOR).items]
+        return names == [job_name(key)] and "forbidden" in half.log().lower()
+
+    wait_until(job_without_config_map, timeout=60, what="the Job, and the ConfigMap refused")
+    assert not any(cm.metadata.name == job_name(key)
+                   for cm in core.list_namespaced_config_map(namespace).items)
+    half.kill(signal.SIGKILL)
+    assert outcomes(reader, broker_settings, "complete") == []
+    start_dispatcher(name="healthy")
+    reader.wait_for(count_outcomes(broker_settings, 1), timeout=120)
+    reader.settle(3)
+    assert [m["run_number"] for m in outcomes(reader, broker_settings, "complete")] == [8]
+    jobs = batch.list_namespaced_job(namespace, label_selector=SELECTOR).items
+    assert [j.metadata.name for j in jobs] == [job_name(key)]
+    config_map = core.read_namespaced_config_map(job_name(key), namespace)
+    assert [o.name for o in config_map.metadata.owner_references] == [job_name(key)]
+
 def test_killed_dispatcher_restarts_and_waiting_runs_still_reduce_in_order(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
