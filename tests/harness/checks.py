@@ -29,6 +29,22 @@ def outcomes(reader: QueueReader, settings: BrokerSettings, kind: str) -> list[d
     return reader.bodies(getattr(settings.queues, kind))
 
 
+def only_outcome(reader: QueueReader, settings: BrokerSettings, queue: str) -> dict[str, Any]:
+    """Wait for a run's one outcome, which must be on ``queue``, and return its body.
+    Started may or may not precede it; the runner waits for the broker's receipt, so
+    once the process or pod has ended it has posted all it ever will."""
+    q = settings.queues
+    outcome_queues = {q.complete, q.error, q.skipped}
+    reader.wait_for(lambda seen: any(d.destination in outcome_queues for d in seen), timeout=30)
+    reader.settle(0.5)
+    found = [d for d in reader.seen if d.destination in outcome_queues]
+    assert len(found) == 1, [(d.destination, d.body[:200]) for d in found]
+    assert found[0].destination == queue, (found[0].destination, found[0].body[:500])
+    assert found[0].headers.get("persistent") == "true"
+    body: dict[str, Any] = json.loads(found[0].body)
+    return body
+
+
 def count_outcomes(settings: BrokerSettings, n: int) -> Callable[[list[Any]], bool]:
     final = {settings.queues.complete, settings.queues.error, settings.queues.skipped}
     return lambda seen: sum(1 for d in seen if d.destination in final) >= n

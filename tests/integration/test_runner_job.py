@@ -29,6 +29,7 @@ from autoreduce_common.broker_settings import BrokerSettings
 from kubernetes import client
 
 from tests.conftest import QueueReader
+from tests.harness.checks import only_outcome
 from tests.harness.product import EVERY_OUTPUT_LINES, EVERY_OUTPUT_SCRIPT
 
 pytestmark = pytest.mark.integration
@@ -230,20 +231,6 @@ def run_job(
 
     return run
 
-
-def only_outcome(reader: QueueReader, settings: BrokerSettings, queue: str) -> dict[str, Any]:
-    """The run's one outcome, which must be on ``queue``. The pod has ended, so the
-    runner has posted all it ever will (it waits for the broker's receipt)."""
-    q = settings.queues
-    outcome_queues = {q.complete, q.error, q.skipped}
-    reader.wait_for(lambda seen: any(d.destination in outcome_queues for d in seen), timeout=30)
-    reader.settle(0.5)
-    outcomes = [d for d in reader.seen if d.destination in outcome_queues]
-    assert len(outcomes) == 1, [(d.destination, d.body[:200]) for d in outcomes]
-    assert outcomes[0].destination == queue, (outcomes[0].destination, outcomes[0].body[:500])
-    assert outcomes[0].headers.get("persistent") == "true"
-    body: dict[str, Any] = json.loads(outcomes[0].body)
-    return body
 
 
 def assert_error_exit(run: JobRun, body: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from autoreduce_common.broker_settings import BrokerSettings
 
 from tests.conftest import QueueReader
 from tests.harness.activemq import free_port
+from tests.harness.checks import only_outcome
 from tests.harness.product import EVERY_OUTPUT_LINES, EVERY_OUTPUT_SCRIPT
 
 pytestmark = pytest.mark.integration
@@ -199,23 +200,11 @@ def run_runner(
     return Ran(proc.returncode, proc.stdout, proc.stderr, termination)
 
 
-def outcome(reader: QueueReader, settings: BrokerSettings, queue: str) -> dict[str, Any]:
-    """Wait for the one outcome and return it; Started may or may not precede it."""
-    q = settings.queues
-    outcome_queues = {q.complete, q.error, q.skipped}
-    reader.wait_for(lambda seen: any(d.destination in outcome_queues for d in seen), timeout=30)
-    reader.settle(0.5)
-    outcomes = [d for d in reader.seen if d.destination in outcome_queues]
-    assert len(outcomes) == 1, [(d.destination, d.body[:200]) for d in outcomes]
-    assert outcomes[0].destination == queue, (outcomes[0].destination, outcomes[0].body[:500])
-    assert outcomes[0].headers.get("persistent") == "true"
-    return json.loads(outcomes[0].body)
-
 
 def error_of(
     reader: QueueReader, settings: BrokerSettings, ran: Ran, *, started: bool = True
 ) -> dict[str, Any]:
-    body = outcome(reader, settings, settings.queues.error)
+    body = only_outcome(reader, settings, settings.queues.error)
     assert ran.returncode == 1, ran.stderr[-3000:]
     assert ran.termination["outcome"] == "Error"
     assert ran.termination["posted"] is True
@@ -255,7 +244,7 @@ def test_web_variables_applied_output_copied_and_complete_posted(
     assert not [p for p in final.parent.iterdir() if p.name.startswith(".")]
     assert list(site.temp.iterdir()) == []
 
-    body = outcome(reader, broker_settings, broker_settings.queues.complete)
+    body = only_outcome(reader, broker_settings, broker_settings.queues.complete)
     started = reader.bodies(broker_settings.queues.started)
     assert len(started) == 1 and started[0]["run_number"] == 12345
     assert body["reduction_data"] == [str(final), str(extra)]
@@ -290,7 +279,7 @@ def test_skip_runs_is_reported_as_skipped_not_error(
     )
     ran = run_runner(site, broker_settings, run_message(script, run_number="012345"))
     assert ran.returncode == 0, ran.stderr[-3000:]
-    body = outcome(reader, broker_settings, broker_settings.queues.skipped)
+    body = only_outcome(reader, broker_settings, broker_settings.queues.skipped)
     assert "SKIP_RUNS" in body["message"]
     assert body["run_number"] == "012345"
     assert ran.termination["outcome"] == "Skipped" and ran.termination["posted"] is True
@@ -309,7 +298,7 @@ def test_overwrite_and_flat_output_layouts(
     (flat / "new.txt").write_text("old")
     ran = run_runner(site, broker_settings, run_message(script, flat_output=True, overwrite=True))
     assert ran.returncode == 0, ran.stderr[-3000:]
-    body = outcome(reader, broker_settings, broker_settings.queues.complete)
+    body = only_outcome(reader, broker_settings, broker_settings.queues.complete)
     assert body["reduction_data"] == [str(flat)]
     assert (flat / "new.txt").read_text() == "new"
     assert (flat / "earlier.txt").read_text() == "kept"
@@ -328,7 +317,7 @@ def test_batch_run_gets_every_data_file(
     message = run_message(script, data=[UNC_DATA, str(second)], run_number=[12346, 12345])
     ran = run_runner(site, broker_settings, message)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    body = outcome(reader, broker_settings, broker_settings.queues.complete)
+    body = only_outcome(reader, broker_settings, broker_settings.queues.complete)
     final = site.final_dir(run=12345)  # a batch is named by its lowest run
     assert body["reduction_data"] == [str(final)]
     assert json.loads((final / "inputs.json").read_text()) == [str(site.data_file), str(second)]
@@ -352,7 +341,7 @@ def test_c_level_and_subprocess_output_is_captured_and_teed(
 ) -> None:
     ran = run_runner(site, broker_settings, run_message(EVERY_OUTPUT_SCRIPT))
     assert ran.returncode == 0, ran.stderr[-3000:]
-    body = outcome(reader, broker_settings, broker_settings.queues.complete)
+    body = only_outcome(reader, broker_settings, broker_settings.queues.complete)
     lines = EVERY_OUTPUT_LINES
     for line in lines:
         assert line in body["reduction_log"], body["reduction_log"]
@@ -375,7 +364,7 @@ def test_huge_output_is_bounded_in_the_message(
     """).lstrip()
     ran = run_runner(site, broker_settings, run_message(script))
     assert ran.returncode == 0, ran.stderr[-3000:]
-    body = outcome(reader, broker_settings, broker_settings.queues.complete)
+    body = only_outcome(reader, broker_settings, broker_settings.queues.complete)
     log = body["reduction_log"]
     assert len(log) <= 5000 and len(body["admin_log"]) <= 2000
     assert log.startswith("FIRST") and log.rstrip().endswith("LAST")
@@ -579,7 +568,7 @@ def test_unwritable_output_is_a_permission_problem_with_retry_in(
         )
     finally:
         site.output.chmod(0o755)
-    body = outcome(reader, broker_settings, broker_settings.queues.error)
+    body = only_outcome(reader, broker_settings, broker_settings.queues.error)
     assert ran.returncode == 3, ran.stderr[-3000:]
     assert body["retry_in"] == 21600
     assert body["message"].startswith("Permission problem: cannot write to"), body["message"]
