@@ -223,6 +223,7 @@ def wait_until(predicate: Any, *, timeout: float, interval: float = 0.2, what: s
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
+
 # A script writing through every path a reduction may use: Python, raw file
 # descriptors (what C extensions do), a subprocess, and stderr; the lines, in order.
 EVERY_OUTPUT_SCRIPT = """

@@ -38,7 +38,6 @@ from tests.harness.product import (
 pytestmark = pytest.mark.integration
 
 
-
 def test_two_rbs_reduce_in_parallel_one_run_at_a_time_within_each(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
@@ -94,8 +93,9 @@ def test_duplicate_and_redelivered_messages_give_one_job(
     assert [j.metadata.name for j in jobs] == [job_name(key)]
 
 
-
-# The dispatcher's Role (helm/autoreduce/templates/rbac.yaml) without configmaps create.
+# Enough of the dispatcher's Role (helm/autoreduce/templates/rbac.yaml) to create a
+# Job, but not its ConfigMap. Not kept in step with the chart: the test only needs a
+# dispatcher that stops after the Job, and the healthy one uses the admin kubeconfig.
 NO_CONFIGMAP_RULES = [
     {"apiGroups": ["batch"], "resources": ["jobs"],
      "verbs": ["create", "get", "list", "watch", "patch", "delete"]},
@@ -158,6 +158,7 @@ def test_dispatcher_killed_between_job_create_and_ack_gives_one_job_after_redeli
     config_map = core.read_namespaced_config_map(job_name(key), namespace)
     assert [o.name for o in config_map.metadata.owner_references] == [job_name(key)]
 
+
 def test_killed_dispatcher_restarts_and_waiting_runs_still_reduce_in_order(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
@@ -178,7 +179,6 @@ def test_killed_dispatcher_restarts_and_waiting_runs_still_reduce_in_order(
               if e["event"] == "start"]
     assert starts == [1, 2, 3, 4, 5]
     assert_exclusive(facility, batch.list_namespaced_job(namespace, label_selector=SELECTOR).items)
-
 
 
 def test_sigterm_mid_burst_drains_in_flight_dispatches_and_loses_nothing(
@@ -210,6 +210,7 @@ def test_sigterm_mid_burst_drains_in_flight_dispatches_and_loses_nothing(
     jobs = batch.list_namespaced_job(namespace, label_selector=SELECTOR).items
     assert len(jobs) == len(runs)
     assert_exclusive(facility, jobs)
+
 
 def test_two_dispatchers_keep_exclusivity(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
@@ -271,7 +272,6 @@ def test_cancel_waiting_run_and_run_cancelled_before_it_arrives(
     assert len(starts) == 1  # neither cancelled run ever ran
 
 
-
 def test_cancel_markers_expire_and_a_late_run_is_then_reduced(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
@@ -295,6 +295,7 @@ def test_cancel_markers_expire_and_a_late_run_is_then_reduced(
     reader.settle(2)
     assert [m["run_number"] for m in outcomes(reader, broker_settings, "complete")] == [4]
     assert outcomes(reader, broker_settings, "error") == []
+
 
 BAD_BODIES = [
     (b"this is not json", "not JSON", False),

@@ -232,7 +232,6 @@ def run_job(
     return run
 
 
-
 def assert_error_exit(run: JobRun, body: dict[str, Any]) -> None:
     """A posted ReductionError without retry_in: exit 1 (ExitCode.POSTED_ERROR), Job Failed."""
     assert run.pod.status.phase == "Failed", run.terminated

@@ -200,7 +200,6 @@ def run_runner(
     return Ran(proc.returncode, proc.stdout, proc.stderr, termination)
 
 
-
 def error_of(
     reader: QueueReader, settings: BrokerSettings, ran: Ran, *, started: bool = True
 ) -> dict[str, Any]:
