@@ -3,8 +3,10 @@
 #   - Debian packages: ActiveMQ (and Java), openssl, util-linux (unshare), python3-venv
 #   - .venv: the project and its test tools (Debian's python3, so non-root pod
 #     processes run by the test node agent can use it too)
-#   - the control plane (etcd, kube-apiserver, kube-controller-manager) and helm,
-#     built from their Go modules once and cached in ~/.cache/autoreduce/bin
+#   - a real node's packages: docker.io, containerd, runc, CNI plugins, debootstrap
+#   - the control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler),
+#     the kubelet and helm, built from their Go modules once and cached in
+#     ~/.cache/autoreduce/bin
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${AUTOREDUCE_BIN:-$HOME/.cache/autoreduce/bin}"
@@ -20,6 +22,15 @@ command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v git >/dev/null || need_apt+=(git)
+# A real node (devstack/): an image engine, a CRI runtime, CNI plugins, and debootstrap
+# for the images' base when no registry can be reached.
+command -v dockerd >/dev/null || need_apt+=(docker.io)
+command -v containerd >/dev/null || need_apt+=(containerd)
+command -v runc >/dev/null || need_apt+=(runc)
+[ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v nsenter >/dev/null || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "apt-get install ${need_apt[*]}"
   [ "$(id -u)" = 0 ] || die "need root to install ${need_apt[*]} (or install them first)"
@@ -46,12 +57,23 @@ if [ ! -e "$stamp" ]; then
   touch "$stamp"
 fi
 
-# Control plane from the official Go modules (hack/controlplane), cached by content.
+# Control plane and node from the official Go modules (hack/controlplane), cached by
+# content (the stamp covers the module graph, every main and the version stamped in).
+# Without -X the binaries report v0.0.0-master+$Format:%H$, which kubectl cannot parse
+# and a kubelet would put in its Node status; upstream stamps both version packages.
 mkdir -p "$BIN"
-cp_hash="$(cat "$ROOT"/hack/controlplane/go.mod "$ROOT"/hack/controlplane/go.sum "$ROOT"/hack/controlplane/cmd/*/main.go | sha256sum | cut -c1-16)"
+k8s_version="$(awk '$1 == "k8s.io/kubernetes" {print $2}' "$ROOT/hack/controlplane/go.mod")"
+[[ "$k8s_version" =~ ^v([0-9]+)\.([0-9]+)\. ]] || die "cannot read the k8s.io/kubernetes version from hack/controlplane/go.mod"
+k8s_major="${BASH_REMATCH[1]}" k8s_minor="${BASH_REMATCH[2]}"
+ldflags=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  ldflags+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=$k8s_major -X $pkg.gitMinor=$k8s_minor -X $pkg.gitTreeState=clean"
+done
+cp_hash="$( (cat "$ROOT"/hack/controlplane/go.mod "$ROOT"/hack/controlplane/go.sum "$ROOT"/hack/controlplane/cmd/*/main.go; echo "$ldflags") | sha256sum | cut -c1-16)"
 if [ ! -e "$BIN/.controlplane-$cp_hash" ]; then
-  say "building etcd, kube-apiserver, kube-controller-manager (first time: ~15 min on 2 cores)"
-  (cd "$ROOT/hack/controlplane" && go build -o "$BIN/" ./cmd/...) || die "control plane build failed"
+  say "building etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet $k8s_version (first time: ~17 min on 2 cores)"
+  (cd "$ROOT/hack/controlplane" && go build -ldflags "$ldflags" -o "$BIN/" ./cmd/...) || die "control plane build failed"
+  rm -f "$BIN"/.controlplane-*
   touch "$BIN/.controlplane-$cp_hash"
 fi
 if [ ! -x "$BIN/helm" ] || ! "$BIN/helm" version --short 2>/dev/null | grep -q "${HELM_VERSION%.*}"; then
