@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devstack.errors import StackStartError
+from devstack.mounts import unmount_all
 from devstack.paths import cache_dir, repo_root
 from devstack.process import Process, run
 
@@ -140,6 +141,10 @@ class DockerEngine:
         if self.process is not None:
             self.process.stop()
             self.process = None
+            # dockerd bind-mounts its data root onto itself and keeps a netns mount
+            # in its exec root; it leaves both when it exits.
+            unmount_all(self.data_root)
+            unmount_all(self.exec_root)
             shutil.rmtree(self.exec_root, ignore_errors=True)
 
     def docker(self, *args: str, what: str, timeout: float = 900,
@@ -336,3 +341,18 @@ def make_pause_image(engine: DockerEngine, *, binary: Path, tag: str) -> str:
         engine.docker("build", "-q", "-t", tag, str(context), what="the pause image")
     return tag
 
+
+
+def node_image_archive(builder: ImageBuilder, *, archive: Path, pause_binary: Path,
+                       pause_tag: str) -> dict[str, str]:  # fmt: skip
+    """Builds what a node runs (the product images and the pause image) and saves them
+    in one docker-archive for every node's ``ctr images import``: no registry here."""
+    tags = builder.build_all()
+    make_pause_image(builder.engine, binary=pause_binary, tag=pause_tag)
+    started = time.monotonic()
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_suffix(".partial")
+    partial.write_bytes(builder.save([*tags.values(), pause_tag]))
+    partial.rename(archive)
+    builder.timings["docker save"] = time.monotonic() - started
+    return tags

@@ -46,7 +46,7 @@ CONTROLLERS = ",".join([
     "root-ca-certificate-publisher-controller", "deployment-controller", "replicaset-controller",
     "disruption-controller", "endpointslice-controller", "cronjob-controller",
     "clusterrole-aggregation-controller", "persistentvolume-binder-controller",
-    "pod-garbage-collector-controller", "resourcequota-controller",
+    "pod-garbage-collector-controller", "resourcequota-controller", "node-lifecycle-controller",
 ])  # fmt: skip
 
 
