@@ -25,6 +25,7 @@ from dispatcher.lifecycle import Lifecycle, RetryPolicy
 from dispatcher.logs import JsonFormatter
 from dispatcher.manifests import load_template
 from dispatcher.metrics import Metrics, serve
+from dispatcher.pods import PodCache
 from dispatcher.reporting import Reporter
 
 log = logging.getLogger("dispatcher")
@@ -149,8 +150,11 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
             name: o.max_running for name, o in settings.instruments.items() if o.max_running
         },
     )
+    pods = PodCache()
     lifecycle = Lifecycle(
         kube=kube,
+        pods=pods,
+        fault_point=settings.fault_point,
         labels=labels,
         reporter=reporter,
         metrics=metrics,
@@ -168,7 +172,9 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         identity=settings.identity,
         caps=caps,
         resync_seconds=settings.resync_seconds,
+        pods=pods,
         on_finished=lifecycle.on_finished,
+        on_pod_stopped=lifecycle.on_pod_stopped,
         metrics=metrics,
     )
     lifecycle.on_gave_up = controller.forget_finished

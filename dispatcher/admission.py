@@ -27,19 +27,21 @@ def _conditions(job: Job) -> dict[str, str]:
 
 
 def is_finished(job: Job) -> bool:
-    """Complete or Failed (a Job whose terminating pods are still going counts too)."""
+    """The Job controller's final verdict (Complete or Failed) with no pod still stopping.
+
+    Not ``FailureTarget``/``SuccessCriteriaMet``: those come first, while the pods of
+    a deleted, evicted or timed-out run may still be running their script through the
+    grace period. The final condition waits for them (Kubernetes 1.31+), and
+    ``status.terminating`` says so explicitly. Pods of our own that outlive their Job
+    are held by ``pods.PodCache`` as well.
+    """
     conditions = _conditions(job)
-    if conditions.get("Complete") == "True" or conditions.get("Failed") == "True":
-        return True
-    # FailureTarget/SuccessCriteriaMet appear before the final condition.
-    return (
-        conditions.get("FailureTarget") == "True" or conditions.get("SuccessCriteriaMet") == "True"
-    )
+    final = conditions.get("Complete") == "True" or conditions.get("Failed") == "True"
+    return final and not int((job.get("status") or {}).get("terminating") or 0)
 
 
 def succeeded(job: Job) -> bool:
-    conditions = _conditions(job)
-    return conditions.get("Complete") == "True" or conditions.get("SuccessCriteriaMet") == "True"
+    return is_finished(job) and _conditions(job).get("Complete") == "True"
 
 
 def is_suspended(job: Job) -> bool:

@@ -17,6 +17,8 @@ from autoreduce_common.settings_sources import EnvFirstSettings
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from dispatcher.faults import FaultPoint
+
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "job.yaml.j2"
 
@@ -166,6 +168,9 @@ class DispatcherSettings(EnvFirstSettings):
     # Run-identity-tagged JSON log lines instead of text.
     log_json: bool = False
     log_level: str = "INFO"
+    # The fault suite's named fault points (dispatcher/faults.py); never set in
+    # production, and not a chart value.
+    fault_point: FaultPoint | None = None
     # Cap on the bytes of one run's message (ConfigMaps hold at most 1 MiB).
     max_message_bytes: int = Field(default=1_000_000, ge=1024, le=1_040_000)
 

@@ -21,10 +21,14 @@ from dispatcher.identity import Labels
 from dispatcher.kube import Gone, Kube, KubeError, NotFound, Unavailable
 from dispatcher.leases import RbLeases, holder_of
 from dispatcher.logs import job_logger
+from dispatcher.pods import PodCache, PodView, PodWatch
 
 log = logging.getLogger(__name__)
 Job = dict[str, Any]
 FinishedHook = Callable[[Job], None]
+# Told about a reduction pod that has stopped and still carries our finalizer, with
+# its Job as our cache knows it (None when the cache has none).
+PodStoppedHook = Callable[[PodView, Job | None], None]
 # Admission workers: different RBs are handed over in parallel, one RB never twice at once.
 ADMISSION_WORKERS = 4
 API_PROBE_S = 2.0  # readiness asks the API server's /readyz at most this often
@@ -176,10 +180,14 @@ class Controller:
         identity: str,
         caps: admission.Caps,
         resync_seconds: float,
+        pods: PodCache | None = None,
         on_finished: FinishedHook | None = None,
+        on_pod_stopped: PodStoppedHook | None = None,
         metrics: Any = None,
     ) -> None:
         self.kube = kube
+        self.pods = pods if pods is not None else PodCache()
+        self._on_pod_stopped = on_pod_stopped
         self.metrics = metrics
         self.waiting_events = WaitingEvents(
             kube=kube,
@@ -209,7 +217,9 @@ class Controller:
 
     def start(self) -> None:
         self.waiting_events.start()
-        targets = [(self._watch_loop, "job-watch")]
+        pod_watch = PodWatch(kube=self.kube, labels=self.labels, cache=self.pods,
+                             on_change=self._on_pod, stop=self._stop)
+        targets = [(pod_watch.run, "pod-watch"), (self._watch_loop, "job-watch")]
         targets += [(self._work_loop, f"admission-{n}") for n in range(ADMISSION_WORKERS)]
         for target, name in targets:
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -237,7 +247,9 @@ class Controller:
         return ready
 
     def wait_synced(self, timeout: float) -> bool:
-        return self._synced.wait(timeout)
+        deadline = time.monotonic() + timeout
+        return self._synced.wait(timeout) and self.pods.synced.wait(
+            max(deadline - time.monotonic(), 0.0))
 
     def observe(self, job: Job) -> None:
         """Our own write, seen before the watch delivers it."""
@@ -333,6 +345,14 @@ class Controller:
                     # The hook reports outcomes; a bug there must not stop admission.
                     log.exception("finished-Job hook failed for %s", name)
 
+    def _on_pod(self, view: PodView, deleted: bool) -> None:
+        """A pod that stopped or went away may free its RB; a stopped one that still
+        carries our finalizer waits for its run's outcome to be settled."""
+        if deleted or not view.live:
+            self.enqueue(view.rb)
+        if not deleted and not view.live and view.finalized and self._on_pod_stopped:
+            self._on_pod_stopped(view, self.cache.get(view.job))
+
     def _requeue_cap_blocked(self) -> None:
         blocked, self._cap_blocked = self._cap_blocked, set()
         for rb in blocked:
@@ -361,6 +381,12 @@ class Controller:
 
     def reconcile(self, rb: str) -> None:
         """Bring one RB to its right state; safe to run any number of times anywhere."""
+        if not self.pods.synced.is_set():
+            # Without the pods we cannot tell a free RB from one whose last pod is
+            # still stopping: wait for the first pod list.
+            self._stop.wait(0.2)
+            self.enqueue(rb)
+            return
         jobs = self.cache.of_rb(rb)
         busy = admission.occupant(jobs)
         if busy is not None:
@@ -383,6 +409,14 @@ class Controller:
         plan = admission.plan_rb(
             labels=self.labels, holder=holder, jobs=jobs, lease_exists=lease is not None
         )
+        lingering = self.pods.live_of_rb(rb)
+        if plan.action in (Action.ADMIT, Action.RELEASE) and lingering:
+            # The holder's Job has its verdict, but a pod of this RB is still stopping
+            # (grace period after a deletion, eviction or deadline; or a Job deleted
+            # under its pods): the RB stays held until that pod is gone. Its next pod
+            # event brings us back.
+            log.info("RB %s: held until pod %s has stopped", rb, lingering[0].name)
+            return
         if plan.action in (Action.KEEP, Action.RESUME) and plan.job is not None:
             self._note_held(rb, jobs, plan.job)
         if plan.action is Action.RESUME and plan.job is not None:

@@ -197,7 +197,8 @@ class Dispatcher:
             run_logger(log, key).info("dropped %s again: it was cancelled", key.describe())
             return
         self.reporter.post(
-            Outcome.ERROR, error_body(raw, message="Run cancelled before it was dispatched")
+            Outcome.ERROR, error_body(raw, message="Run cancelled before it was dispatched"),
+            outcome_id=job_name(key), possible_repeat=annotations.get(outcome_key) is not None,
         )
         self.kube.annotate_job(job_name(key), {outcome_key: "Error"})
         self._count("dropped")
@@ -225,8 +226,10 @@ class Dispatcher:
         if annotations.get(outcome_key) != "Error":
             # Claim the outcome first so the finished-Job hook never posts a second
             # one; mark it posted only after the broker confirmed the send.
+            repeat = annotations.get(outcome_key) == "Cancelling"
             self.kube.annotate_job(job_name(key), {outcome_key: "Cancelling"})
-            self.reporter.post(Outcome.ERROR, error_body(run_raw, message=note))
+            self.reporter.post(Outcome.ERROR, error_body(run_raw, message=note),
+                               outcome_id=job_name(key), possible_repeat=repeat)
             self._count_outcome("Cancelled")
             self.kube.annotate_job(job_name(key), {outcome_key: "Error"})
             self.kube.record_event(job=job, reason="Cancelled", note=note)
@@ -317,7 +320,11 @@ class Dispatcher:
                 body=received.body, headers=dict(received.headers), reason=reason
             )
             if raw is not None and _identifiable(raw):
-                self.reporter.post(Outcome.ERROR, error_body(raw, message=reason))
+                # A redelivery of the same broker message is rejected the same way.
+                self.reporter.post(
+                    Outcome.ERROR, error_body(raw, message=reason),
+                    outcome_id=f"rejected-{received.headers.get('message-id', '')}",
+                    possible_repeat=bool(received.headers.get("redelivered") == "true"))
                 self._count_outcome("Rejected")
         except BrokerError as error:
             raise TryLater(f"could not dead-letter: {error}") from error

@@ -8,24 +8,15 @@ behalf with the reason worked out here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from autoreduce_common.messages import Outcome
+from autoreduce_common.pod_contract import ExitCode, TerminationReport, parse_report
+
 Obj = dict[str, Any]
-
-# Runner exit codes (runner-image/README.md).
-EXIT_INFRASTRUCTURE = 4
-
-
-@dataclass(frozen=True)
-class RunnerReport:
-    """The runner's termination message: what it posted, if anything."""
-
-    outcome: str
-    posted: bool
-    retry_in: int | None
-    message: str
 
 
 @dataclass(frozen=True)
@@ -34,29 +25,41 @@ class Verdict:
 
     posted_by_runner: bool
     reason: str  # short machine-friendly reason, e.g. OOMKilled, DeadlineExceeded
-    message: str  # human text for ReductionError.message
+    message: str  # human text for the outcome's ``message`` field
     transient: bool  # worth retrying automatically
     retry_in: int | None = None
+    # The outcome to post on the run's behalf: Error, unless the runner had begun to
+    # send another one (then exactly that one, with what it recorded).
+    outcome: Outcome = Outcome.ERROR
+    reduction_data: list[str] = field(default_factory=list)
+    # The runner may already have delivered this very outcome: a copy may repeat it.
+    possible_repeat: bool = False
 
 
-def runner_report(pod: Obj) -> RunnerReport | None:
-    """Parse the runner container's termination message, when it wrote one."""
+def runner_report(pod: Obj) -> TerminationReport | None:
+    """The runner container's termination report, when it wrote one."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         terminated = (status.get("state") or {}).get("terminated") or {}
-        text = terminated.get("message") or ""
-        try:
-            data = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(data, dict) and "posted" in data:
-            retry = data.get("retry_in")
-            return RunnerReport(
-                outcome=str(data.get("outcome", "")),
-                posted=bool(data.get("posted")),
-                retry_in=int(retry) if isinstance(retry, int) else None,
-                message=str(data.get("message", "")),
-            )
+        report = parse_report(terminated.get("message") or "")
+        if report is not None:
+            return report
     return None
+
+
+def _resend(report: TerminationReport) -> Verdict:
+    """The runner began to send this outcome and was stopped before the receipt: the
+    broker may hold it, so only the same outcome may follow (never a contradiction)."""
+    assert report.outcome is not None
+    return Verdict(
+        False,
+        f"Unconfirmed{report.outcome.value}",
+        report.message,
+        transient=False,
+        retry_in=report.retry_in,
+        outcome=report.outcome,
+        reduction_data=list(report.reduction_data),
+        possible_repeat=True,
+    )
 
 
 def _job_condition(job: Obj) -> Obj:
@@ -91,11 +94,14 @@ def classify(*, job: Obj, pods: list[Obj], log_tail: str) -> Verdict:
     if posted:
         return Verdict(
             True,
-            posted[0].outcome or "Error",
+            posted[0].outcome.value if posted[0].outcome else "Error",
             posted[0].message,
             transient=posted[0].retry_in is not None,
             retry_in=posted[0].retry_in,
         )
+    sending = [r for r in reports if r.maybe_sent and r.outcome is not None]
+    if sending:
+        return _resend(sending[0])
     condition = _job_condition(job)
     if condition.get("reason") == "DeadlineExceeded":
         return _deadline(job)
@@ -112,17 +118,20 @@ def classify(*, job: Obj, pods: list[Obj], log_tail: str) -> Verdict:
     return Verdict(False, reason, f"Reduction failed: {reason}: {message}", transient=True)
 
 
-def _with_unposted(verdict: Verdict, reports: list[RunnerReport]) -> Verdict:
+def _with_unposted(verdict: Verdict, reports: list[TerminationReport]) -> Verdict:
     """Add what the runner had decided but could not post (exit 4: broker away).
 
     Without it a run that reduced fine reads as a bare "exited with code 4"; with it
     the web app's error text says the output is there and only the message is missing.
     """
-    decided = next((r for r in reports if r.outcome and r.outcome.lower() != "none"), None)
-    if decided is None or not verdict.reason.startswith(("InfrastructureError", "ExitCode")):
+    decided = next((r for r in reports if r.outcome is not None), None)
+    unreported = verdict.reason.startswith(("InfrastructureError", "ExitCode"))
+    if decided is None or decided.outcome is None or not unreported:
         return verdict
-    said = f" ({decided.message.strip()})" if decided.message.strip() else ""
-    text = f"The runner's {decided.outcome} was not posted{said}. {verdict.message}"
+    detail = decided.message.strip() or (
+        "output in " + ", ".join(decided.reduction_data) if decided.reduction_data else "")
+    said = f" ({detail})" if detail else ""
+    text = f"The runner's {decided.outcome.value} was not posted{said}. {verdict.message}"
     return Verdict(False, verdict.reason, text, transient=verdict.transient,
                    retry_in=verdict.retry_in)
 
@@ -159,7 +168,7 @@ def _pod_verdict(*, job: Obj, pod: Obj, log_tail: str) -> Verdict | None:
     if not terminated:
         return None
     code = terminated.get("exitCode")
-    infra = code == EXIT_INFRASTRUCTURE
+    infra = code == ExitCode.NOT_POSTED
     text = f"Reduction process exited with code {code} without reporting an outcome"
     if infra:
         text += " (it could not reach the message broker, or was stopped)"
@@ -187,3 +196,20 @@ def stuck_reason(pod: Obj) -> str | None:
         if waiting.get("reason") in STUCK_WAITING:
             return f"{waiting['reason']}: {waiting.get('message', '')}".strip(": ")
     return None
+
+
+def render_verdict(verdict: Verdict) -> str:
+    """The verdict as the Job annotation that records it before it is posted."""
+    data = dataclasses.asdict(verdict)
+    data["outcome"] = verdict.outcome.value
+    return json.dumps(data, ensure_ascii=False)
+
+
+def parse_verdict(text: str | None) -> Verdict | None:
+    """A recorded verdict, or None when there is none (or it is unreadable)."""
+    try:
+        data = json.loads(text or "")
+        data["outcome"] = Outcome(data["outcome"])
+        return Verdict(**data)
+    except (ValueError, TypeError, KeyError):
+        return None

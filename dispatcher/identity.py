@@ -84,6 +84,13 @@ class Labels:
     def managed(self) -> str:
         return self.key("managed")
 
+    @property
+    def pod_finalizer(self) -> str:
+        """Keeps a reduction pod, with its termination message, until its run's outcome is
+        settled: a deleted pod would otherwise vanish with the runner's record of what it
+        sent, and the dispatcher could only guess."""
+        return self.key("outcome")
+
     def for_run(self, key: RunKey) -> dict[str, str]:
         return {
             self.managed: "true",

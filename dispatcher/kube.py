@@ -267,10 +267,23 @@ class Kube:
         self, *, selector: str, resource_version: str, timeout_s: int
     ) -> Iterator[WatchEvent]:
         """Events after ``resource_version``; raises Gone when it is too old."""
+        return self._watch("Jobs", self._jobs, selector=selector,
+                           resource_version=resource_version, timeout_s=timeout_s)
+
+    def watch_pods(
+        self, *, selector: str, resource_version: str, timeout_s: int
+    ) -> Iterator[WatchEvent]:
+        """Pod events after ``resource_version``; raises Gone when it is too old."""
+        return self._watch("Pods", self._pods, selector=selector,
+                           resource_version=resource_version, timeout_s=timeout_s)
+
+    def _watch(
+        self, kind: str, path: str, *, selector: str, resource_version: str, timeout_s: int
+    ) -> Iterator[WatchEvent]:
         response = self._send(
-            "watch Jobs",
+            f"watch {kind}",
             "GET",
-            self._jobs,
+            path,
             query={
                 "labelSelector": selector,
                 "watch": "true",
@@ -286,11 +299,11 @@ class Kube:
                 if event.get("type") == "ERROR":
                     status = event.get("object") or {}
                     if status.get("code") == 410:
-                        raise Gone("watch Jobs: resourceVersion too old", status=410)
-                    raise Unavailable(f"watch Jobs: {status.get('message', status)}")
+                        raise Gone(f"watch {kind}: resourceVersion too old", status=410)
+                    raise Unavailable(f"watch {kind}: {status.get('message', status)}")
                 yield WatchEvent(kind=event["type"], obj=event["object"])
         except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise Unavailable(f"watch Jobs: connection lost: {error}") from error
+            raise Unavailable(f"watch {kind}: connection lost: {error}") from error
         finally:
             response.release_conn() if hasattr(response, "release_conn") else None
 
@@ -374,8 +387,19 @@ class Kube:
     # -- pods ----------------------------------------------------------------------
 
     def list_pods(self, *, selector: str) -> list[Obj]:
+        return self.list_pods_at(selector=selector)[0]
+
+    def list_pods_at(self, *, selector: str) -> tuple[list[Obj], str]:
+        """Matching Pods and the list's resourceVersion (to start a watch from)."""
         page = self._call("list Pods", "GET", self._pods, query={"labelSelector": selector})
-        return page.get("items") or []
+        return page.get("items") or [], str((page.get("metadata") or {}).get("resourceVersion", ""))
+
+    def remove_pod_finalizer(self, name: str, *, finalizer: str) -> None:
+        """Drop one finalizer of a Pod (a strategic-merge delete: no read, no conflict)."""
+        patch = {"metadata": {"$deleteFromPrimitiveList/finalizers": [finalizer]}}
+        with contextlib.suppress(NotFound):
+            self._call(f"release Pod {name}", "PATCH", f"{self._pods}/{name}", body=patch,
+                       content_type="application/strategic-merge-patch+json")
 
     def pod_log_tail(self, name: str, *, container: str, lines: int) -> str:
         response = self._send(

@@ -8,6 +8,7 @@ once across all replicas: the handler first claims the Job by writing the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -19,10 +20,11 @@ from typing import Any
 from autoreduce_common.messages import Outcome, encode
 from autoreduce_common.stomp_client import BrokerError
 
-from dispatcher import admission, failures
+from dispatcher import admission, failures, faults
 from dispatcher.identity import Labels
 from dispatcher.kube import Conflict, Kube, KubeError, NotFound
 from dispatcher.logs import job_logger
+from dispatcher.pods import PodCache, PodView
 from dispatcher.reporting import Reporter, error_body
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ Obj = dict[str, Any]
 
 CLAIMED = "Handling"
 DONE = "Done"
+CANCELLED = "Error"  # written by a cancellation once its ReductionError is posted
+SETTLED = frozenset({DONE, CANCELLED})
+VERDICT_ANNOTATION = "outcome-verdict"  # the verdict being posted, recorded before the send
 ATTEMPT_HEADER = "autoreduce-attempt"
 LOG_TAIL_LINES = 20
 
@@ -51,9 +56,13 @@ class Lifecycle:
         retry: RetryPolicy,
         pending_queue: str,
         image_pull_grace_s: float,
+        pods: PodCache | None = None,
+        fault_point: faults.FaultPoint | None = None,
         metrics: Any = None,
     ) -> None:
+        self.fault_point = fault_point
         self.kube = kube
+        self.pods = pods if pods is not None else PodCache()
         self.labels = labels
         self.reporter = reporter
         self.retry = retry
@@ -69,8 +78,44 @@ class Lifecycle:
     def on_finished(self, job: Obj) -> None:
         """Hook for the controller's watch thread: the work runs on our pool."""
         if admission.succeeded(job) or self._handled(job):
+            # The runner posted (exit 0), or the outcome is settled: let the pods go.
+            self._pool.submit(self._release_quietly, admission.name_of(job))
             return
         self._pool.submit(self._guarded, job)
+
+    def on_pod_stopped(self, pod: PodView, job: Obj | None) -> None:
+        """Hook for the pod watch: a stopped pod still held by our finalizer."""
+        if job is not None and not (admission.succeeded(job) or self._settled(job)):
+            return  # its Job's verdict (on_finished) settles the outcome, then releases
+        self._pool.submit(self._release_stopped, pod, job is None)
+
+    def _settled(self, job: Obj) -> bool:
+        annotations = job.get("metadata", {}).get("annotations") or {}
+        return annotations.get(self.labels.key("outcome")) in SETTLED
+
+    def _release_stopped(self, pod: PodView, unknown_job: bool) -> None:
+        try:
+            if unknown_job and self.kube.get_job(pod.job) is not None:
+                return  # our cache is behind: the Job's finish event handles it
+            if unknown_job:
+                log.warning("pod %s outlived its Job %s: released without an outcome check",
+                            pod.name, pod.job)
+            self.kube.remove_pod_finalizer(pod.name, finalizer=self.labels.pod_finalizer)
+        except KubeError as error:
+            log.warning("pod %s not released yet (%s); its next event retries", pod.name, error)
+
+    def _release_quietly(self, job_name: str) -> None:
+        try:
+            self.release_pods(job_name)
+        except KubeError as error:
+            log.warning("pods of %s not released yet (%s); the next resync retries", job_name,
+                        error)
+
+    def release_pods(self, job_name: str) -> None:
+        """Remove our finalizer from the Job's stopped pods: its outcome is settled."""
+        for pod in self.pods.of_job(job_name):
+            if pod.finalized and not pod.live:
+                self.kube.remove_pod_finalizer(pod.name, finalizer=self.labels.pod_finalizer)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
@@ -101,41 +146,69 @@ class Lifecycle:
 
     def handle_failed(self, job: Obj) -> None:
         name = admission.name_of(job)
+        recorded = self._recorded_verdict(job)
+        if recorded is not None:
+            # Claimed and decided before a crash (ours or another replica's): post
+            # exactly what was decided, marked as a possible repeat, never a new verdict.
+            self._settle(job, recorded, raw=self._message(name))
+            return
         pods = self.kube.list_pods(selector=f"batch.kubernetes.io/job-name={name}")
         verdict = failures.classify(job=job, pods=pods, log_tail="")
         if verdict.posted_by_runner and not (verdict.transient and self.retry.by_dispatcher):
-            return  # the runner reported and nothing is to be retried: no writes at all
-        if not verdict.posted_by_runner:
+            self.release_pods(name)  # the runner reported and nothing is to be retried
+            return
+        if not verdict.posted_by_runner and verdict.outcome is Outcome.ERROR:
             verdict = failures.classify(job=job, pods=pods, log_tail=self._log_tail(pods))
-        claimed = self._claim(job)
+        claimed = self._claim(job, verdict)
         if claimed is None:
             return
-        raw = self._message(name)
-        if not verdict.posted_by_runner:
-            self._post_on_behalf(claimed, raw, verdict)
-        if verdict.transient:
-            self._maybe_retry(claimed, raw, verdict)
-        self.kube.annotate_job(name, {self.labels.key("outcome"): DONE})
+        self._settle(claimed, verdict, raw=self._message(name))
 
-    def _claim(self, job: Obj) -> Obj | None:
-        """CAS the outcome annotation; None when another replica handled it."""
+    def _settle(self, job: Obj, verdict: failures.Verdict, *, raw: Obj) -> None:
+        name = admission.name_of(job)
+        if not verdict.posted_by_runner:
+            faults.reach(faults.FaultPoint.BEFORE_OUTCOME_SEND, configured=self.fault_point)
+            self._post_on_behalf(job, raw, verdict)
+            faults.reach(faults.FaultPoint.AFTER_OUTCOME_SEND, configured=self.fault_point)
+        if verdict.transient and verdict.outcome is Outcome.ERROR:
+            self._maybe_retry(job, raw, verdict)
+        self.kube.annotate_job(name, {self.labels.key("outcome"): DONE})
+        self.release_pods(name)
+
+    def _recorded_verdict(self, job: Obj) -> failures.Verdict | None:
+        annotations = job.get("metadata", {}).get("annotations") or {}
+        if annotations.get(self.labels.key("outcome")) != CLAIMED:
+            return None
+        verdict = failures.parse_verdict(annotations.get(self.labels.key(VERDICT_ANNOTATION)))
+        if verdict is None:
+            return None
+        return dataclasses.replace(verdict, possible_repeat=True)
+
+    def _claim(self, job: Obj, verdict: failures.Verdict) -> Obj | None:
+        """CAS the outcome annotation, recording the verdict we are about to post; None
+        when another replica claimed it first."""
         name = admission.name_of(job)
         annotations = job.get("metadata", {}).get("annotations") or {}
         if annotations.get(self.labels.key("outcome")) == CLAIMED:
-            # Claimed before a crash (ours or another replica's): finish the job.
-            # At worst this repeats a post that was sent just before the crash.
-            return job
+            # Claimed by a dispatcher of the first version (no recorded verdict):
+            # finish it. At worst this repeats a post sent just before the crash.
+            return self.kube.annotate_job(name, {
+                self.labels.key(VERDICT_ANNOTATION): failures.render_verdict(
+                    dataclasses.replace(verdict, possible_repeat=True))})
         try:
             return self.kube.annotate_job(
                 name,
-                {self.labels.key("outcome"): CLAIMED},
+                {self.labels.key("outcome"): CLAIMED,
+                 self.labels.key(VERDICT_ANNOTATION): failures.render_verdict(verdict)},
                 resource_version=job["metadata"]["resourceVersion"],
             )
         except Conflict:
             fresh = self.kube.get_job(name)
             if fresh is None or self._handled(fresh):
                 return None
-            return self._claim(fresh)
+            if self._recorded_verdict(fresh) is not None:
+                return None  # another replica decided; it (or its successor) posts
+            return self._claim(fresh, verdict)
         except NotFound:
             return None
 
@@ -158,20 +231,22 @@ class Lifecycle:
         return raw if isinstance(raw, dict) else {}
 
     def _post_on_behalf(self, job: Obj, raw: Obj, verdict: failures.Verdict) -> None:
-        body = error_body(
-            raw or self._identity(job), message=verdict.message, retry_in=self._retry_in(verdict)
-        )
-        self.reporter.post(Outcome.ERROR, body)
+        name = admission.name_of(job)
+        body = on_behalf_body(raw or self._identity(job), verdict=verdict,
+                              retry_in=self._retry_in(verdict))
+        self.reporter.post(verdict.outcome, body, outcome_id=name,
+                           possible_repeat=verdict.possible_repeat)
+        kind = verdict.outcome.value
         self.kube.record_event(
             job=job,
             reason="OutcomePosted",
-            warning=True,
-            note=f"ReductionError on the run's behalf: {verdict.reason}",
+            warning=verdict.outcome is Outcome.ERROR,
+            note=f"Reduction{kind} on the run's behalf: {verdict.reason}",
         )
         if self.metrics is not None:
-            self.metrics.outcomes.labels(kind="Error", reason=verdict.reason).inc()
+            self.metrics.outcomes.labels(kind=kind, reason=verdict.reason).inc()
         job_logger(log, self.labels, job).warning(
-            "posted ReductionError for %s: %s", admission.name_of(job), verdict.reason
+            "posted Reduction%s for %s: %s", kind, name, verdict.reason
         )
 
     def _identity(self, job: Obj) -> Obj:
@@ -186,6 +261,10 @@ class Lifecycle:
     # -- retries -------------------------------------------------------------------
 
     def _retry_in(self, verdict: failures.Verdict) -> int | None:
+        if verdict.outcome is not Outcome.ERROR:
+            return None
+        if verdict.possible_repeat and verdict.reason.startswith("Unconfirmed"):
+            return verdict.retry_in  # exactly what the runner was sending
         """``retry_in`` for an error we post: set only when the web app does the retries
         (``retries.mode: upstream``) and the failure is worth one; with the dispatcher
         retrying, a ``retry_in`` would make the web app retry a second time."""
@@ -262,15 +341,34 @@ class Lifecycle:
         job = self.kube.get_job(name)
         if job is None or admission.is_finished(job):
             return
-        claimed = self._claim(job)
-        if claimed is None:
-            return
         verdict = failures.Verdict(
             False,
             "ImagePullBackOff",
             f"Reduction pod could not start after {self.image_pull_grace_s:.0f} s: {reason}",
             transient=False,
         )
+        claimed = self._claim(job, verdict)
+        if claimed is None:
+            return
         self._post_on_behalf(claimed, self._message(name), verdict)
         self.kube.annotate_job(name, {self.labels.key("outcome"): DONE})
         self.kube.delete_job(name, propagation="Background")
+
+
+ON_BEHALF_NOTE = (
+    "Posted by the autoreduce dispatcher on the run's behalf: {reason}. The reduction's "
+    "own logs are in `kubectl logs` of its Job while the Job exists."
+)
+
+
+def on_behalf_body(raw: Obj, *, verdict: failures.Verdict, retry_in: int | None) -> Obj:
+    """The outcome message the dispatcher sends for a run: an error it diagnosed, or
+    the very outcome the runner was sending when it was stopped."""
+    if verdict.outcome is Outcome.ERROR:
+        body = error_body(raw, message=verdict.message, retry_in=retry_in)
+    else:
+        body = {**raw, "message": verdict.message or None, "retry_in": None}
+    if verdict.reduction_data:
+        body["reduction_data"] = list(verdict.reduction_data)
+    body["admin_log"] = ON_BEHALF_NOTE.format(reason=verdict.reason)
+    return body

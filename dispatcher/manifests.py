@@ -11,6 +11,7 @@ from typing import Any
 import jinja2
 import yaml
 from autoreduce_common.messages import encode
+from autoreduce_common.pod_contract import OUTCOME_ID_ENV
 
 from dispatcher.config import DispatcherSettings, RunnerSpec
 from dispatcher.identity import Labels, RunKey, job_name
@@ -140,7 +141,25 @@ def render_job(
     except (jinja2.TemplateError, yaml.YAMLError) as error:
         raise TemplateError(f"Job template failed to render: {error}") from error
     _check_job(manifest, name=name)
+    _add_pod_contract(manifest, name=name, finalizer=labels.pod_finalizer)
     return manifest  # type: ignore[no-any-return]
+
+
+def _add_pod_contract(manifest: dict[str, Any], *, name: str, finalizer: str) -> None:
+    """What every reduction pod needs whatever the (site's own) template says: our
+    finalizer, which keeps a stopped pod and its termination report until the run's
+    outcome is settled, and the run's outcome identity for the runner's headers."""
+    template = manifest["spec"].get("template")
+    if not isinstance(template, dict) or not (template.get("spec") or {}).get("containers"):
+        raise TemplateError("Job template must define spec.template.spec.containers")
+    metadata = template.setdefault("metadata", {}) or {}
+    template["metadata"] = metadata
+    finalizers = list(metadata.get("finalizers") or [])
+    if finalizer not in finalizers:
+        metadata["finalizers"] = [*finalizers, finalizer]
+    for container in template["spec"]["containers"][:1]:  # the runner comes first
+        env = [e for e in container.get("env") or [] if e.get("name") != OUTCOME_ID_ENV]
+        container["env"] = [*env, {"name": OUTCOME_ID_ENV, "value": name}]
 
 
 def _check_job(manifest: object, *, name: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from autoreduce_common.broker_settings import QueueNames
 from autoreduce_common.messages import Outcome, bound_text, echo, encode
+from autoreduce_common.pod_contract import outcome_headers
 from autoreduce_common.stomp_client import StompClient
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,16 @@ class Reporter:
             self.client.connect()
         self.client.send(destination=destination, body=body, **options)
 
-    def post(self, outcome: Outcome, body: dict[str, Any]) -> None:
-        """Persistent send, confirmed by a broker receipt (BrokerError otherwise)."""
-        self.send(destination=self.destination(outcome), body=encode(body))
+    def post(self, outcome: Outcome, body: dict[str, Any], *, outcome_id: str,
+             possible_repeat: bool = False) -> None:
+        """Persistent send, confirmed by a broker receipt (BrokerError otherwise).
+
+        ``outcome_id`` is the run version's Job name (the runner sends the same one);
+        ``possible_repeat`` when a copy of this outcome may have been sent before.
+        """
+        self.send(destination=self.destination(outcome), body=encode(body),
+                  headers=outcome_headers(outcome_id=outcome_id,
+                                          possible_repeat=possible_repeat))
 
     def dead_letter(self, *, body: bytes, headers: dict[str, str], reason: str) -> None:
         """Park a message we cannot process, with why, for an operator to inspect or requeue."""

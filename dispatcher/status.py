@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from dispatcher import admission
+from dispatcher import admission, failures
 from dispatcher.identity import Labels
 
 Obj = Mapping[str, Any]
@@ -86,17 +86,6 @@ def _annotations_of(obj: Obj) -> Mapping[str, str]:
     return (obj.get("metadata") or {}).get("annotations") or {}
 
 
-def termination(pod: Obj) -> dict[str, Any] | None:
-    """The runner's termination message of a pod (its outcome), if it wrote one."""
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        terminated = (status.get("state") or {}).get("terminated") or {}
-        try:
-            message = json.loads(terminated.get("message") or "")
-        except ValueError:
-            continue
-        if isinstance(message, dict):
-            return message
-    return None
 
 
 def _finish(job: Obj, labels: Labels, pods: Sequence[Obj]) -> tuple[str, str]:
@@ -104,9 +93,9 @@ def _finish(job: Obj, labels: Labels, pods: Sequence[Obj]) -> tuple[str, str]:
     claimed = _annotations_of(job).get(labels.key("outcome"), "")
     conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []}
     for pod in pods:
-        message = termination(pod)
-        if message and message.get("outcome") not in (None, "none"):
-            return str(message["outcome"]), str(message.get("message") or "")[:200]
+        report = failures.runner_report(dict(pod))
+        if report is not None and report.outcome is not None:
+            return report.outcome.value, report.message[:200]
     if claimed == "Error":
         return "Cancelled", "cancelled by a cancel message"
     if admission.succeeded(dict(job)):

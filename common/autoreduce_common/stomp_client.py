@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,8 +208,13 @@ class StompClient:
         priority: int | None = None,
         delay_ms: int | None = None,
         headers: Mapping[str, str] | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> None:
-        """Send and wait for the broker's RECEIPT; BrokerError if it did not arrive."""
+        """Send and wait for the broker's RECEIPT; BrokerError if it did not arrive.
+
+        ``on_sent`` runs once the frame is written, before the receipt is awaited (the
+        runner's fault points use it to die in exactly that window).
+        """
         frame_headers = {"persistent": "true" if persistent else "false"}
         frame_headers["content-type"] = "application/json"
         if priority is not None:
@@ -230,6 +235,8 @@ class StompClient:
             except (stomp.exception.StompException, OSError) as error:
                 self._receipts.pop(receipt, None)
                 raise BrokerError(f"send to {destination} failed: {error}") from error
+        if on_sent is not None:
+            on_sent()
         self._await_receipt(receipt, waiter, what=f"send to {destination}")
 
     def _await_receipt(self, receipt: str, waiter: threading.Event, *, what: str) -> None:

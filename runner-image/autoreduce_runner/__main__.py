@@ -11,7 +11,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from autoreduce_common.messages import MessageError, Outcome, ReductionMessage, parse_run
+from autoreduce_common.messages import MessageError, ReductionMessage, parse_run
+from autoreduce_common.pod_contract import (
+    ExitCode,
+    Stage,
+    TerminationReport,
+    outcome_headers,
+    started_id,
+)
 from autoreduce_common.stomp_client import BrokerError
 
 from autoreduce_runner import admin, report
@@ -22,7 +29,8 @@ from autoreduce_runner.config import (
     RunnerSettings,
     load_settings,
 )
-from autoreduce_runner.report import ExitCode, RunResult
+from autoreduce_runner.faults import FaultPoint
+from autoreduce_runner.report import RunResult
 from autoreduce_runner.script import WebVars
 
 log = logging.getLogger("autoreduce_runner")
@@ -54,18 +62,16 @@ def _configure_logging() -> AdminLog:
     return admin_log
 
 
-def _write_termination(path: Path, text: str) -> None:
+def _write_termination(path: Path, report: TerminationReport) -> None:
     try:
-        path.write_text(text, encoding="utf-8")
+        path.write_text(report.render(), encoding="utf-8")
     except OSError as problem:  # not in a pod, or no such file: the exit code still says it
         log.debug("cannot write termination message to %s: %s", path, problem)
 
 
-def _finish(path: Path, *, outcome: Outcome | None, posted: bool, retry_in: int | None,
-            message: str, code: ExitCode) -> int:
-    _write_termination(path, report.termination_message(
-        outcome=outcome, posted=posted, retry_in=retry_in, message=message))
-    log.info("exit %d (%s): %s", code.value, code.name, message[:300])
+def _finish(path: Path, report: TerminationReport, *, code: ExitCode) -> int:
+    _write_termination(path, report)
+    log.info("exit %d (%s): %s", code.value, code.name, report.message[:300])
     return int(code)
 
 
@@ -108,7 +114,10 @@ def _run(*, raw: dict[str, Any], message: ReductionMessage | str, poster: Poster
     except TypeError as problem:
         log.error("invalid reduction_arguments: %s", problem)
         return report.error(f"Invalid reduction message: {problem}")
-    poster.post(destination=settings.broker.queues.started, message=raw)
+    poster.post(destination=settings.broker.queues.started, message=raw,
+                headers=outcome_headers(outcome_id=started_id(settings.outcome_id),
+                                        possible_repeat=False))
+    poster.close()  # nothing idles through an hours-long script
     log.info("ReductionStarted posted for %s run %s v%s", message.instrument,
              message.run_number, message.run_version)
     tee = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
@@ -138,10 +147,21 @@ def main() -> int:
         raw, message = _read_message(settings.message_file)
     except (ConfigError, ValueError) as problem:
         log.error("bad runner configuration: %s", problem)
-        return _finish(fallback, outcome=None, posted=False, retry_in=None,
-                       message=f"bad runner configuration: {problem}", code=ExitCode.BAD_CONFIG)
-    termination = settings.termination_log
+        return _finish(fallback, report.termination_report(
+            None, stage=Stage.NONE, message=f"bad runner configuration: {problem}"),
+            code=ExitCode.BAD_CONFIG)
     poster = Poster(settings=settings.broker, connect_timeout_s=settings.broker_connect_timeout_s)
+    try:
+        return _reduce_and_post(raw=raw, message=message, poster=poster, settings=settings,
+                                stop=stop, admin_log=admin_log)
+    finally:
+        poster.close()
+
+
+def _reduce_and_post(*, raw: dict[str, Any], message: ReductionMessage | str, poster: Poster,
+                     settings: RunnerSettings, stop: threading.Event,
+                     admin_log: AdminLog) -> int:
+    termination = settings.termination_log
     result: RunResult | None = None
     try:
         poster.connect()
@@ -151,36 +171,49 @@ def main() -> int:
             # SIGTERM comes from Kubernetes: a deadline, an eviction or a cancellation.
             # Only the dispatcher knows which, so it posts the one outcome (with the
             # right reason, and a retry if it was transient); we only say we did not.
-            return _finish(termination, outcome=result.outcome, posted=False, retry_in=None,
-                           message=f"not posted: stopped by SIGTERM; {result.message or ''}",
-                           code=ExitCode.NOT_POSTED)
-        body = report.outcome_message(
-            raw, result=result, admin_log=admin_log.text(),
-            reduction_log_cap=settings.log_caps.reduction_log,
-            admin_log_cap=settings.log_caps.admin_log,
-        )
-        poster.post(destination=report.destination(result.outcome, queues=settings.broker.queues),
-                    message=body)
-        # Record "posted" the moment the broker confirmed, before the disconnect: a pod
-        # killed during close() must not make the dispatcher post a second outcome.
-        code = _finish(termination, outcome=result.outcome, posted=True,
-                       retry_in=result.retry_in, message=result.message or _summary(result),
-                       code=report.exit_code(result, posted=True))
+            return _finish(termination, report.termination_report(
+                result, stage=Stage.DECIDED,
+                message=f"not posted: stopped by SIGTERM; {result.message or ''}"),
+                code=ExitCode.NOT_POSTED)
+        _post_outcome(raw=raw, result=result, poster=poster, settings=settings,
+                      admin_log=admin_log)
     except BrokerError as problem:
         log.error("outcome not posted: %s", problem)
-        return _finish(termination, outcome=result.outcome if result else None, posted=False,
-                       retry_in=result.retry_in if result else None,
-                       message=f"outcome not posted (broker): {problem}; "
-                       + ((result.message or _summary(result)) if result else ""),
-                       code=ExitCode.NOT_POSTED)
-    finally:
-        poster.close()
-    log.info("Reduction%s posted", result.outcome.value)
-    return code
+        if result is None:  # the broker failed us before the run's end: nothing sent
+            return _finish(termination, report.termination_report(
+                None, stage=Stage.NONE, message=f"outcome not posted (broker): {problem}"),
+                code=ExitCode.NOT_POSTED)
+        # Stage SENDING stays on record: a copy may be on the broker, so the dispatcher
+        # will post this same outcome, never another.
+        return int(ExitCode.NOT_POSTED)
+    code = report.exit_code(result, posted=True)
+    log.info("Reduction%s posted; exit %d (%s)", result.outcome.value, code.value, code.name)
+    settings.faults.reach(FaultPoint.DURING_CLOSE)
+    return int(code)
 
 
-def _summary(result: RunResult) -> str:
-    return "output in " + ", ".join(result.reduction_data) if result.reduction_data else "done"
+def _post_outcome(*, raw: dict[str, Any], result: RunResult, poster: Poster,
+                  settings: RunnerSettings, admin_log: AdminLog) -> None:
+    """Record "sending", send, record "posted": each step on record before the next, so
+    whoever finds this pod stopped at any instant posts this outcome or nothing."""
+    termination, faults = settings.termination_log, settings.faults
+    body = report.outcome_message(
+        raw, result=result, admin_log=admin_log.text(),
+        reduction_log_cap=settings.log_caps.reduction_log,
+        admin_log_cap=settings.log_caps.admin_log,
+    )
+    _write_termination(termination, report.termination_report(
+        result, stage=Stage.SENDING, message=result.message or ""))
+    faults.reach(FaultPoint.BEFORE_SEND)
+    poster.post(destination=report.destination(result.outcome, queues=settings.broker.queues),
+                message=body,
+                headers=outcome_headers(outcome_id=settings.outcome_id, possible_repeat=False),
+                on_sent=lambda: faults.reach(FaultPoint.AFTER_STORE))
+    faults.reach(FaultPoint.AFTER_RECEIPT)
+    # "posted" the moment the broker confirmed, before the disconnect: a pod killed
+    # during close() must not make the dispatcher post again.
+    _write_termination(termination, report.termination_report(
+        result, stage=Stage.POSTED, message=result.message or ""))
 
 
 if __name__ == "__main__":

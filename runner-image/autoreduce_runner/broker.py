@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from autoreduce_common.broker_settings import BrokerSettings
@@ -51,24 +52,33 @@ class Poster:
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, self._settings.reconnect_max_s)
 
-    def post(self, *, destination: str, message: dict[str, Any]) -> None:
-        """Send persistently, wait for the receipt, disconnect; one resend on failure."""
+    def post(self, *, destination: str, message: dict[str, Any],
+             headers: dict[str, str] | None = None,
+             on_sent: Callable[[], None] | None = None) -> None:
+        """Send persistently and wait for the receipt; one resend on failure.
+
+        The connection stays open after a confirmed send: the caller records "posted"
+        first and closes after, so a kill during the close is already on record.
+        """
         body = encode(message)
         try:
-            self._send_once(destination, body)
+            self._send_once(destination, body, headers, on_sent)
         except BrokerError as error:
             log.warning(
                 "send to %s not confirmed (%s); reconnecting to send it again", destination, error
             )
-            self._send_once(destination, body)
+            self._send_once(destination, body, headers, None)
 
-    def _send_once(self, destination: str, body: bytes) -> None:
+    def _send_once(self, destination: str, body: bytes, headers: dict[str, str] | None,
+                   on_sent: Callable[[], None] | None) -> None:
         try:
             if not self._client.connected:
                 self.connect()
-            self._client.send(destination=destination, body=body)
-        finally:
+            self._client.send(destination=destination, body=body, headers=headers,
+                              on_sent=on_sent)
+        except BrokerError:
             self.close()
+            raise
 
     def close(self) -> None:
         self._client.disconnect()

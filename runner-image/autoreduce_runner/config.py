@@ -20,6 +20,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from autoreduce_runner.faults import FaultAction, FaultPoint, Faults
 from autoreduce_runner.paths import PathMapping, check_template
 
 DEFAULT_MESSAGE_FILE = Path("/etc/autoreduce/message/message.json")
@@ -106,6 +107,16 @@ class RunnerSettings(EnvFirstSettings):
     broker_connect_timeout_s: float = Field(default=60.0, gt=0)
     log_caps: LogCaps = Field(default_factory=LogCaps)
     log_level: str = "INFO"
+    # This run's outcome identity (the Job's name), sent as a header on every outcome.
+    outcome_id: str = ""
+    # The fault suite's named fault points (autoreduce_runner/faults.py); never set in
+    # production: unset means the runner has none.
+    fault_point: FaultPoint | None = None
+    fault_action: FaultAction = FaultAction.EXIT
+
+    @property
+    def faults(self) -> Faults:
+        return Faults(point=self.fault_point, action=self.fault_action)
 
     @field_validator("archive_roots", "output_roots", mode="before")
     @classmethod

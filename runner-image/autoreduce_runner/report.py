@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any
 
 from autoreduce_common.broker_settings import QueueNames
 from autoreduce_common.messages import Outcome, bound_text, echo
-
-# Kubernetes keeps at most 4096 bytes of a termination message.
-TERMINATION_MESSAGE_CHARS = 800  # x 4 bytes of UTF-8, plus the keys
-
-
-class ExitCode(IntEnum):
-    """What the Job's exit status tells the dispatcher (runner-image/README.md)."""
-
-    POSTED_OK = 0  # ReductionComplete or ReductionSkipped posted
-    POSTED_ERROR = 1  # ReductionError posted: the script's or the input's fault
-    BAD_CONFIG = 2  # the runner's own configuration is unusable; nothing posted
-    POSTED_RETRY = 3  # ReductionError posted with retry_in
-    NOT_POSTED = 4  # the outcome could not be posted (broker): report on our behalf
+from autoreduce_common.pod_contract import ExitCode, Stage, TerminationReport
 
 
 @dataclass(frozen=True)
@@ -76,16 +62,19 @@ def exit_code(result: RunResult | None, *, posted: bool) -> ExitCode:
     return ExitCode.POSTED_RETRY if result.retry_in is not None else ExitCode.POSTED_ERROR
 
 
-def termination_message(
-    *, outcome: Outcome | None, posted: bool, retry_in: int | None, message: str | None
-) -> str:
-    """JSON for the pod's termination message: did the runner post, and what."""
-    return json.dumps(
-        {
-            "outcome": outcome.value if outcome is not None else "none",
-            "posted": posted,
-            "retry_in": retry_in,
-            "message": bound_text(message or "", limit=TERMINATION_MESSAGE_CHARS),
-        },
-        ensure_ascii=False,
+def termination_report(result: RunResult | None, *, stage: Stage,
+                       message: str | None = None) -> TerminationReport:
+    """What the termination message says about ``result`` at ``stage``."""
+    if result is None:
+        return TerminationReport(stage=Stage.NONE, message=message or "")
+    return TerminationReport(
+        stage=stage,
+        outcome=result.outcome,
+        message=message if message is not None else (result.message or summary(result)),
+        retry_in=result.retry_in if result.outcome is Outcome.ERROR else None,
+        reduction_data=list(result.reduction_data),
     )
+
+
+def summary(result: RunResult) -> str:
+    return "output in " + ", ".join(result.reduction_data) if result.reduction_data else "done"

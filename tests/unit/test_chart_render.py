@@ -367,7 +367,9 @@ def test_runner_config_schema_knows_every_runner_file_setting() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     in_schema = set(schema["properties"]["runnerConfig"]["properties"])
     # These come from the Job template's environment, not from the file.
-    from_env = {"broker", "message_file", "runner_config", "termination_log"}
+    from_env = {"broker", "message_file", "runner_config", "termination_log", "outcome_id"}
+    # The fault suite's fault points are never chart settings (faults.py).
+    from_env |= {"fault_point", "fault_action"}
     assert in_schema == set(config.RunnerSettings.model_fields) - from_env
 
 
@@ -604,7 +606,7 @@ def test_role_grants_exactly_what_the_dispatcher_calls() -> None:
         ("batch", "jobs/finalizers"): ["update"],
         ("", "configmaps"): sorted(["create", "get"]),
         ("coordination.k8s.io", "leases"): sorted(["create", "get", "list", "update", "delete"]),
-        ("", "pods"): ["list"],
+        ("", "pods"): ["list", "patch", "watch"],
         ("", "pods/log"): ["get"],
         ("events.k8s.io", "events"): ["create"],
     }
@@ -749,8 +751,9 @@ def test_chart_renders_every_dispatcher_setting() -> None:
     """A setting added to dispatcher/config.py fails here until the chart exposes it."""
     docs = render(CHART / "ci" / "default-values.yaml")
     rendered = yaml.safe_load(dispatcher_config_map(docs)["data"]["settings.yaml"])
-    # identity comes from the pod name (env); the password only ever as a file.
-    assert set(rendered) == set(DispatcherSettings.model_fields) - {"identity"}
+    # identity comes from the pod name (env); the password only ever as a file; the
+    # fault suite's fault points are never something a chart can switch on.
+    assert set(rendered) == set(DispatcherSettings.model_fields) - {"identity", "fault_point"}
     assert set(rendered["broker"]) == set(BrokerSettings.model_fields) - {"password"}
     assert set(rendered["jobs"]) == set(JobSettings.model_fields)
     assert set(rendered["runner"]) == set(RunnerSpec.model_fields)

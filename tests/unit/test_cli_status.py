@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dispatcher import cli, status
+from dispatcher import cli, failures, status
 from dispatcher.admission import Caps
 from dispatcher.events import caps_note, held_note
 from dispatcher.identity import Labels, RunKey
@@ -182,9 +182,9 @@ def test_format_status_and_json_views() -> None:
 
 
 def test_termination_message_ignores_junk() -> None:
-    assert status.termination({"status": {"containerStatuses": [
+    assert failures.runner_report({"status": {"containerStatuses": [
         {"state": {"terminated": {"message": "not json"}}}]}}) is None
-    assert status.termination({}) is None
+    assert failures.runner_report({}) is None
 
 
 # -- messages -------------------------------------------------------------------------------

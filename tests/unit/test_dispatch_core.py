@@ -10,7 +10,7 @@ import pytest
 import yaml
 from autoreduce_common.messages import parse_run
 
-from dispatcher import admission
+from dispatcher import admission, pods
 from dispatcher.config import DispatcherSettings, InstrumentOverrides, load_settings
 from dispatcher.identity import MAX_NAME, Labels, RunKey, job_name, lease_name, run_key
 from dispatcher.manifests import (
@@ -228,3 +228,38 @@ def test_expired_picks_jobs_older_than_the_ttl_oldest_first() -> None:
     old = admission.expired(jobs, now=now, ttl_s=3600)
     assert [j["metadata"]["name"] for j in old] == ["week", "day"]  # type: ignore[index]
     assert admission.expired(jobs, now=now, ttl_s=30 * 86400) == []
+
+
+# -- when a Job's RB is really free ----------------------------------------------------
+
+
+def _job_with(*conditions: str, terminating: int = 0) -> dict[str, Any]:
+    return {"metadata": {"name": "j"}, "spec": {},
+            "status": {"terminating": terminating,
+                       "conditions": [{"type": c, "status": "True"} for c in conditions]}}
+
+
+def test_a_first_verdict_is_not_the_end_of_a_job() -> None:
+    # FailureTarget / SuccessCriteriaMet come while the pods may still be stopping:
+    # the RB stays held until the final condition.
+    assert not admission.is_finished(_job_with("FailureTarget"))
+    assert not admission.is_finished(_job_with("SuccessCriteriaMet"))
+    assert admission.is_running(_job_with("FailureTarget"))
+    assert admission.is_finished(_job_with("FailureTarget", "Failed"))
+    assert admission.succeeded(_job_with("SuccessCriteriaMet", "Complete"))
+    assert not admission.is_finished(_job_with("Failed", terminating=1))
+
+
+def test_pod_view_reads_phase_rb_job_and_our_finalizer() -> None:
+    labels = Labels("autoreduce.io")
+    pod = {"metadata": {"name": "p", "finalizers": ["autoreduce.io/outcome"],
+                        "deletionTimestamp": "2026-01-01T00:00:00Z",
+                        "labels": {"autoreduce.io/rb-number": "7",
+                                   "batch.kubernetes.io/job-name": "j"}},
+           "status": {"phase": "Running"}}
+    view = pods.pod_view(pod, labels=labels)
+    assert (view.rb, view.job, view.live, view.deleting, view.finalized) == (
+        "7", "j", True, True, True)
+    pod["status"]["phase"] = "Failed"
+    assert not pods.pod_view(pod, labels=labels).live
+    assert pods.pod_view({}, labels=labels).live  # no status yet: Pending, may start

@@ -1,8 +1,9 @@
 """Why a run ended, read from its Job and Pod status: the verdict that decides the
 ReductionError posted on a run's behalf and whether it is retried (pure).
 
-Termination messages are written with the runner's own ``termination_message`` so the
-two sides of that contract are tested together.
+Termination messages are written with the shared ``pod_contract.TerminationReport``,
+the same code the runner writes them with, so both sides of that contract are tested
+together.
 """
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ from typing import Any
 
 import pytest
 from autoreduce_common.messages import Outcome
-from autoreduce_runner.report import ExitCode, termination_message
+from autoreduce_common.pod_contract import ExitCode, Stage, TerminationReport
 
-from dispatcher.failures import Verdict, classify, runner_report, stuck_reason
+from dispatcher.failures import (
+    Verdict,
+    classify,
+    parse_verdict,
+    render_verdict,
+    runner_report,
+    stuck_reason,
+)
 from dispatcher.reporting import error_body
 
 Obj = dict[str, Any]
@@ -51,8 +59,9 @@ def pod(*, code: int | None = None, reason: str = "Error", message: str | None =
 
 def said(*, outcome: Outcome | None, posted: bool, retry_in: int | None = None,
          message: str = "") -> str:
-    return termination_message(outcome=outcome, posted=posted, retry_in=retry_in,
-                               message=message)
+    stage = Stage.POSTED if posted else (Stage.DECIDED if outcome else Stage.NONE)
+    return TerminationReport(stage=stage, outcome=outcome, retry_in=retry_in,
+                             message=message).render()
 
 
 # -- the cluster stopped the run --------------------------------------------------------
@@ -281,3 +290,53 @@ def test_an_error_posted_on_behalf_never_echoes_a_stale_retry_in() -> None:
     raw = {"run_number": 5, "retry_in": 21600}
     assert error_body(raw, message="OOMKilled")["retry_in"] is None
     assert error_body(raw, message="evicted", retry_in=30)["retry_in"] == 30
+
+
+# -- the runner was stopped while sending ----------------------------------------------
+
+
+def test_a_runner_stopped_while_sending_gets_that_same_outcome_resent() -> None:
+    # Killed after "sending" was recorded and before "posted": the broker may hold the
+    # Complete, so the dispatcher may only send the same Complete, never an Error.
+    sending = TerminationReport(stage=Stage.SENDING, outcome=Outcome.COMPLETE,
+                                reduction_data=["/instrument/WISH/RB1/autoreduced/7"]).render()
+    verdict = classify(job=job(failed="BackoffLimitExceeded"),
+                       pods=[pod(code=137, message=sending)], log_tail="")
+    assert verdict == Verdict(False, "UnconfirmedComplete", "", transient=False,
+                              outcome=Outcome.COMPLETE,
+                              reduction_data=["/instrument/WISH/RB1/autoreduced/7"],
+                              possible_repeat=True)
+
+
+def test_sending_wins_over_the_deadline_and_oom() -> None:
+    sending = TerminationReport(stage=Stage.SENDING, outcome=Outcome.ERROR, retry_in=60,
+                                message="Error in user reduction script: X - y").render()
+    for ended in (pod(code=137, reason="OOMKilled", message=sending),
+                  pod(code=137, message=sending)):
+        verdict = classify(job=job(failed="DeadlineExceeded"), pods=[ended], log_tail="")
+        assert (verdict.outcome, verdict.message, verdict.retry_in, verdict.possible_repeat) == (
+            Outcome.ERROR, "Error in user reduction script: X - y", 60, True)
+
+
+def test_a_report_of_the_first_version_still_reads() -> None:
+    old = '{"outcome": "Complete", "posted": false, "retry_in": null, "message": "x"}'
+    report = runner_report(pod(code=4, message=old))
+    assert report is not None
+    assert (report.stage, report.outcome, report.maybe_sent) == (
+        Stage.DECIDED, Outcome.COMPLETE, False)
+
+
+def test_a_report_never_exceeds_what_kubernetes_keeps() -> None:
+    huge = TerminationReport(stage=Stage.SENDING, outcome=Outcome.COMPLETE,
+                             message="\u00e9" * 10_000,
+                             reduction_data=["/instrument/" + "d" * 400] * 50).render()
+    assert len(huge.encode()) <= 4096
+    report = runner_report(pod(code=137, message=huge))
+    assert report is not None and report.stage is Stage.SENDING and report.reduction_data
+
+
+def test_a_recorded_verdict_round_trips() -> None:
+    verdict = Verdict(False, "UnconfirmedSkipped", "skip", transient=False,
+                      outcome=Outcome.SKIPPED, reduction_data=["/a"], possible_repeat=True)
+    assert parse_verdict(render_verdict(verdict)) == verdict
+    assert parse_verdict(None) is None and parse_verdict("{") is None

@@ -7,14 +7,14 @@ import json
 import pytest
 from autoreduce_common.broker_settings import QueueNames
 from autoreduce_common.messages import Outcome
+from autoreduce_common.pod_contract import ExitCode, Stage
 from autoreduce_runner.report import (
-    ExitCode,
     RunResult,
     destination,
     error,
     exit_code,
     outcome_message,
-    termination_message,
+    termination_report,
 )
 from autoreduce_runner.supervise import BoundedCapture
 
@@ -71,8 +71,7 @@ def test_destinations() -> None:
 
 @pytest.mark.parametrize("text", ["short", "é" * 50_000, "\U0001f600" * 50_000, "x\n" * 9999])
 def test_termination_message_stays_under_4kb(text: str) -> None:
-    encoded = termination_message(outcome=Outcome.ERROR, posted=True, retry_in=21600,
-                                  message=text)
+    encoded = termination_report(error(text, retry_in=21600), stage=Stage.POSTED).render()
     assert len(encoded.encode("utf-8")) < 4096
     decoded = json.loads(encoded)
     assert decoded["outcome"] == "Error" and decoded["posted"] is True
@@ -80,9 +79,16 @@ def test_termination_message_stays_under_4kb(text: str) -> None:
 
 
 def test_termination_message_when_nothing_was_posted() -> None:
-    decoded = json.loads(termination_message(outcome=None, posted=False, retry_in=None,
-                                             message=None))
-    assert decoded == {"outcome": "none", "posted": False, "retry_in": None, "message": ""}
+    decoded = json.loads(termination_report(None, stage=Stage.NONE).render())
+    assert decoded == {"stage": "none", "outcome": "none", "posted": False, "retry_in": None,
+                       "message": "", "reduction_data": []}
+
+
+def test_the_report_of_a_run_being_sent_carries_its_output() -> None:
+    result = RunResult(outcome=Outcome.COMPLETE, reduction_data=["/instrument/x/1"])
+    report = termination_report(result, stage=Stage.SENDING, message="")
+    assert (report.maybe_sent, report.posted, report.reduction_data, report.message) == (
+        True, False, ["/instrument/x/1"], "")
 
 
 def test_bounded_capture_keeps_head_and_tail() -> None:

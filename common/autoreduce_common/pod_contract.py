@@ -1,0 +1,141 @@
+"""What the runner pod and the dispatcher agree on, defined once for both (pure).
+
+- the exit codes of the runner container;
+- the termination report: the JSON the runner writes to its termination-message file
+  and the dispatcher reads back from the pod status (written and parsed here only);
+- the headers every outcome message carries, whoever sends it.
+
+The termination report is how "exactly one outcome kind per run" survives a kill at
+any instant. The runner records what it is about to send *before* it sends
+(``Stage.SENDING``) and records ``Stage.POSTED`` after the broker's receipt. The
+kubelet keeps the file's last content even after a SIGKILL, so the dispatcher, finding
+``SENDING`` without ``POSTED``, knows the outcome may already be on the broker and
+re-sends that same outcome, never a different one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any
+
+from autoreduce_common.messages import Outcome, bound_text
+
+# Kubernetes keeps at most 4096 bytes of a termination message.
+TERMINATION_MESSAGE_BYTES = 4096
+TERMINATION_MESSAGE_CHARS = 700  # the free text; x 4 bytes of UTF-8 leaves room for the rest
+MAX_RECORDED_DESTINATIONS = 8
+
+# The env var through which the Job tells the runner its run's outcome identity.
+OUTCOME_ID_ENV = "AUTOREDUCE_OUTCOME_ID"
+# Every ReductionStarted/Complete/Error/Skipped carries these (message-contract notes
+# in the README): the same id on every copy of one run version's outcome, whoever
+# sends it; "true" in the second when this copy may repeat one sent before.
+OUTCOME_ID_HEADER = "autoreduce-outcome-id"
+POSSIBLE_REPEAT_HEADER = "autoreduce-possible-repeat"
+
+
+class ExitCode(IntEnum):
+    """What the runner container's exit status tells the dispatcher (runner-image/README.md)."""
+
+    POSTED_OK = 0  # ReductionComplete or ReductionSkipped posted
+    POSTED_ERROR = 1  # ReductionError posted: the script's or the input's fault
+    BAD_CONFIG = 2  # the runner's own configuration is unusable; nothing posted
+    POSTED_RETRY = 3  # ReductionError posted with retry_in
+    NOT_POSTED = 4  # the outcome was not (surely) posted: the dispatcher reports it
+
+
+class Stage(StrEnum):
+    """How far the runner got with its outcome."""
+
+    NONE = "none"  # no outcome decided (config error, or stopped before the end)
+    DECIDED = "decided"  # the outcome is known and was certainly not sent
+    SENDING = "sending"  # the send began: the broker may hold it, unconfirmed
+    POSTED = "posted"  # the broker confirmed it
+
+
+@dataclass(frozen=True)
+class TerminationReport:
+    """The runner's termination message."""
+
+    stage: Stage
+    outcome: Outcome | None = None
+    message: str = ""  # the outcome's ``message`` field, or why nothing was posted
+    retry_in: int | None = None
+    reduction_data: list[str] = field(default_factory=list)
+
+    @property
+    def posted(self) -> bool:
+        return self.stage is Stage.POSTED
+
+    @property
+    def maybe_sent(self) -> bool:
+        """The outcome may be on the broker: only this same outcome may follow."""
+        return self.stage in (Stage.SENDING, Stage.POSTED)
+
+    def render(self) -> str:
+        data: dict[str, Any] = {
+            "stage": self.stage.value,
+            "outcome": self.outcome.value if self.outcome is not None else "none",
+            "posted": self.posted,  # kept for readers of the first version of the report
+            "retry_in": self.retry_in,
+            "message": bound_text(self.message, limit=TERMINATION_MESSAGE_CHARS),
+            "reduction_data": [
+                bound_text(path, limit=300)
+                for path in self.reduction_data[:MAX_RECORDED_DESTINATIONS]
+            ],
+        }
+        text = json.dumps(data, ensure_ascii=False)
+        while len(text.encode()) > TERMINATION_MESSAGE_BYTES and data["reduction_data"]:
+            data["reduction_data"] = data["reduction_data"][:-1]
+            text = json.dumps(data, ensure_ascii=False)
+        return text
+
+
+def parse_report(text: str) -> TerminationReport | None:
+    """The report in a termination message, or None when it holds none (log text)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not ({"stage", "posted"} & set(data)):
+        return None
+    return TerminationReport(
+        stage=_stage(data),
+        outcome=_outcome(data.get("outcome")),
+        message=str(data.get("message") or ""),
+        retry_in=data["retry_in"] if isinstance(data.get("retry_in"), int) else None,
+        reduction_data=[str(p) for p in data.get("reduction_data") or [] if isinstance(p, str)],
+    )
+
+
+def _stage(data: dict[str, Any]) -> Stage:
+    try:
+        return Stage(str(data.get("stage")))
+    except ValueError:
+        # The first version had only "posted"; an outcome it named was never sent.
+        if data.get("posted"):
+            return Stage.POSTED
+        return Stage.DECIDED if _outcome(data.get("outcome")) else Stage.NONE
+
+
+def _outcome(value: Any) -> Outcome | None:
+    try:
+        return Outcome(value)
+    except ValueError:
+        return None
+
+
+def outcome_headers(*, outcome_id: str, possible_repeat: bool) -> dict[str, str]:
+    """The identity headers of one outcome message."""
+    headers = {OUTCOME_ID_HEADER: outcome_id} if outcome_id else {}
+    if possible_repeat:
+        headers[POSSIBLE_REPEAT_HEADER] = "true"
+    return headers
+
+
+def started_id(outcome_id: str) -> str:
+    """ReductionStarted is not the run's outcome: its own id, so "one terminal outcome
+    per id" stays a rule a consumer can apply to everything it reads."""
+    return f"{outcome_id}.started" if outcome_id else ""

@@ -1,0 +1,30 @@
+"""Named fault points in the dispatcher's own outcome path, for the fault suite only.
+
+``fault_point`` in the dispatcher's settings names one point; a dispatcher reaching it
+exits at once with 137, as abruptly as a SIGKILL. Unset (the default, and all the chart
+can set) means none. The points (README "Faults"):
+
+- ``before-outcome-send``: a verdict is claimed and recorded on the Job; nothing sent;
+- ``after-outcome-send``: the broker confirmed the outcome; the Job is not marked Done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from enum import StrEnum
+
+log = logging.getLogger(__name__)
+
+
+class FaultPoint(StrEnum):
+    BEFORE_OUTCOME_SEND = "before-outcome-send"
+    AFTER_OUTCOME_SEND = "after-outcome-send"
+
+
+def reach(point: FaultPoint, *, configured: FaultPoint | None) -> None:
+    """Exit here, now, when ``point`` is the configured fault point."""
+    if point is configured:
+        log.warning("fault point %s reached: exiting 137", point.value)
+        logging.shutdown()
+        os._exit(137)

@@ -1,0 +1,153 @@
+"""Stopping the runner, and the dispatcher, at each step of posting an outcome
+(issue 15): whatever the instant, a run gets one outcome kind, and every copy of it
+carries the same identity header; a copy that may repeat an earlier one says so.
+
+The runner and the dispatcher have named fault points (``autoreduce_runner/faults.py``,
+``dispatcher/faults.py``), off unless a test sets them. The real broker, API server and
+node run everything; nothing here is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from autoreduce_common.broker_settings import BrokerSettings
+from autoreduce_common.pod_contract import OUTCOME_ID_HEADER, POSSIBLE_REPEAT_HEADER
+from autoreduce_common.stomp_client import Delivery, StompClient
+from kubernetes import client as k8s
+
+from dispatcher.identity import RunKey, job_name
+from tests.conftest import QueueReader
+from tests.harness.checks import SELECTOR, send
+from tests.harness.product import DispatcherProcess, Facility, run_message, wait_until
+
+pytestmark = pytest.mark.integration
+
+DONE_SCRIPT = """
+import os
+def main(input_file, output_dir):
+    with open(os.path.join(output_dir, "reduced.txt"), "w") as out:
+        out.write("reduced")
+"""
+# Exits 137 in the middle of a normal run: the dispatcher reports on the run's behalf.
+CRASH_SCRIPT = """
+import os, signal, time
+def main(input_file, output_dir):
+    time.sleep(0.5)
+    os.kill(os.getppid(), signal.SIGKILL)
+"""
+RETRIES_OFF = {"mode": "dispatcher", "max_attempts": 1}
+
+
+def finals(reader: QueueReader, settings: BrokerSettings) -> list[Delivery]:
+    q = settings.queues
+    return [d for d in reader.seen if d.destination in (q.complete, q.error, q.skipped)]
+
+
+def settle(reader: QueueReader, settings: BrokerSettings, *, at_least: int,
+           timeout: float = 120) -> list[Delivery]:
+    reader.wait_for(lambda _: len(finals(reader, settings)) >= at_least, timeout=timeout)
+    reader.settle(8)  # a dispatcher's copy comes after the pod's verdict: wait it out
+    return finals(reader, settings)
+
+
+def job_of(run: int, rb: int) -> str:
+    return job_name(RunKey("ISIS", "WISH", (run,), 0, str(rb)))
+
+
+def one_kind_one_identity(seen: list[Delivery], *, job: str) -> str:
+    """The single outcome kind of ``seen``; each copy has ``job`` as its identity and
+    every copy after the first is marked as a possible repeat."""
+    kinds = {d.destination.rsplit("/", 1)[-1].split(".")[0] for d in seen}
+    assert len(kinds) == 1, f"contradictory outcomes: {[(d.destination, d.body) for d in seen]}"
+    assert {d.headers.get(OUTCOME_ID_HEADER) for d in seen} == {job}, [d.headers for d in seen]
+    for later in seen[1:]:
+        assert later.headers.get(POSSIBLE_REPEAT_HEADER) == "true", later.headers
+    return kinds.pop()
+
+
+def runner_env(point: str, action: str = "exit") -> dict[str, Any]:
+    return {"env": {"AUTOREDUCE_TIMEOUT_S": "120", "AUTOREDUCE_FAULT_POINT": point,
+                    "AUTOREDUCE_FAULT_ACTION": action}}
+
+
+# (point, copies of ReductionComplete that reach the broker)
+RUNNER_POINTS = [
+    ("before-send", 1),  # the dispatcher sends the Complete the runner had recorded
+    ("after-store", 2),  # the broker holds the runner's copy; the dispatcher's repeats it
+    ("after-receipt", 2),  # confirmed but not recorded: the same
+    ("during-close", 1),  # recorded as posted: the dispatcher sends nothing
+]
+
+
+@pytest.mark.parametrize(("point", "copies"), RUNNER_POINTS)
+def test_runner_stopped_at_each_step_of_posting(
+    point: str, copies: int, start_dispatcher: Callable[..., DispatcherProcess],
+    stomp: StompClient, broker_settings: BrokerSettings, reader: QueueReader,
+    facility: Facility,
+) -> None:
+    start_dispatcher(runner=runner_env(point), retries=RETRIES_OFF)
+    send(stomp, broker_settings, run_message(facility=facility, instrument="WISH",
+                                             rb=3100001, run=31, script=DONE_SCRIPT))
+    seen = settle(reader, broker_settings, at_least=copies)
+    assert len(seen) == copies, [(d.destination, d.headers) for d in seen]
+    assert one_kind_one_identity(seen, job=job_of(31, 3100001)) == "ReductionComplete"
+    # Every copy says where the output is: the dispatcher's comes from the runner's record.
+    for copy in seen:
+        body = json.loads(copy.body)
+        assert body["reduction_data"], body
+        assert body["reduction_data"][0].endswith("/31/run-version-0"), body
+    if copies == 2:
+        assert seen[0].headers.get(POSSIBLE_REPEAT_HEADER) is None  # the runner's own
+
+
+def test_runner_hung_in_posting_then_its_pod_deleted(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str,
+) -> None:
+    # The pod is deleted (not just killed) while the runner waits for its receipt:
+    # our finalizer keeps the pod, and so the runner's "sending" record, until the
+    # dispatcher has read it. Without it the pod vanished and an Error was guessed.
+    start_dispatcher(runner=runner_env("after-store", action="hang"), retries=RETRIES_OFF)
+    send(stomp, broker_settings, run_message(facility=facility, instrument="WISH",
+                                             rb=3100002, run=32, script=DONE_SCRIPT))
+    core = k8s.CoreV1Api(kube.api_client())
+    reader.wait_for(lambda _: bool(finals(reader, broker_settings)), timeout=90)
+    pod = wait_until(lambda: next(iter(core.list_namespaced_pod(
+        namespace, label_selector=SELECTOR).items), None), timeout=30, what="the pod")
+    core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=2)
+    seen = settle(reader, broker_settings, at_least=2)
+    assert one_kind_one_identity(seen, job=job_of(32, 3100002)) == "ReductionComplete"
+    assert len(seen) == 2
+    # Once the outcome is settled the dispatcher lets the pod go.
+    wait_until(lambda: not core.list_namespaced_pod(namespace, label_selector=SELECTOR).items,
+               timeout=60, what="the released pod to go")
+
+
+@pytest.mark.parametrize(("point", "copies"), [("before-outcome-send", 1),
+                                               ("after-outcome-send", 2)])
+def test_dispatcher_stopped_at_each_step_of_its_own_post(
+    point: str, copies: int, start_dispatcher: Callable[..., DispatcherProcess],
+    stomp: StompClient, broker_settings: BrokerSettings, reader: QueueReader,
+    facility: Facility,
+) -> None:
+    # The runner dies silently (exit 137); the dispatcher that posts its error exits at
+    # the fault point; a healthy successor posts the verdict the first one recorded.
+    faulty = start_dispatcher(name="faulty", fault_point=point, retries=RETRIES_OFF)
+    send(stomp, broker_settings, run_message(facility=facility, instrument="WISH",
+                                             rb=3100003, run=33, script=CRASH_SCRIPT))
+    wait_until(lambda: faulty.process is not None and faulty.process.poll() is not None,
+               timeout=120, what="the dispatcher to reach its fault point")
+    assert faulty.process is not None and faulty.process.returncode == 137
+    assert f"fault point {point} reached" in faulty.log()
+    start_dispatcher(name="successor", retries=RETRIES_OFF)
+    seen = settle(reader, broker_settings, at_least=copies)
+    assert len(seen) == copies, [(d.destination, d.body[:300]) for d in seen]
+    assert one_kind_one_identity(seen, job=job_of(33, 3100003)) == "ReductionError"
+    messages = {json.loads(d.body)["message"] for d in seen}
+    assert len(messages) == 1, messages  # the same verdict, not a second opinion
+    assert "exited with code 137" in messages.pop()
