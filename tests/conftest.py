@@ -33,6 +33,8 @@ WORK_ROOT = Path(os.environ.get("AUTOREDUCE_TEST_WORKDIR", tempfile.gettempdir()
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="run the long fault/fuzz suites")
     parser.addoption("--update-golden", action="store_true", help="rewrite golden files")
+    parser.addoption("--repeat", type=int, default=1,
+                     help="run each long fault scenario this many times (one row each)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

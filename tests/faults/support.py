@@ -14,15 +14,16 @@ import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from autoreduce_common.broker_settings import BrokerSettings
+from autoreduce_common.pod_contract import OUTCOME_ID_HEADER, POSSIBLE_REPEAT_HEADER
 from autoreduce_common.stomp_client import BrokerError, Delivery, StompClient
 from kubernetes import client as k8s
+from kubernetes import watch as k8s_watch
 
+from tests.harness.checks import container_span, overlaps
 from tests.harness.product import Facility, read_timeline, run_message
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,22 +32,37 @@ SELECTOR = "autoreduce.io/managed=true"
 # The harness's timeline script plus an attempt id: a retried run (same file, new
 # version) is a separate span, and a killed attempt leaves a start without an end.
 # (Not the pid: every pod has its own PID namespace, so pids repeat.)
+# It notes a tick every 0.2 s while it sleeps, so a killed attempt's span ends at its
+# last tick rather than at its start; IGNORE_TERM makes it shrug off SIGTERM (the runner
+# then SIGKILLs it after kill_grace_s), which is when a too-early hand-off shows.
 TIMELINE_SCRIPT = """
-import json, os, time, uuid
+import json, os, signal, time, uuid
 SLEEP = {sleep}
+IGNORE_TERM = {ignore_term}
 def note(event, input_file, attempt):
     with open("/instrument/timeline.jsonl", "a") as f:
         f.write(json.dumps({{"event": event, "file": input_file, "t": time.time(),
                             "pid": attempt}}) + "\\n")
 def main(input_file, output_dir):
     attempt = uuid.uuid4().hex
+    if IGNORE_TERM:
+        signal.signal(signal.SIGTERM, lambda *_: note("sigterm", input_file, attempt))
     note("start", input_file, attempt)
-    time.sleep(SLEEP)
+    deadline = time.time() + SLEEP
+    while time.time() < deadline:
+        time.sleep(min(0.2, max(deadline - time.time(), 0)))
+        note("tick", input_file, attempt)
     with open(os.path.join(output_dir, "reduced.txt"), "w") as out:
         out.write("reduced " + input_file)
     note("end", input_file, attempt)
 """
-FAST_SCRIPT = TIMELINE_SCRIPT.format(sleep=0.02)
+
+
+def timeline_script(sleep: float, *, ignore_term: bool = False) -> str:
+    return TIMELINE_SCRIPT.format(sleep=sleep, ignore_term=ignore_term)
+
+
+FAST_SCRIPT = timeline_script(0.02)
 
 
 def http_status(port: int, path: str) -> int:
@@ -225,12 +241,11 @@ def burst(facility: Facility, *, runs: int, rbs: int, rb_base: int, run_base: in
 # -- the judge -------------------------------------------------------------------------
 
 
-def _ts(value: Any) -> float:
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-
-
-def exclusivity_violations(facility: Facility, jobs: list[dict[str, Any]]) -> int:
-    """Overlapping runs of one RB, from the scripts' timeline and the Jobs' own times."""
+def exclusivity_violations(facility: Facility, jobs: list[dict[str, Any]],
+                           pods: PodRecorder | None = None) -> int:
+    """Overlapping runs of one RB. Ground truth only: the scripts' own timeline (each
+    attempt from its start to its last tick or end) and, when ``pods`` recorded them,
+    the runner containers' real start and finish times from the kubelet."""
     rb_of: dict[int, str] = {}
     for job in jobs:
         labels = job["metadata"]["labels"]
@@ -241,36 +256,58 @@ def exclusivity_violations(facility: Facility, jobs: list[dict[str, Any]]) -> in
         run = int(stem[-8:])
         key = f"{run}@{event.get('pid', '')}"
         spans[rb_of.get(run, "?")].setdefault(key, []).append(event["t"])
-    violations = 0
-    for runs in spans.values():
-        intervals = sorted((min(ts), max(ts)) for ts in runs.values())
-        violations += sum(1 for (_, end), (start, _) in pairwise(intervals) if start < end)
-    per_rb: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for job in jobs:
-        status = job.get("status") or {}
-        end = _job_end(status)
-        if status.get("startTime") and end is not None:
-            rb = job["metadata"]["labels"]["autoreduce.io/rb-number"]
-            per_rb[rb].append((_ts(status["startTime"]), end))
-    for intervals in per_rb.values():
-        intervals.sort()
-        violations += sum(1 for (_, end), (start, _) in pairwise(intervals) if start < end)
+    violations = sum(overlaps((min(ts), max(ts)) for ts in runs.values())
+                     for runs in spans.values())
+    if pods is not None:
+        violations += sum(overlaps(rb_spans) for rb_spans in pods.spans_by_rb().values())
     return violations
 
 
-# The first condition that says the pod is done. completionTime is written only once
-# the Job controller has also cleaned up (after a control-plane outage, long after the
-# pod ended and the RB's next run started), so it overstates the run's span.
-_END_CONDITIONS = {"SuccessCriteriaMet", "FailureTarget", "Complete", "Failed"}
+class PodRecorder:
+    """Watches the runs' pods and keeps each runner container's last known span."""
 
+    def __init__(self, kube: Any, namespace: str) -> None:
+        self._kube = kube
+        self._namespace = namespace
+        self._spans: dict[str, tuple[str, tuple[float, float]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="pod-recorder")
 
-def _job_end(status: dict[str, Any]) -> float | None:
-    times = [_ts(c["lastTransitionTime"]) for c in status.get("conditions") or []
-             if c.get("type") in _END_CONDITIONS and c.get("status") == "True"
-             and c.get("lastTransitionTime")]
-    if times:
-        return min(times)
-    return _ts(status["completionTime"]) if status.get("completionTime") else None
+    def start(self) -> PodRecorder:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._kube.api_client() as api:
+                    core = k8s.CoreV1Api(api)
+                    for event in k8s_watch.Watch().stream(
+                            core.list_namespaced_pod, self._namespace, label_selector=SELECTOR,
+                            timeout_seconds=5, _preload_content=False):
+                        self._note(event["raw_object"])
+            except Exception:  # the API may be away (a control-plane fault): retry
+                self._stop.wait(0.5)
+
+    def _note(self, pod: dict[str, Any]) -> None:
+        span = container_span(pod)
+        if span is None:
+            return
+        rb = (pod["metadata"].get("labels") or {}).get("autoreduce.io/rb-number", "?")
+        with self._lock:
+            self._spans[pod["metadata"]["uid"]] = (rb, span)
+
+    def spans_by_rb(self) -> dict[str, list[tuple[float, float]]]:
+        by_rb: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        with self._lock:
+            for rb, span in self._spans.values():
+                by_rb[rb].append(span)
+        return by_rb
 
 
 def list_jobs(kube: Any, namespace: str) -> list[dict[str, Any]]:
@@ -289,7 +326,11 @@ class Figures:
     faults: int
     outcomes: int = 0
     lost: int = 0
-    duplicated: int = 0
+    duplicated: int = 0  # copies beyond the first: repeats + contradictory
+    repeats: int = 0  # later copies of the same kind (same identity): allowed, counted
+    contradictory: int = 0  # runs that got two different outcome kinds: never allowed
+    unmarked_repeats: int = 0  # repeats without the possible-repeat header
+    identity_mismatches: int = 0  # copies of one run's outcome with different ids
     jobs: int = 0
     duplicate_jobs: int = 0
     exclusivity_violations: int = 0
@@ -304,9 +345,12 @@ class Figures:
     duration_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    repetition: int = 1
+
     def check(self, *, dead_letters: int = 0) -> None:
         assert self.lost == 0, self
-        assert self.duplicated == 0 and self.duplicate_jobs == 0, self
+        assert self.contradictory == 0 and self.duplicate_jobs == 0, self
+        assert self.identity_mismatches == 0, self
         assert self.exclusivity_violations == 0, self
         assert self.pending_left == 0, self
         assert self.dead_letters == dead_letters and self.broker_dlq == 0, self
@@ -314,7 +358,7 @@ class Figures:
 
 def judge(
     *, figures: Figures, collector: Collector, kube: Any, namespace: str, facility: Facility,
-    sent: list[dict[str, Any]], settle_s: float = 3.0,
+    sent: list[dict[str, Any]], settle_s: float = 3.0, pods: PodRecorder | None = None,
 ) -> Figures:
     """Fill ``figures`` from the broker's and the API's records (call once all is done)."""
     time.sleep(settle_s)  # anything still to arrive would be a duplicate
@@ -333,11 +377,21 @@ def judge(
     figures.outcomes = sum(len(v) for v in finals.values())
     figures.lost = sum(1 for key in expected if not finals.get(key))
     figures.duplicated = sum(len(v) - 1 for v in finals.values() if len(v) > 1)
+    for copies in finals.values():
+        kinds = {seen.destination for seen in copies}
+        if len(kinds) > 1:
+            figures.contradictory += 1
+        else:
+            figures.repeats += len(copies) - 1
+            figures.unmarked_repeats += sum(
+                1 for seen in copies[1:] if seen.headers.get(POSSIBLE_REPEAT_HEADER) != "true")
+        if len({seen.headers.get(OUTCOME_ID_HEADER) for seen in copies}) > 1:
+            figures.identity_mismatches += 1
     figures.jobs = len(jobs)
     figures.duplicate_jobs = sum(n - 1 for n in job_keys.values() if n > 1)
     figures.retried_versions = sum(1 for _, version in job_keys if version > 0)
     figures.errors = len(collector.on("error"))
-    figures.exclusivity_violations = exclusivity_violations(facility, jobs)
+    figures.exclusivity_violations = exclusivity_violations(facility, jobs, pods)
     queues = collector.settings.queues
     figures.pending_left = browse_count(collector.settings, queues.pending)
     figures.dead_letters = len(collector.on("dead_letter"))
@@ -368,7 +422,10 @@ def record(figures: Figures) -> None:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         results = {}
-    results[f"{figures.scenario}/{figures.mode}"] = entry
+    key = f"{figures.scenario}/{figures.mode}"
+    if figures.mode == "long":  # every long repetition is a row of its own
+        key += f"/{entry['commit']}/{figures.repetition}"
+    results[key] = entry
     path.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
     (RESULTS / "faults.md").write_text(markdown(results))
 
@@ -392,9 +449,17 @@ def record_fuzz(*, mode: str, cases: int, sent: int, broker_refused: int, dead_l
     (RESULTS / "faults.md").write_text(markdown(results))
 
 
+def _repeats(entry: dict[str, Any]) -> str:
+    if "repeats" not in entry:  # a row from before repeats were told apart
+        return f"({entry['duplicated']} duplicated, kinds not told apart)"
+    unmarked = entry.get("unmarked_repeats", 0)
+    return f"{entry['repeats']}" + (f" ({unmarked} unmarked)" if unmarked else "")
+
+
 def markdown(results: dict[str, dict[str, Any]]) -> str:
-    head = ("| scenario | mode | runs | RBs | faults | outcomes | lost | duplicated | "
-            "dup Jobs | exclusivity violations | pending left | DLQ | retried | "
+    head = ("| scenario | mode | rep | runs | RBs | faults | outcomes | lost | contradictory | "
+            "repeats (same kind, same id) | dup Jobs | exclusivity violations | pending left | "
+            "DLQ | retried | "
             "recovery s (max) | first outcome after fault s (max) | duration s | "
             "when (UTC) | commit |")
     lines = [
@@ -404,7 +469,11 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
         "Every figure comes from the broker's and the API's own records: outcome messages "
         "(broker redeliveries counted once), Jobs, the scripts' timeline, a browse of the "
         "pending queue and the DLQs. Recovery = fault cleared until the dispatcher's "
-        "/readyz is 200 again.",
+        "/readyz is 200 again. Exclusivity is judged on the scripts' own timeline and the "
+        "runner containers' real start/finish times. A run that ever gets two different "
+        "outcome kinds is a failure; repeats of the same kind carry the same "
+        "`autoreduce-outcome-id` and are counted in their own column. Long scenarios run "
+        "several times (`--repeat N`): one row per repetition, with its commit.",
         "",
         head,
         "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|",
@@ -415,9 +484,10 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
         rec = max(entry.get("recovery_s") or [0])
         prog = max(entry.get("progress_s") or [0])
         lines.append(
-            f"| {entry['scenario']} | {entry['mode']} | {entry['runs']} | {entry['rbs']} | "
+            f"| {entry['scenario']} | {entry['mode']} | {entry.get('repetition', '-')} | "
+            f"{entry['runs']} | {entry['rbs']} | "
             f"{entry['faults']} | {entry['outcomes']} | {entry['lost']} | "
-            f"{entry['duplicated']} | {entry['duplicate_jobs']} | "
+            f"{entry.get('contradictory', '?')} | {_repeats(entry)} | {entry['duplicate_jobs']} | "
             f"{entry['exclusivity_violations']} | {entry['pending_left']} | "
             f"{entry['dead_letters'] + entry['broker_dlq']} | {entry['retried_versions']} | "
             f"{rec:.1f} | {prog:.1f} | {entry['duration_s']} | "

@@ -10,7 +10,10 @@ node run everything; nothing here is mocked.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,8 +24,15 @@ from kubernetes import client as k8s
 
 from dispatcher.identity import RunKey, job_name
 from tests.conftest import QueueReader
-from tests.harness.checks import SELECTOR, send
-from tests.harness.product import DispatcherProcess, Facility, run_message, wait_until
+from tests.faults.support import PodRecorder, timeline_script
+from tests.harness.checks import SELECTOR, overlaps, send
+from tests.harness.product import (
+    DispatcherProcess,
+    Facility,
+    read_timeline,
+    run_message,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -151,3 +161,67 @@ def test_dispatcher_stopped_at_each_step_of_its_own_post(
     messages = {json.loads(d.body)["message"] for d in seen}
     assert len(messages) == 1, messages  # the same verdict, not a second opinion
     assert "exited with code 137" in messages.pop()
+
+
+# -- the RB stays held until the holder's pod has really stopped ---------------------------
+
+
+def _kill_runner(kube: Any, pod: Any) -> None:
+    """SIGKILL the runner's processes on the node agent (the container dies at once)."""
+    node = kube.nodes[pod.spec.node_name]
+    pid_file = Path(node.workdir) / "pods" / pod.metadata.uid / "containers/runner/pid"
+    os.killpg(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+
+
+def test_the_next_run_waits_for_a_stopping_pod_whose_script_ignores_sigterm(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str,
+) -> None:
+    # Each RB's first run ignores SIGTERM (the runner SIGKILLs it kill_grace_s = 5 s
+    # later); its pod is killed, deleted, evicted or runs past its deadline. The RB's
+    # second run must not start before the first one's script and container stopped:
+    # the Job controller's first verdict (FailureTarget) comes seconds earlier.
+    start_dispatcher(retries=RETRIES_OFF,
+                     instruments={"SLOW": {"active_deadline_seconds": 4}})
+    recorder = PodRecorder(kube, namespace).start()
+    faults = {"WISH": "kill", "LET": "delete", "MARI": "evict", "SLOW": "deadline"}
+    stubborn, quick = timeline_script(30, ignore_term=True), timeline_script(0.3)
+    for index, instrument in enumerate(faults):
+        rb = 3200000 + index
+        for run, script in ((40 + index, stubborn), (50 + index, quick)):
+            send(stomp, broker_settings, run_message(facility=facility, instrument=instrument,
+                                                     rb=rb, run=run, script=script))
+    core = k8s.CoreV1Api(kube.api_client())
+    wait_until(lambda: len({e["file"] for e in read_timeline(facility)
+                            if e["event"] == "start"}) >= 4, timeout=90,
+               what="the four stubborn scripts to start")
+    pods = {p.metadata.labels["autoreduce.io/instrument"]: p for p in
+            core.list_namespaced_pod(namespace, label_selector=SELECTOR).items}
+    for instrument, fault in faults.items():
+        pod = pods[instrument]
+        if fault == "kill":
+            _kill_runner(kube, pod)
+        elif fault == "delete":
+            core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=20)
+        elif fault == "evict":
+            core.patch_namespaced_pod(pod.metadata.name, namespace, {
+                "metadata": {"annotations": {"autoreduce.test/evict": "true"}}})
+    seen = settle(reader, broker_settings, at_least=8, timeout=180)
+    recorder.stop()
+    by_run: dict[int, set[str]] = {}
+    for copy in seen:
+        by_run.setdefault(json.loads(copy.body)["run_number"], set()).add(copy.destination)
+    assert sorted(by_run) == [40, 41, 42, 43, 50, 51, 52, 53], by_run
+    assert all(len(kinds) == 1 for kinds in by_run.values()), by_run
+    # Ground truth: the scripts' own ticks and the containers' real start/finish times.
+    spans: dict[str, dict[str, list[float]]] = {}
+    for event in read_timeline(facility):
+        run = int(Path(event["file"]).stem[-8:])
+        spans.setdefault(str(run % 10), {}).setdefault(event["pid"], []).append(event["t"])
+    for rb_runs in spans.values():
+        assert overlaps((min(t), max(t)) for t in rb_runs.values()) == 0, spans
+    for rb, rb_spans in recorder.spans_by_rb().items():
+        assert overlaps(rb_spans) == 0, (rb, rb_spans)
+    # The stubborn scripts really outlived the first verdict: they noted SIGTERM.
+    assert {e["file"] for e in read_timeline(facility) if e["event"] == "sigterm"}

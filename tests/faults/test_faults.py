@@ -21,15 +21,16 @@ from autoreduce_common.broker_settings import BrokerSettings
 from kubernetes import client as k8s
 
 from tests.faults.support import (
-    TIMELINE_SCRIPT,
     Collector,
     Figures,
+    PodRecorder,
     Producer,
     burst,
     http_status,
     judge,
     list_jobs,
     record,
+    timeline_script,
     wait_ready,
 )
 from tests.harness.activemq import free_port
@@ -59,7 +60,8 @@ class Scenario:
     facility: Facility
     broker_settings: BrokerSettings
     start_dispatcher: Callable[..., DispatcherProcess]
-    script: str = TIMELINE_SCRIPT.format(sleep=0.02)
+    script: str = timeline_script(0.02)
+    repetition: int = 1
     settings: dict[str, Any] = field(default_factory=dict)
     dispatcher: DispatcherProcess | None = None
     port: int = 0
@@ -91,7 +93,9 @@ class Scenario:
     def run(self, inject: Callable[[Scenario], None], *, timeout: float,
             dead_letters: int = 0) -> Figures:
         self.port = free_port()
-        self.figures = Figures(self.name, self.mode, self.runs, self.rbs, faults=0)
+        self.figures = Figures(self.name, self.mode, self.runs, self.rbs, faults=0,
+                               repetition=self.repetition)
+        pods = PodRecorder(self.kube, self.namespace).start()
         self.dispatcher = self.start_dispatcher(http_port=self.port,
                                                 **{**FAULT_SETTINGS, **self.settings})
         wait_ready(self.port, timeout=60)
@@ -113,7 +117,7 @@ class Scenario:
             self.figures.duration_s = time.monotonic() - started
             assert self.dispatcher.alive(), self.dispatcher.log()[-3000:]
             judge(figures=self.figures, collector=self.collector, kube=self.kube,
-                  namespace=self.namespace, facility=self.facility, sent=bodies)
+                  namespace=self.namespace, facility=self.facility, sent=bodies, pods=pods)
             self.figures.producer_resends = self.producer.resends
             self.figures.progress_s = [
                 p for p in (self.collector.first_final_after(t) for t in self.cleared)
@@ -121,6 +125,7 @@ class Scenario:
             ]
         finally:
             self.collector.stop()
+            pods.stop()
         record(self.figures)
         self.figures.check(dead_letters=dead_letters)
         return self.figures
@@ -176,6 +181,13 @@ class Scenario:
         )
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``--repeat N`` runs each long scenario N times: one lucky run is no evidence."""
+    if "repetition" in metafunc.fixturenames:
+        count = int(metafunc.config.getoption("--repeat"))
+        metafunc.parametrize("repetition", range(1, count + 1))
+
+
 @pytest.fixture
 def scenario(
     kube: Any, namespace: str, facility: Facility, broker_settings: BrokerSettings,
@@ -183,6 +195,8 @@ def scenario(
 ) -> Iterator[Callable[..., Scenario]]:
     def make(name: str, *, runs: int, rbs: int, **kwargs: Any) -> Scenario:
         mode = "long" if request.node.get_closest_marker("slow") else "short"
+        callspec = getattr(request.node, "callspec", None)
+        kwargs.setdefault("repetition", callspec.params.get("repetition", 1) if callspec else 1)
         return Scenario(name=name, mode=mode, runs=runs, rbs=rbs, kube=kube,
                         namespace=namespace, facility=facility,
                         broker_settings=broker_settings, start_dispatcher=start_dispatcher,
@@ -220,7 +234,9 @@ def test_dispatcher_sigkilled_during_a_burst(scenario: Callable[..., Scenario]) 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_dispatcher_sigkilled_during_a_burst_long(scenario: Callable[..., Scenario]) -> None:
+def test_dispatcher_sigkilled_during_a_burst_long(
+    repetition: int, scenario: Callable[..., Scenario],
+) -> None:
     scenario("dispatcher-sigkill", runs=1000, rbs=100).run(
         sigkill_dispatcher(kills=24, seed=2), timeout=2400)
 
@@ -247,7 +263,9 @@ def test_broker_restarted_mid_burst(scenario: Callable[..., Scenario], broker: A
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_broker_restarted_mid_burst_long(scenario: Callable[..., Scenario], broker: Any) -> None:
+def test_broker_restarted_mid_burst_long(
+    repetition: int, scenario: Callable[..., Scenario], broker: Any,
+) -> None:
     scenario("broker-restart", runs=300, rbs=30).run(
         restart_broker(broker, [signal.SIGTERM, signal.SIGKILL] * 3), timeout=1800)
 
@@ -284,7 +302,9 @@ def test_broker_frozen_then_thawed(scenario: Callable[..., Scenario], broker: An
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_broker_frozen_then_thawed_long(scenario: Callable[..., Scenario], broker: Any) -> None:
+def test_broker_frozen_then_thawed_long(
+    repetition: int, scenario: Callable[..., Scenario], broker: Any,
+) -> None:
     scenario("broker-freeze", runs=200, rbs=20).run(freeze_broker(broker, 60), timeout=1200)
 
 
@@ -325,7 +345,7 @@ def test_apiserver_and_etcd_stopped_mid_burst(
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_apiserver_and_etcd_stopped_mid_burst_long(
-    scenario: Callable[..., Scenario], kube: Any,
+    repetition: int, scenario: Callable[..., Scenario], kube: Any,
 ) -> None:
     scenario("control-plane-stop", runs=300, rbs=30).run(stop_control_plane(kube, 30),
                                                           timeout=1800)
@@ -377,16 +397,16 @@ def kill_runner_pods(kube: Any, namespace: str, kills: int, seed: int
 def test_runner_pods_killed_at_random(
     scenario: Callable[..., Scenario], kube: Any, namespace: str,
 ) -> None:
-    scenario("runner-pod-kill", runs=30, rbs=10, script=TIMELINE_SCRIPT.format(sleep=1.5)).run(
+    scenario("runner-pod-kill", runs=30, rbs=10, script=timeline_script(1.5, ignore_term=True)).run(
         kill_runner_pods(kube, namespace, kills=6, seed=3), timeout=240)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_runner_pods_killed_at_random_long(
-    scenario: Callable[..., Scenario], kube: Any, namespace: str,
+    repetition: int, scenario: Callable[..., Scenario], kube: Any, namespace: str,
 ) -> None:
     # Runs long enough (15 per RB, 4 s each) that 40 kills land while pods run.
-    scenario("runner-pod-kill", runs=300, rbs=20, script=TIMELINE_SCRIPT.format(sleep=4)).run(
+    scenario("runner-pod-kill", runs=300, rbs=20, script=timeline_script(4, ignore_term=True)).run(
         kill_runner_pods(kube, namespace, kills=40, seed=4), timeout=1800)
 
