@@ -20,7 +20,7 @@ import jinja2
 from autoreduce_common.messages import MessageError, Outcome, ReductionMessage, parse_run
 from autoreduce_common.stomp_client import BrokerError
 
-from dispatcher import admission
+from dispatcher import admission, failures
 from dispatcher.config import DispatcherSettings
 from dispatcher.controller import Controller
 from dispatcher.identity import Labels, RunKey, job_name, run_key
@@ -34,6 +34,7 @@ from dispatcher.manifests import (
     render_config_map,
     render_job,
 )
+from dispatcher.outcome_state import VERDICT_KEY, OutcomeState, state_of
 from dispatcher.reporting import Reporter, error_body
 
 log = logging.getLogger(__name__)
@@ -193,14 +194,14 @@ class Dispatcher:
         """
         outcome_key = self.labels.key("outcome")
         annotations = (marker.get("metadata") or {}).get("annotations") or {}
-        if annotations.get(outcome_key) == "Error":
+        if annotations.get(outcome_key) == OutcomeState.CANCELLED:
             run_logger(log, key).info("dropped %s again: it was cancelled", key.describe())
             return
         self.reporter.post(
             Outcome.ERROR, error_body(raw, message="Run cancelled before it was dispatched"),
             outcome_id=job_name(key), possible_repeat=annotations.get(outcome_key) is not None,
         )
-        self.kube.annotate_job(job_name(key), {outcome_key: "Error"})
+        self.kube.annotate_job(job_name(key), {outcome_key: OutcomeState.CANCELLED})
         self._count("dropped")
         self._count_outcome("CancelledBeforeDispatch")
         run_logger(log, key).info("dropped %s: it was cancelled before it arrived", key.describe())
@@ -219,28 +220,46 @@ class Dispatcher:
             run_logger(log, key).info("cancel for %s ignored: it already finished", key.describe())
             return Verdict.ACK
         running = not admission.is_suspended(job)
-        note = "Run cancelled while reducing" if running else "Run cancelled while waiting"
-        run_raw = self._message_of(key) or {k: v for k, v in raw.items() if k != "cancel"}
-        outcome_key = self.labels.key("outcome")
-        annotations = (job.get("metadata") or {}).get("annotations") or {}
-        if annotations.get(outcome_key) != "Error":
-            # Claim the outcome first so the finished-Job hook never posts a second
-            # one; mark it posted only after the broker confirmed the send.
-            repeat = annotations.get(outcome_key) == "Cancelling"
-            self.kube.annotate_job(job_name(key), {outcome_key: "Cancelling"})
-            self.reporter.post(Outcome.ERROR, error_body(run_raw, message=note),
-                               outcome_id=job_name(key), possible_repeat=repeat)
-            self._count_outcome("Cancelled")
-            self.kube.annotate_job(job_name(key), {outcome_key: "Error"})
-            self.kube.record_event(job=job, reason="Cancelled", note=note)
-        self.kube.delete_job(
-            job_name(key), propagation="Foreground" if running else "Background", grace_s=30
-        )
+        name = job_name(key)
+        state = state_of(((job.get("metadata") or {}).get("annotations") or {}).get(
+            self.labels.key("outcome")))
+        if running and self.controller.pods.of_job(name):
+            # Its runner may be about to post (or posting) its own outcome: stop the
+            # pods first; the outcome path settles it from the runner's record once they
+            # have stopped, so a run never gets both a Complete and "cancelled".
+            if state is None:
+                self.kube.annotate_job(name, {self.labels.key("outcome"):
+                                              OutcomeState.CANCELLING})
+                self.kube.record_event(job=job, reason="Cancelled",
+                                       note="Run cancelled while reducing: stopping its pod")
+        elif state not in (OutcomeState.CANCELLED, OutcomeState.CANCELLING):
+            self._post_cancelled(key, job, raw, state=state, running=running)
+        self.kube.delete_job(name, propagation="Foreground" if running else "Background",
+                             grace_s=30)
         self.controller.enqueue(key.rb_number)
         run_logger(log, key).info(
             "cancelled %s (%s)", key.describe(), "running" if running else "waiting"
         )
         return Verdict.ACK
+
+    def _post_cancelled(self, key: RunKey, job: dict[str, Any], raw: dict[str, Any], *,
+                        state: OutcomeState | None, running: bool) -> None:
+        """A waiting run (or a running one whose pod does not exist yet): no runner can
+        have posted, so the cancellation's error is the outcome."""
+        note = "Run cancelled while reducing" if running else "Run cancelled while waiting"
+        run_raw = self._message_of(key) or {k: v for k, v in raw.items() if k != "cancel"}
+        name, outcome_key = job_name(key), self.labels.key("outcome")
+        # Claim first so the outcome path never posts a second one; mark it posted only
+        # after the broker confirmed the send.
+        verdict = failures.Verdict(False, "Cancelled", note, transient=False)
+        recorded = failures.render_verdict(verdict)
+        self.kube.annotate_job(name, {outcome_key: OutcomeState.HANDLING,
+                                      self.labels.key(VERDICT_KEY): recorded})
+        self.reporter.post(Outcome.ERROR, error_body(run_raw, message=note), outcome_id=name,
+                           possible_repeat=state is OutcomeState.HANDLING)
+        self._count_outcome("Cancelled")
+        self.kube.annotate_job(name, {outcome_key: OutcomeState.CANCELLED})
+        self.kube.record_event(job=job, reason="Cancelled", note=note)
 
     def _remember_cancel(self, key: RunKey) -> None:
         """Park a cancellation for a run we have not seen, as a Job under the run's name.

@@ -62,6 +62,19 @@ def _resend(report: TerminationReport) -> Verdict:
     )
 
 
+def cancelled(*, job: Obj, pods: list[Obj], note: str) -> Verdict:
+    """The verdict for a running run that was cancelled, once its pods have stopped."""
+    del job  # the Job says only that it is being deleted
+    reports = [r for r in (runner_report(p) for p in pods) if r is not None]
+    posted = next((r for r in reports if r.posted), None)
+    if posted is not None:
+        return Verdict(True, "Posted", posted.message, transient=False)
+    sending = next((r for r in reports if r.maybe_sent and r.outcome is not None), None)
+    if sending is not None:
+        return _resend(sending)
+    return Verdict(False, "Cancelled", note, transient=False)
+
+
 def _job_condition(job: Obj) -> Obj:
     for condition in (job.get("status") or {}).get("conditions") or []:
         if (

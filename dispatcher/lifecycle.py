@@ -24,18 +24,17 @@ from dispatcher import admission, failures, faults
 from dispatcher.identity import Labels
 from dispatcher.kube import Conflict, Kube, KubeError, NotFound
 from dispatcher.logs import job_logger
-from dispatcher.pods import PodCache, PodView
+from dispatcher.outcome_state import IN_PROGRESS, SETTLED, VERDICT_KEY, OutcomeState, state_of
+from dispatcher.pods import PodCache, PodView, pod_view
 from dispatcher.reporting import Reporter, error_body
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
-CLAIMED = "Handling"
-DONE = "Done"
-CANCELLED = "Error"  # written by a cancellation once its ReductionError is posted
-SETTLED = frozenset({DONE, CANCELLED})
-VERDICT_ANNOTATION = "outcome-verdict"  # the verdict being posted, recorded before the send
+CLAIMED = OutcomeState.HANDLING
+DONE = OutcomeState.DONE
 ATTEMPT_HEADER = "autoreduce-attempt"
+CANCELLED_RUNNING = "Run cancelled while reducing"
 LOG_TAIL_LINES = 20
 
 
@@ -85,13 +84,19 @@ class Lifecycle:
 
     def on_pod_stopped(self, pod: PodView, job: Obj | None) -> None:
         """Hook for the pod watch: a stopped pod still held by our finalizer."""
+        if job is not None and self._state(job) is OutcomeState.CANCELLING:
+            self._pool.submit(self._guarded, job)  # a cancelled run: its pods have stopped
+            return
         if job is not None and not (admission.succeeded(job) or self._settled(job)):
             return  # its Job's verdict (on_finished) settles the outcome, then releases
         self._pool.submit(self._release_stopped, pod, job is None)
 
-    def _settled(self, job: Obj) -> bool:
+    def _state(self, job: Obj) -> OutcomeState | None:
         annotations = job.get("metadata", {}).get("annotations") or {}
-        return annotations.get(self.labels.key("outcome")) in SETTLED
+        return state_of(annotations.get(self.labels.key("outcome")))
+
+    def _settled(self, job: Obj) -> bool:
+        return self._state(job) in SETTLED
 
     def _release_stopped(self, pod: PodView, unknown_job: bool) -> None:
         try:
@@ -141,8 +146,10 @@ class Lifecycle:
             self.on_gave_up(name)
 
     def _handled(self, job: Obj) -> bool:
+        """Settled, or left to a step that is not ours (a state we do not know)."""
         annotations = job.get("metadata", {}).get("annotations") or {}
-        return annotations.get(self.labels.key("outcome")) not in (None, "", CLAIMED)
+        value = annotations.get(self.labels.key("outcome"))
+        return bool(value) and state_of(value) not in IN_PROGRESS
 
     def handle_failed(self, job: Obj) -> None:
         name = admission.name_of(job)
@@ -153,6 +160,9 @@ class Lifecycle:
             self._settle(job, recorded, raw=self._message(name))
             return
         pods = self.kube.list_pods(selector=f"batch.kubernetes.io/job-name={name}")
+        if self._state(job) is OutcomeState.CANCELLING:
+            self._settle_cancelled(job, pods)
+            return
         verdict = failures.classify(job=job, pods=pods, log_tail="")
         if verdict.posted_by_runner and not (verdict.transient and self.retry.by_dispatcher):
             self.release_pods(name)  # the runner reported and nothing is to be retried
@@ -163,6 +173,20 @@ class Lifecycle:
         if claimed is None:
             return
         self._settle(claimed, verdict, raw=self._message(name))
+
+    def _settle_cancelled(self, job: Obj, pods: list[Obj]) -> None:
+        """A running run was cancelled and its pods have stopped: the runner's outcome
+        stands if it had begun to send one; else the cancellation's error is posted."""
+        if any(pod_view(pod, labels=self.labels).live for pod in pods):
+            return  # still stopping: its stopped-pod event brings us back
+        verdict = failures.cancelled(job=job, pods=pods, note=CANCELLED_RUNNING)
+        if verdict.posted_by_runner:
+            self.kube.annotate_job(admission.name_of(job), {self.labels.key("outcome"): DONE})
+            self.release_pods(admission.name_of(job))
+            return
+        claimed = self._claim(job, verdict)
+        if claimed is not None:
+            self._settle(claimed, verdict, raw=self._message(admission.name_of(job)))
 
     def _settle(self, job: Obj, verdict: failures.Verdict, *, raw: Obj) -> None:
         name = admission.name_of(job)
@@ -179,7 +203,7 @@ class Lifecycle:
         annotations = job.get("metadata", {}).get("annotations") or {}
         if annotations.get(self.labels.key("outcome")) != CLAIMED:
             return None
-        verdict = failures.parse_verdict(annotations.get(self.labels.key(VERDICT_ANNOTATION)))
+        verdict = failures.parse_verdict(annotations.get(self.labels.key(VERDICT_KEY)))
         if verdict is None:
             return None
         return dataclasses.replace(verdict, possible_repeat=True)
@@ -193,13 +217,13 @@ class Lifecycle:
             # Claimed by a dispatcher of the first version (no recorded verdict):
             # finish it. At worst this repeats a post sent just before the crash.
             return self.kube.annotate_job(name, {
-                self.labels.key(VERDICT_ANNOTATION): failures.render_verdict(
+                self.labels.key(VERDICT_KEY): failures.render_verdict(
                     dataclasses.replace(verdict, possible_repeat=True))})
         try:
             return self.kube.annotate_job(
                 name,
                 {self.labels.key("outcome"): CLAIMED,
-                 self.labels.key(VERDICT_ANNOTATION): failures.render_verdict(verdict)},
+                 self.labels.key(VERDICT_KEY): failures.render_verdict(verdict)},
                 resource_version=job["metadata"]["resourceVersion"],
             )
         except Conflict:

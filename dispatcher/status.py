@@ -16,6 +16,7 @@ from typing import Any
 
 from dispatcher import admission, failures
 from dispatcher.identity import Labels
+from dispatcher.outcome_state import OutcomeState
 
 Obj = Mapping[str, Any]
 
@@ -96,7 +97,7 @@ def _finish(job: Obj, labels: Labels, pods: Sequence[Obj]) -> tuple[str, str]:
         report = failures.runner_report(dict(pod))
         if report is not None and report.outcome is not None:
             return report.outcome.value, report.message[:200]
-    if claimed == "Error":
+    if claimed == OutcomeState.CANCELLED:
         return "Cancelled", "cancelled by a cancel message"
     if admission.succeeded(dict(job)):
         return "Complete", ""

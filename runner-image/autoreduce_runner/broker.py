@@ -9,6 +9,7 @@ from typing import Any
 
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.messages import encode
+from autoreduce_common.pod_contract import POSSIBLE_REPEAT_HEADER
 from autoreduce_common.stomp_client import BrokerError, StompClient
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ class Poster:
             log.warning(
                 "send to %s not confirmed (%s); reconnecting to send it again", destination, error
             )
-            self._send_once(destination, body, headers, None)
+            # The first copy may have reached the broker with only its receipt lost.
+            again = {**(headers or {}), POSSIBLE_REPEAT_HEADER: "true"}
+            self._send_once(destination, body, again, None)
 
     def _send_once(self, destination: str, body: bytes, headers: dict[str, str] | None,
                    on_sent: Callable[[], None] | None) -> None:

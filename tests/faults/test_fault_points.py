@@ -138,6 +138,22 @@ def test_runner_hung_in_posting_then_its_pod_deleted(
                timeout=60, what="the released pod to go")
 
 
+def test_a_cancel_that_meets_a_runner_sending_complete_keeps_the_complete(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+) -> None:
+    # The runner's Complete is on the broker (receipt unread, the runner hangs there)
+    # when the cancellation arrives: the run must not also get "cancelled".
+    start_dispatcher(runner=runner_env("after-store", action="hang"), retries=RETRIES_OFF)
+    run = run_message(facility=facility, instrument="WISH", rb=3100004, run=34,
+                      script=DONE_SCRIPT)
+    send(stomp, broker_settings, run)
+    reader.wait_for(lambda _: bool(finals(reader, broker_settings)), timeout=90)
+    send(stomp, broker_settings, {**run, "cancel": True})
+    seen = settle(reader, broker_settings, at_least=2, timeout=120)
+    assert one_kind_one_identity(seen, job=job_of(34, 3100004)) == "ReductionComplete"
+
+
 @pytest.mark.parametrize(("point", "copies"), [("before-outcome-send", 1),
                                                ("after-outcome-send", 2)])
 def test_dispatcher_stopped_at_each_step_of_its_own_post(

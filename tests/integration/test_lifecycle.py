@@ -273,12 +273,13 @@ def test_cancelling_a_running_run_stops_it_and_frees_the_rb(
     names = [j.metadata.name for j in batch.list_namespaced_job(namespace,
                                                                 label_selector=SELECTOR).items]
     assert not any("-51-" in name for name in names)
-    # The Job is gone; its story is not. The cancel posted the outcome, not the watch.
+    # The Job is gone; its story is not. The cancel stopped the pod; once it had
+    # stopped, the outcome path posted the error (the runner had not begun to send one).
     cancelled = name_of("WISH", 2400001, 51)
     assert event_of(kube, namespace, cancelled, "Cancelled") == (
-        "Normal", "Run cancelled while reducing")
-    assert "OutcomePosted" not in [r for r, _, _ in
-                                   dispatcher_events(kube, namespace, cancelled)]
+        "Normal", "Run cancelled while reducing: stopping its pod")
+    assert event_of(kube, namespace, cancelled, "OutcomePosted") == (
+        "Warning", "ReductionError on the run's behalf: Cancelled")
 
 
 def test_global_cap_bounds_running_reductions(
