@@ -96,7 +96,9 @@ def _finish(job: Obj, labels: Labels, pods: Sequence[Obj]) -> tuple[str, str]:
     for pod in pods:
         report = failures.runner_report(dict(pod))
         if report is not None and report.outcome is not None:
-            return report.outcome.value, report.message[:200]
+            detail = report.message or (
+                "output in " + ", ".join(report.reduction_data) if report.reduction_data else "")
+            return report.outcome.value, detail[:200]
     if claimed == OutcomeState.CANCELLED:
         return "Cancelled", "cancelled by a cancel message"
     if admission.succeeded(dict(job)):

@@ -498,7 +498,7 @@ def test_install_dispatch_upgrade_uninstall(
         text = command.replace("<ns>", namespace)
         if "|" in text:  # a pipeline: run it as the README reader's shell would
             env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig),
-                   "PATH": f"{Path(kube.kubectl_binary()).parent}:{os.environ['PATH']}"}
+                   "PATH": f"{Path(kube.kubectl_binary).parent}:{os.environ['PATH']}"}
             result = subprocess.run(["bash", "-c", text], capture_output=True, text=True,
                                     env=env, timeout=120, check=False)
         else:

@@ -239,7 +239,8 @@ def assert_error_exit(run: JobRun, body: dict[str, Any]) -> None:
     assert run.condition == "Failed"
     assert body["retry_in"] is None
     assert run.termination == {
-        "outcome": "Error", "posted": True, "retry_in": None, "message": body["message"]
+        "stage": "posted", "outcome": "Error", "posted": True, "retry_in": None,
+        "message": body["message"], "reduction_data": [],
     }
 
 
@@ -281,7 +282,8 @@ def test_runner_job_posts_complete_and_kubectl_logs_show_the_script(
         assert line in body["reduction_log"]
         assert line in logs.stdout, logs.stdout[-3000:]
     assert run.termination == {
-        "outcome": "Complete", "posted": True, "retry_in": None, "message": f"output in {FINAL}"
+        "stage": "posted", "outcome": "Complete", "posted": True, "retry_in": None,
+        "message": "", "reduction_data": [FINAL],
     }
 
 
@@ -306,7 +308,8 @@ def test_runner_job_skipped_run_exits_0_and_says_skipped_in_the_termination_mess
     assert run.condition == "Complete"
     # ...told apart by the termination message, which the README's jsonpath reads.
     assert run.termination == {
-        "outcome": "Skipped", "posted": True, "retry_in": None, "message": body["message"]
+        "stage": "posted", "outcome": "Skipped", "posted": True, "retry_in": None,
+        "message": body["message"], "reduction_data": [],
     }
     shown = kube.kubectl("get", "pods", "-n", namespace, "-l", f"job-name={run.name}",
                          "-o", f"jsonpath={TERMINATION_JSONPATH}")  # fmt: skip

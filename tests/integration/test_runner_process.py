@@ -262,10 +262,12 @@ def test_web_variables_applied_output_copied_and_complete_posted(
     )
     assert "advanced_vars" in log_file.read_text()
     assert ran.termination == {
+        "stage": "posted",
         "outcome": "Complete",
         "posted": True,
         "retry_in": None,
-        "message": f"output in {final}, {extra}",
+        "message": "",  # the outcome's own message field: none on success
+        "reduction_data": [str(final), str(extra)],
     }
 
 
@@ -572,10 +574,12 @@ def test_unwritable_output_is_a_permission_problem_with_retry_in(
     assert body["retry_in"] == 21600
     assert body["message"].startswith("Permission problem: cannot write to"), body["message"]
     assert ran.termination == {
+        "stage": "posted",
         "outcome": "Error",
         "posted": True,
         "retry_in": 21600,
         "message": body["message"],
+        "reduction_data": [],
     }
 
 
