@@ -62,9 +62,8 @@ def _resend(report: TerminationReport) -> Verdict:
     )
 
 
-def cancelled(*, job: Obj, pods: list[Obj], note: str) -> Verdict:
+def cancelled(*, pods: list[Obj], note: str) -> Verdict:
     """The verdict for a running run that was cancelled, once its pods have stopped."""
-    del job  # the Job says only that it is being deleted
     reports = [r for r in (runner_report(p) for p in pods) if r is not None]
     posted = next((r for r in reports if r.posted), None)
     if posted is not None:

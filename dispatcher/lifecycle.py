@@ -179,7 +179,7 @@ class Lifecycle:
         stands if it had begun to send one; else the cancellation's error is posted."""
         if any(pod_view(pod, labels=self.labels).live for pod in pods):
             return  # still stopping: its stopped-pod event brings us back
-        verdict = failures.cancelled(job=job, pods=pods, note=CANCELLED_RUNNING)
+        verdict = failures.cancelled(pods=pods, note=CANCELLED_RUNNING)
         if verdict.posted_by_runner:
             self.kube.annotate_job(admission.name_of(job), {self.labels.key("outcome"): DONE})
             self.release_pods(admission.name_of(job))
