@@ -45,6 +45,7 @@ from devstack.paths import bin_dir
 from devstack.pki import ClusterAccess, issue_client_cert, write_kubeconfig
 from devstack.process import Process, run
 
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 PAUSE_IMAGE = "autoreduce.local/pause:1"
 CNI_BIN_DIR = Path("/usr/lib/cni")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -421,9 +422,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             return None
 
     def ready(self) -> bool:
+        """Ready as the scheduler sees it: the kubelet reports Ready *and* the node
+        lifecycle controller has lifted the not-ready taint every kubelet registers
+        with. The taint lags the condition by up to a node-monitor period, and a pod
+        scheduled in that gap waits or is evicted."""
         node = self.node_status() or {}
         conditions = node.get("status", {}).get("conditions", [])
-        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        taints = node.get("spec", {}).get("taints") or []
+        return any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
+        ) and not any(t.get("key") == NOT_READY_TAINT for t in taints)
 
     # -- stop --------------------------------------------------------------------
 
