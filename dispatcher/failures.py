@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from autoreduce_common.messages import Outcome
-from autoreduce_common.pod_contract import ExitCode, TerminationReport, parse_report
+from autoreduce_common.pod_contract import (
+    UNKNOWN_LIMIT,
+    ExitCode,
+    TerminationReport,
+    out_of_memory_message,
+    parse_report,
+    render_memory,
+)
 
 Obj = dict[str, Any]
 
@@ -92,11 +102,39 @@ def _terminated(pod: Obj) -> Obj:
     return {}
 
 
+# A Kubernetes quantity: a number, then a binary or decimal suffix or an exponent.
+_QUANTITY = re.compile(
+    r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m|[eE][+-]?[0-9]+)?"
+)
+_SUFFIX_SCALE = {
+    "": Decimal(1), "m": Decimal("0.001"),
+    **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: Decimal(1000) ** (i + 1) for i, s in enumerate(("k", "M", "G", "T", "P", "E"))},
+}  # fmt: skip
+
+
+def quantity_bytes(text: str) -> int | None:
+    """A memory quantity ("256Mi", "1G", "1e9", "268435456") in bytes, rounded up as
+    Kubernetes does; None when it is not one."""
+    match = _QUANTITY.fullmatch(text.strip())
+    if match is None:
+        return None
+    number, suffix = Decimal(match[1]), match[2] or ""
+    exponent = suffix not in _SUFFIX_SCALE  # "e9", "E3" ("E" alone is exa)
+    scale = Decimal(10) ** int(suffix[1:]) if exponent else _SUFFIX_SCALE[suffix]
+    return math.ceil(number * scale)
+
+
 def _memory_limit(job: Obj) -> str:
+    """The runner's memory limit as the runner itself would render it from its cgroup."""
     containers = (((job.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
         "containers"
     ) or [{}]
-    return str(((containers[0].get("resources") or {}).get("limits") or {}).get("memory", "?"))
+    limit = ((containers[0].get("resources") or {}).get("limits") or {}).get("memory")
+    if limit is None:
+        return UNKNOWN_LIMIT
+    count = quantity_bytes(str(limit))
+    return render_memory(count) if count else str(limit)
 
 
 def classify(*, job: Obj, pods: list[Obj], log_tail: str) -> Verdict:
@@ -174,7 +212,7 @@ def _pod_verdict(*, job: Obj, pod: Obj, log_tail: str) -> Verdict | None:
         return Verdict(
             False,
             "OOMKilled",
-            f"Reduction ran out of memory (limit {_memory_limit(job)}) and was killed",
+            out_of_memory_message(limit=_memory_limit(job)),
             transient=False,
         )
     if not terminated:

@@ -3,7 +3,9 @@
 - the exit codes of the runner container;
 - the termination report: the JSON the runner writes to its termination-message file
   and the dispatcher reads back from the pod status (written and parsed here only);
-- the headers every outcome message carries, whoever sends it.
+- the headers every outcome message carries, whoever sends it;
+- the text of an out-of-memory ReductionError, whoever saw the OOM kill (the runner,
+  from its memory cgroup, or the dispatcher, from an ``OOMKilled`` container status).
 
 The termination report is how "exactly one outcome kind per run" survives a kill at
 any instant. The runner records what it is about to send *before* it sends
@@ -125,6 +127,35 @@ def _outcome(value: Any) -> Outcome | None:
         return Outcome(value)
     except ValueError:
         return None
+
+
+# Binary units, largest first, for memory limits in messages (Kubernetes' suffixes).
+_MEMORY_UNITS = (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10))
+UNKNOWN_LIMIT = "?"  # no limit, or none could be read
+
+
+def render_memory(count: int) -> str:
+    """A byte count as a user wrote it in a pod spec, where possible.
+
+    A whole number of Mi, Gi or Ti is exact ("256Mi", "8Gi"); anything else (a decimal
+    "1G", or what cgroup v1 rounded down to whole pages) is shown to one decimal place
+    ("953.7Mi"), so the runner, which reads bytes from its cgroup, and the dispatcher,
+    which reads the Job's quantity, say the same thing for the same limit. Ki is exact
+    only below 1Mi: every page-rounded limit is a whole number of Ki ("976560Ki").
+    """
+    for suffix, size in _MEMORY_UNITS:
+        exact_unit = suffix != "Ki" or count < 1 << 20
+        if count >= size and count % size == 0 and exact_unit:
+            return f"{count // size}{suffix}"
+    for suffix, size in _MEMORY_UNITS:
+        if count >= size:
+            return f"{count / size:.1f}{suffix}"
+    return str(count)
+
+
+def out_of_memory_message(*, limit: str) -> str:
+    """The ReductionError text for a run killed for memory (``limit`` already rendered)."""
+    return f"Reduction ran out of memory (limit {limit}) and was killed"
 
 
 def outcome_headers(*, outcome_id: str, possible_repeat: bool) -> dict[str, str]:

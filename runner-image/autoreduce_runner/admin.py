@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 from autoreduce_common.messages import Outcome, ReductionMessage
 
 from autoreduce_runner.config import RunnerSettings
+from autoreduce_runner.oom import MemorySample, oom_verdict, read_sample
 from autoreduce_runner.outputs import (
     PermissionProblem,
     ensure_writable_dir,
@@ -158,6 +159,7 @@ def _reduce_in(
     capture = BoundedCapture(limit=settings.log_caps.reduction_log * 4)
     log_path = Path(plan.layout.log_dir) / plan.layout.log_file
     log.info("running reduce.py (timeout %g s); script log %s", settings.timeout_s, log_path)
+    memory_before = read_sample(root=settings.cgroup_root)
     with log_path.open("ab") as log_file:
         supervised = supervise(
             argv=[sys.executable, "-m", CHILD_MODULE, str(job_path)],
@@ -167,8 +169,10 @@ def _reduce_in(
         )
     log.info("script process ended: status %s after %.1f s", supervised.returncode,
              supervised.duration_s)
+    memory = (memory_before, read_sample(root=settings.cgroup_root))
     reduction_log = capture.text(limit_chars=settings.log_caps.reduction_log)
-    result = _conclude(scratch=scratch, settings=settings, plan=plan, supervised=supervised)
+    result = _conclude(scratch=scratch, settings=settings, plan=plan, supervised=supervised,
+                       memory=memory)
     return RunResult(outcome=result.outcome, message=result.message, retry_in=result.retry_in,
                      reduction_data=result.reduction_data, reduction_log=reduction_log)
 
@@ -194,8 +198,19 @@ def _read_result(path: Path) -> dict[str, Any] | None:
     return result if isinstance(result, dict) else None
 
 
+def _crash_verdict(*, returncode: int, memory: tuple[MemorySample, MemorySample]) -> str:
+    before, after = memory
+    out_of_memory = oom_verdict(returncode=returncode, before=before, after=after)
+    if out_of_memory is not None:
+        log.info("the memory cgroup counted an OOM kill during the run (%s -> %s)",
+                 before.oom_kills, after.oom_kills)
+        return out_of_memory
+    return _crash_text(returncode)
+
+
 def _conclude(
-    *, scratch: Path, settings: RunnerSettings, plan: Plan, supervised: Supervised
+    *, scratch: Path, settings: RunnerSettings, plan: Plan, supervised: Supervised,
+    memory: tuple[MemorySample, MemorySample],
 ) -> RunResult:
     if supervised.stopped:
         return error("Reduction stopped: the runner was told to terminate (deadline, "
@@ -205,7 +220,7 @@ def _conclude(
                      "the script's processes were killed")
     result = _read_result(scratch / "result.json")
     if result is None:
-        return error(_crash_text(supervised.returncode))
+        return error(_crash_verdict(returncode=supervised.returncode, memory=memory))
     return _from_result(result, scratch=scratch, settings=settings, plan=plan)
 
 

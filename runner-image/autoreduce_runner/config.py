@@ -106,6 +106,9 @@ class RunnerSettings(EnvFirstSettings):
     # How long to keep trying to reach the broker before giving up (exit code 4).
     broker_connect_timeout_s: float = Field(default=60.0, gt=0)
     log_caps: LogCaps = Field(default_factory=LogCaps)
+    # The container's cgroup mount, read to tell an OOM kill of the script from another
+    # SIGKILL (autoreduce_runner/oom.py); a path without cgroup files means "cannot tell".
+    cgroup_root: Path = Path("/sys/fs/cgroup")
     log_level: str = "INFO"
     # This run's outcome identity (the Job's name), sent as a header on every outcome.
     outcome_id: str = ""

@@ -203,6 +203,39 @@ def test_a_container_over_its_memory_limit_is_oomkilled(
     assert (state.reason, state.exit_code) == ("OOMKilled", 137), state
 
 
+# A runner stand-in: a child over the memory limit, then the runner's own OOM verdict.
+CHILD_OOM = """
+import json, pathlib, subprocess, sys
+from autoreduce_runner.oom import oom_verdict, read_sample
+root = pathlib.Path("/sys/fs/cgroup")
+before = read_sample(root=root)
+child = subprocess.run([sys.executable, "-c", "b = b'x' * (512 << 20)"], check=False)
+after = read_sample(root=root)
+print(json.dumps({"returncode": child.returncode, "oom_kills": [before.oom_kills,
+    after.oom_kills], "verdict": oom_verdict(returncode=child.returncode, before=before,
+    after=after)}))
+"""
+
+
+def test_the_runner_tells_an_oom_killed_child_from_its_cgroup(
+    kube: Any, real_nodes: RealNodes, core: client.CoreV1Api, namespace: str
+) -> None:
+    """cgroup v1 kills only the largest process: the child dies, the runner lives on and
+    reads the OOM kill from its container's memory cgroup (autoreduce_runner/oom.py)."""
+    image = real_nodes.images["autoreduce-runner"]
+    body = runner_pod("child-oom", node="real-1", image=image,
+                      command=["python", "-c", CHILD_OOM], memory="128Mi")  # fmt: skip
+    core.create_namespaced_pod(namespace, body)
+    pod = wait_for("the pod to finish", lambda: terminated(core, namespace, "child-oom"))
+    state = pod.status.container_statuses[0].state.terminated
+    logs = kube.kubectl("logs", "-n", namespace, "child-oom", check=True).stdout
+    assert state.exit_code == 0, (state, logs)
+    seen = json.loads(logs.strip().splitlines()[-1])
+    assert seen["returncode"] == -9, seen
+    assert seen["oom_kills"][1] > seen["oom_kills"][0], seen
+    assert seen["verdict"] == "Reduction ran out of memory (limit 128Mi) and was killed"
+
+
 def test_a_second_node_joins_and_a_killed_one_leaves_nothing_behind(
     real_nodes: RealNodes, core: client.CoreV1Api
 ) -> None:
