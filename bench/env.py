@@ -1,7 +1,7 @@
 """The real stack for benchmarks and the instruments that watch it.
 
-Reuses tests/harness: an ActiveMQ broker as a plain process, the local control
-plane (etcd, kube-apiserver, kube-controller-manager, node agent) and the real
+Uses devstack: an ActiveMQ broker as a plain process, the local control
+plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, a real node) and the real
 ``python -m dispatcher`` process. The bench process itself watches Jobs and stamps
 each event with the monotonic clock on arrival (creationTimestamp has 1 s
 resolution), reads the apiserver's own /metrics, and samples the dispatcher's
@@ -31,15 +31,14 @@ from autoreduce_common.messages import parse_run
 from autoreduce_common.stomp_client import Delivery, StompClient
 from kubernetes import client as k8s
 
+from devstack.activemq import ActiveMQ, free_port
+from devstack.controlplane import LocalKube, start_local_stack
+from devstack.product import DispatcherProcess, Facility, dispatcher_settings
 from dispatcher import admission
 from dispatcher.identity import job_name, run_key
 from dispatcher.kube import Gone, Kube, KubeError
-from tests.harness.activemq import ActiveMQ, free_port
-from tests.harness.controlplane import LocalKube, start_local_stack
-from tests.harness.product import DispatcherProcess, Facility, dispatcher_settings
 
 SELECTOR = "autoreduce.io/managed=true"
-RUNNER_IMAGE = "bench-runner:0"
 # No node carries this label: runner pods stay Pending (nothing runs, no node load).
 NEVER_SCHEDULED = {"autoreduce.bench/never": "true"}
 # The runner "reduction": exit 0 at once, or wait for the file $BENCH_GATE first.
@@ -65,20 +64,12 @@ class Stack:
         broker.workdir.mkdir(parents=True, exist_ok=True)
         broker.start()
         try:
-            kube = start_local_stack(workdir=workdir / "kube")
+            kube = start_local_stack(workdir=workdir / "kube", host_ports=(broker.port,))
         except BaseException:
             broker.stop()
             raise
         stack = cls(workdir=workdir, broker=broker, kube=kube)
-        stack._map_runner_image()
         return stack
-
-    def _map_runner_image(self) -> None:
-        """The runner image plays a plain shell on the host (no Python start-up)."""
-        assert self.kube.image_map is not None
-        images = json.loads(self.kube.image_map.read_text())
-        images["bench-runner"] = {"env": {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}}
-        self.kube.image_map.write_text(json.dumps(images, indent=2))
 
     def stop(self) -> None:
         self.kube.stop()
@@ -167,12 +158,18 @@ class Scenario:
         settings = dispatcher_settings(
             broker=self.broker, password_file=password, namespace=self.namespace,
             facility=Facility(self.workdir / "facility"), run_as_user=None,
+            runner_image=self.stack.kube.image("autoreduce-runner"),
         )  # fmt: skip
         settings.pop("concurrency", None)  # the product's default, not the harness's
         settings["log_level"] = "INFO"
         settings["runner"] = {
-            "image": RUNNER_IMAGE,
+            # The runner image, but its command is a plain shell (no Python start-up,
+            # so the node stays quiet); the gate file reaches it through a hostPath.
+            "image": self.stack.kube.image("autoreduce-runner"),
+            "image_pull_policy": "Never",
             "command": RUNNER_COMMAND,
+            "archive_volumes": [{"name": "bench", "mount_path": str(self.workdir),
+                                 "source": {"hostPath": {"path": str(self.workdir)}}}],
             "run_as_user": None,
             "run_as_group": None,
             "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},

@@ -22,7 +22,7 @@ from dispatcher.leases import RbLeases
 from dispatcher.manifests import Arrival, load_template, owned_by, render_config_map, render_job
 
 # Requests the dispatcher makes (the Job controller writes jobs/status, pods and
-# core/v1 events; the node agent pods/status and its node Lease every 10 s).
+# core/v1 events; the kubelet pods/status and its node Lease every 10 s).
 DISPATCHER_WRITES = (
     "POST batch/jobs", "POST configmaps", "PATCH batch/jobs", "POST coordination.k8s.io/leases",
     "PUT coordination.k8s.io/leases", "DELETE coordination.k8s.io/leases",
@@ -79,8 +79,8 @@ def _api_delta(before: Counter[str], after: Counter[str]) -> dict[str, int]:
 
 
 def _per_run(delta: dict[str, int], runs: int) -> dict[str, Any]:
-    # The node agent renews its node Lease (PUT) with every node heartbeat (PATCH
-    # nodes/status): those Lease writes are not the dispatcher's.
+    # The kubelets renew their node Leases (PUT) about as often as they heartbeat
+    # (PATCH nodes/status): those Lease writes are not the dispatcher's.
     node_leases = min(delta.get("PUT coordination.k8s.io/leases", 0),
                       delta.get("PATCH nodes/status", 0))  # fmt: skip
     writes = sum(delta.get(k, 0) for k in DISPATCHER_WRITES) - node_leases
@@ -350,8 +350,8 @@ def handoff(stack: Stack, sizes: Sizes) -> dict[str, Any]:
         from_finished, from_complete = _handoffs(watcher, names)
         return {
             "what": f"{len(rbs)} RBs x {sizes.handoff_runs_per_rb} runs queued, then pods released "
-            "(`sh -c`, exit 0, on the node agent); previous Job's terminal condition event "
-            "-> next Job's unsuspend event",
+            "(the runner image running `sh -c`, exit 0, on the real node); previous Job's "
+            "terminal condition event -> next Job's unsuspend event",
             "all_finished": finished,
             "from_terminal_condition": summary(from_finished),
             "from_complete_condition": summary(from_complete),

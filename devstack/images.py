@@ -12,6 +12,7 @@ changed since the last build.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -217,6 +218,7 @@ class ImageBuilder:
     allow_pull: bool = True
     pull_timeout: float = 60.0
     timings: dict[str, float] = field(default_factory=dict)
+    image_ids: dict[str, str | None] = field(default_factory=dict)  # tag -> ID, once saved
 
     def base_image(self) -> str:
         """The Dockerfiles' own FROM when it is here or can be pulled, else ours."""
@@ -346,13 +348,25 @@ def make_pause_image(engine: DockerEngine, *, binary: Path, tag: str) -> str:
 def node_image_archive(builder: ImageBuilder, *, archive: Path, pause_binary: Path,
                        pause_tag: str) -> dict[str, str]:  # fmt: skip
     """Builds what a node runs (the product images and the pause image) and saves them
-    in one docker-archive for every node's ``ctr images import``: no registry here."""
-    tags = builder.build_all()
-    make_pause_image(builder.engine, binary=pause_binary, tag=pause_tag)
-    started = time.monotonic()
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    partial = archive.with_suffix(".partial")
-    partial.write_bytes(builder.save([*tags.values(), pause_tag]))
-    partial.rename(archive)
-    builder.timings["docker save"] = time.monotonic() - started
+    in one docker-archive for every node's ``ctr images import``: no registry here.
+
+    Stacks on one host share dockerd's data root (the build cache), so one at a time
+    builds and saves: another stack's dockerd stopping, or a checkout with other inputs
+    re-tagging, can then never change an image between its build and its save."""
+    lock_path = cache_dir() / "images.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            tags = builder.build_all()
+            make_pause_image(builder.engine, binary=pause_binary, tag=pause_tag)
+            builder.image_ids = {tag: builder.engine.image_id(tag) for tag in tags.values()}
+            started = time.monotonic()
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            partial = archive.with_suffix(".partial")
+            partial.write_bytes(builder.save([*tags.values(), pause_tag]))
+            partial.rename(archive)
+            builder.timings["docker save"] = time.monotonic() - started
+        finally:
+            builder.engine.stop()  # the images are in the archive: dockerd is done
     return tags

@@ -204,6 +204,8 @@ class Node:
     labels: dict[str, str] = field(default_factory=dict)
     taints: list[str] = field(default_factory=list)  # key=value:Effect
     service_ip: str | None = "10.0.0.1"
+    # Ports of host services (the broker) that pods reach at <address>:<port>.
+    host_ports: list[int] = field(default_factory=list)
     address: str = field(default_factory=host_address)
     kubelet_port: int = 0
     timings: dict[str, float] = field(default_factory=dict)
@@ -260,6 +262,21 @@ class Node:
                                  target_ns=self.netns.path))  # fmt: skip
         for relay in self.relays:
             relay.start()
+        for host_port in self.host_ports:
+            self._relay_host_port(host_port)
+
+    def _relay_host_port(self, port: int) -> None:
+        # Pods route everything to the bridge, i.e. into this namespace, where the
+        # host's address is local: a relay there carries <address>:port to the host's.
+        relay = Relay((self.address, port), (self.address, port), listen_ns=self.netns.path)
+        relay.start()
+        self.relays.append(relay)
+
+    def expose_host_port(self, port: int) -> None:
+        """From now on pods on this node reach the host's ``<address>:port``."""
+        if port not in self.host_ports:
+            self.host_ports.append(port)
+            self._relay_host_port(port)
 
     def _containerd_config(self) -> Path:
         root = self.workdir / "containerd"
@@ -363,6 +380,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "evictionHard": {"memory.available": "100Mi", "nodefs.available": "2%",
                              "imagefs.available": "2%", "nodefs.inodesFree": "2%"},
             "registerWithTaints": [_taint(t) for t in self.taints],
+            # Volume use (what ephemeral-storage evictions are judged on) is measured
+            # every minute by default: an over-limit pod would run on for that long.
+            "volumeStatsAggPeriod": "5s",
         }  # fmt: skip
         path = self.workdir / "kubelet" / "config.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -395,6 +415,27 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             lambda: _http_ok(self.netns.path, healthz_port, "/healthz"), stop_timeout=15,
         )  # fmt: skip
         self.kubelet.start(timeout=60)
+
+    def stop_kubelet(self) -> None:
+        """The kubelet alone, as in a kubelet restart: containers keep running."""
+        if self.kubelet is not None:
+            self.kubelet.stop()
+
+    def start_kubelet(self, *, timeout: float = 60.0) -> None:
+        self._start_kubelet()
+        self.wait_ready(timeout=timeout)
+
+    def kill_container(self, container_id: str) -> None:
+        """SIGKILL a container's processes at once (``containerd://<id>`` or ``<id>``),
+        as the kernel or a crash would; the kubelet sees it exit with 137."""
+        task = container_id.removeprefix("containerd://")
+        self.ctr("tasks", "kill", "--signal", "SIGKILL", "--all", task,
+                 what=f"SIGKILL of container {task[:12]}")  # fmt: skip
+
+    def pod_volume_dir(self, pod_uid: str, volume: str,
+                       plugin: str = "kubernetes.io~empty-dir") -> Path:  # fmt: skip
+        """Where the kubelet keeps a pod's volume on this node (an emptyDir by default)."""
+        return self.workdir / "kubelet" / "root" / "pods" / pod_uid / "volumes" / plugin / volume
 
     def wait_ready(self, *, timeout: float) -> None:
         deadline = time.monotonic() + timeout

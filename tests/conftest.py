@@ -8,11 +8,8 @@ suite against components that already exist (a kind cluster, say).
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,12 +17,13 @@ from typing import Any, NoReturn
 
 import pytest
 from autoreduce_common.broker_settings import BrokerSettings, QueueNames
-from autoreduce_common.stomp_client import Delivery, StompClient
+from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
 
-from tests.harness.activemq import ActiveMQ, free_port
-from tests.harness.controlplane import start_local_stack
-from tests.harness.product import DispatcherProcess, Facility, dispatcher_settings, pod_user
+from devstack.activemq import ActiveMQ, free_port
+from devstack.controlplane import start_local_stack
+from devstack.product import RUNNER_UID, DispatcherProcess, Facility, dispatcher_settings
+from devstack.queues import QueueReader
 
 WORK_ROOT = Path(os.environ.get("AUTOREDUCE_TEST_WORKDIR", tempfile.gettempdir()))
 
@@ -123,53 +121,6 @@ def stomp(broker_settings: BrokerSettings) -> Iterator[StompClient]:
     client.disconnect()
 
 
-class QueueReader:
-    """Collects messages from destinations on its own connection, acking each."""
-
-    def __init__(self, settings: BrokerSettings) -> None:
-        self._client = StompClient(settings=settings, client_name="test-reader")
-        self._client.connect()
-        self._sink: queue.Queue[Delivery] = queue.Queue()
-        self.seen: list[Delivery] = []
-
-    def watch(self, destination: str) -> None:
-        self._client.subscribe(destination=destination, sink=self._sink, prefetch=100)
-
-    def _drain(self, timeout: float) -> None:
-        if not self._client.connected:  # a broker restart in a fault test
-            self._client.ensure_connected()
-        try:
-            delivery = self._sink.get(timeout=timeout)
-        except queue.Empty:
-            return
-        self._client.ack(delivery)
-        self.seen.append(delivery)
-
-    def wait_for(
-        self, predicate: Callable[[list[Delivery]], bool], *, timeout: float = 60.0
-    ) -> list[Delivery]:
-        deadline = time.monotonic() + timeout
-        while not predicate(self.seen):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                summary = [(d.destination, d.body[:200]) for d in self.seen]
-                raise AssertionError(f"timed out after {timeout}s; seen: {summary}")
-            self._drain(min(remaining, 0.5))
-        return self.seen
-
-    def bodies(self, destination: str) -> list[dict[str, Any]]:
-        return [json.loads(d.body) for d in self.seen if d.destination == destination]
-
-    def settle(self, seconds: float) -> None:
-        """Collect for a while longer (to prove that nothing else arrives)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self._drain(deadline - time.monotonic())
-
-    def close(self) -> None:
-        self._client.disconnect()
-
-
 @pytest.fixture
 def reader(broker_settings: BrokerSettings) -> Iterator[QueueReader]:
     """Subscribed to every outcome queue and the dead-letter queue of this test."""
@@ -185,10 +136,12 @@ def reader(broker_settings: BrokerSettings) -> Iterator[QueueReader]:
 
 
 @pytest.fixture(scope="session")
-def kube(session_dir: Path) -> Iterator[Any]:
-    """The real control plane (etcd, kube-apiserver, kube-controller-manager) plus the
-    test node agent, or an existing cluster named by AUTOREDUCE_TEST_KUBECONFIG."""
-    stack = start_local_stack(workdir=session_dir / "kube")
+def kube(session_dir: Path, broker: ActiveMQ | ExistingBroker) -> Iterator[Any]:
+    """The real control plane (etcd, kube-apiserver, kube-controller-manager,
+    kube-scheduler) and a real node running the product's images, whose pods reach the
+    broker; or an existing cluster named by AUTOREDUCE_TEST_KUBECONFIG."""
+    ports = (broker.port,) if isinstance(broker, ActiveMQ) else ()
+    stack = start_local_stack(workdir=session_dir / "kube", host_ports=ports)
     yield stack
     stack.stop()
 
@@ -215,8 +168,8 @@ def facility(tmp_path: Path) -> Facility:
 
 
 @pytest.fixture(scope="session")
-def runner_uid() -> int | None:
-    return pod_user()
+def runner_uid() -> int:
+    return RUNNER_UID
 
 
 @pytest.fixture
@@ -227,7 +180,7 @@ def batch(kube: Any) -> k8s.BatchV1Api:
 @pytest.fixture
 def start_dispatcher(
     kube: Any, namespace: str, broker_settings: BrokerSettings, facility: Facility,
-    tmp_path: Path, runner_uid: int | None,
+    tmp_path: Path, runner_uid: int,
 ) -> Iterator[Callable[..., DispatcherProcess]]:
     """Start dispatcher processes on this test's namespace and queues."""
     password = tmp_path / "broker-password"
@@ -242,7 +195,8 @@ def start_dispatcher(
     def start(name: str = "dispatcher", **overrides: Any) -> DispatcherProcess:
         settings = dispatcher_settings(
             broker=broker_settings, password_file=password, namespace=namespace,
-            facility=facility, run_as_user=runner_uid, **overrides,
+            facility=facility, run_as_user=runner_uid,
+            runner_image=kube.image("autoreduce-runner"), **overrides,
         )
         proc = DispatcherProcess(workdir=tmp_path / "dispatchers", settings=settings,
                                  kubeconfig=kube.kubeconfig, name=name).start()

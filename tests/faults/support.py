@@ -23,8 +23,8 @@ from autoreduce_common.stomp_client import BrokerError, Delivery, StompClient
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
+from devstack.product import Facility, read_timeline, run_message
 from tests.harness.checks import container_span, overlaps
-from tests.harness.product import Facility, read_timeline, run_message
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"

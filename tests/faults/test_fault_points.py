@@ -10,8 +10,6 @@ node run everything; nothing here is mocked.
 from __future__ import annotations
 
 import json
-import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,17 +20,18 @@ from autoreduce_common.pod_contract import OUTCOME_ID_HEADER, POSSIBLE_REPEAT_HE
 from autoreduce_common.stomp_client import Delivery, StompClient
 from kubernetes import client as k8s
 
-from dispatcher.identity import RunKey, job_name
-from tests.conftest import QueueReader
-from tests.faults.support import PodRecorder, timeline_script
-from tests.harness.checks import SELECTOR, overlaps, send
-from tests.harness.product import (
+from devstack.product import (
     DispatcherProcess,
     Facility,
     read_timeline,
     run_message,
     wait_until,
 )
+from devstack.queues import QueueReader
+from dispatcher.identity import RunKey, job_name
+from tests.faults.support import PodRecorder, timeline_script
+from tests.harness.checks import SELECTOR, overlaps, send
+from tests.harness.pods import evict, kill_container, kill_runner_when_running
 
 pytestmark = pytest.mark.integration
 
@@ -43,11 +42,12 @@ def main(input_file, output_dir):
         out.write("reduced")
 """
 # Exits 137 in the middle of a normal run: the dispatcher reports on the run's behalf.
+# The test kills the runner's container once this has started (tests/harness/pods.py).
 CRASH_SCRIPT = """
-import os, signal, time
+import time
 def main(input_file, output_dir):
-    time.sleep(0.5)
-    os.kill(os.getppid(), signal.SIGKILL)
+    print("waiting to be killed", flush=True)
+    time.sleep(120)
 """
 RETRIES_OFF = {"mode": "dispatcher", "max_attempts": 1}
 
@@ -159,13 +159,14 @@ def test_a_cancel_that_meets_a_runner_sending_complete_keeps_the_complete(
 def test_dispatcher_stopped_at_each_step_of_its_own_post(
     point: str, copies: int, start_dispatcher: Callable[..., DispatcherProcess],
     stomp: StompClient, broker_settings: BrokerSettings, reader: QueueReader,
-    facility: Facility,
+    facility: Facility, kube: Any, namespace: str,
 ) -> None:
     # The runner dies silently (exit 137); the dispatcher that posts its error exits at
     # the fault point; a healthy successor posts the verdict the first one recorded.
     faulty = start_dispatcher(name="faulty", fault_point=point, retries=RETRIES_OFF)
     send(stomp, broker_settings, run_message(facility=facility, instrument="WISH",
                                              rb=3100003, run=33, script=CRASH_SCRIPT))
+    kill_runner_when_running(kube, namespace, instrument="WISH", log_line="waiting to be")
     wait_until(lambda: faulty.process is not None and faulty.process.poll() is not None,
                timeout=120, what="the dispatcher to reach its fault point")
     assert faulty.process is not None and faulty.process.returncode == 137
@@ -180,13 +181,6 @@ def test_dispatcher_stopped_at_each_step_of_its_own_post(
 
 
 # -- the RB stays held until the holder's pod has really stopped ---------------------------
-
-
-def _kill_runner(kube: Any, pod: Any) -> None:
-    """SIGKILL the runner's processes on the node agent (the container dies at once)."""
-    node = kube.nodes[pod.spec.node_name]
-    pid_file = Path(node.workdir) / "pods" / pod.metadata.uid / "containers/runner/pid"
-    os.killpg(int(pid_file.read_text().split()[0]), signal.SIGKILL)
 
 
 def test_the_next_run_waits_for_a_stopping_pod_whose_script_ignores_sigterm(
@@ -217,12 +211,11 @@ def test_the_next_run_waits_for_a_stopping_pod_whose_script_ignores_sigterm(
     for instrument, fault in faults.items():
         pod = pods[instrument]
         if fault == "kill":
-            _kill_runner(kube, pod)
+            kill_container(kube, pod)
         elif fault == "delete":
             core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=20)
         elif fault == "evict":
-            core.patch_namespaced_pod(pod.metadata.name, namespace, {
-                "metadata": {"annotations": {"autoreduce.test/evict": "true"}}})
+            evict(kube, pod)
     seen = settle(reader, broker_settings, at_least=8, timeout=180)
     recorder.stop()
     by_run: dict[int, set[str]] = {}

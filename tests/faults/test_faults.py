@@ -7,19 +7,19 @@ figures in bench/results/faults.md. Each test prints its figures and records the
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 from autoreduce_common.broker_settings import BrokerSettings
 from kubernetes import client as k8s
 
+from devstack.activemq import free_port
+from devstack.product import DispatcherProcess, Facility
 from tests.faults.support import (
     Collector,
     Figures,
@@ -33,8 +33,7 @@ from tests.faults.support import (
     timeline_script,
     wait_ready,
 )
-from tests.harness.activemq import free_port
-from tests.harness.product import DispatcherProcess, Facility
+from tests.harness.pods import kill_container
 
 pytestmark = pytest.mark.integration
 
@@ -357,15 +356,10 @@ def test_apiserver_and_etcd_stopped_mid_burst_long(
 def kill_runner_pods(kube: Any, namespace: str, kills: int, seed: int
                      ) -> Callable[[Scenario], None]:
     def kill_process(pod: Any) -> bool:
-        node = kube.nodes.get(pod.spec.node_name)
-        if node is None:
-            return False
-        pid_file = Path(node.workdir) / "pods" / pod.metadata.uid / "containers/runner/pid"
         try:
-            pid = int(pid_file.read_text().split()[0])
-            os.killpg(pid, signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            return False
+            kill_container(kube, pod)  # every process of the container, at once
+        except (AssertionError, RuntimeError):
+            return False  # it stopped (or never started) in the meantime
         return True
 
     def inject(s: Scenario) -> None:

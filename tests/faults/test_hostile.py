@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from kubernetes import client as k8s
 
+from devstack.product import DispatcherProcess, Facility, run_message
+from devstack.queues import QueueReader
 from dispatcher.identity import job_name, run_key
-from tests.conftest import QueueReader
 from tests.faults.support import (
     FAST_SCRIPT,
     Collector,
@@ -28,7 +29,6 @@ from tests.faults.support import (
     record_fuzz,
 )
 from tests.harness.checks import count_outcomes, outcomes, send
-from tests.harness.product import DispatcherProcess, Facility, run_message
 from tests.unit.test_chart_render import CHART, render
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from typing import Any
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import StompClient
 
-from tests.conftest import QueueReader
-from tests.harness.product import Facility, read_timeline
+from devstack.product import Facility, read_timeline
+from devstack.queues import QueueReader
 
 SELECTOR = "autoreduce.io/managed=true"
 

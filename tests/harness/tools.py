@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.controlplane import BIN_DIR
+from devstack.paths import bin_dir
 
 
 def helm_binary() -> str:
@@ -16,7 +16,7 @@ def helm_binary() -> str:
     for candidate in (
         os.environ.get("AUTOREDUCE_HELM"),
         shutil.which("helm"),
-        str(BIN_DIR / "helm"),
+        str(bin_dir() / "helm"),
     ):
         if candidate and Path(candidate).exists():
             return candidate

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench.report import SECTIONS
-from tests.harness.product import PYTHONPATH, REPO
+from devstack.product import PYTHONPATH, REPO
 
 pytestmark = pytest.mark.integration
 

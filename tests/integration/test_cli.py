@@ -21,10 +21,17 @@ from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
 
+from devstack.product import (
+    PYTHONPATH,
+    REPO,
+    DispatcherProcess,
+    Facility,
+    run_message,
+    wait_until,
+)
+from devstack.queues import QueueReader
 from dispatcher.identity import RunKey, job_name
-from tests.conftest import QueueReader
 from tests.harness.checks import SELECTOR, send
-from tests.harness.product import PYTHONPATH, REPO, DispatcherProcess, Facility, run_message
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +121,13 @@ def test_submit_follows_the_run_and_status_shows_it(
     assert outcome["outcome"] == "Error" and "no good" in outcome["message"]
     assert "Job red-let-9001-v0" in result.stderr  # progress goes to stderr under -o json
 
-    status = as_json(cli(proc, "status", "-o", "json"))
+    # The outcome message can arrive before the Job's final condition (the pod is
+    # still stopping on the real node): status lists the run as finished once it is.
+    def both_finished() -> dict[str, Any] | None:
+        now = as_json(cli(proc, "status", "-o", "json"))
+        return now if len(now["finished"]) == 2 else None
+
+    status = wait_until(both_finished, timeout=30, what="both runs to be finished in status")
     finished = {r["job"]: r for r in status["finished"]}
     assert finished[name]["outcome"] == "Complete"
     assert finished[outcome["job"]]["outcome"] == "Error"

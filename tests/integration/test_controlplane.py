@@ -1,5 +1,6 @@
-"""The local Kubernetes stack itself: real apiserver and controller-manager, and the
-node agent playing the kubelet. These pin down what the product's tests rely on."""
+"""The local Kubernetes stack itself: real apiserver, controller-manager, scheduler
+and a real kubelet on containerd running the runner image. These pin down what the
+product's tests rely on."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
+from devstack.images import DISPATCHER, RUNNER, product_version
+from devstack.paths import repo_root
 from tests.conftest import needs_own_component
 
 pytestmark = pytest.mark.integration
 
-IMAGE = "autoreduce-runner:test"
+# The runner image the stack built (it has python and sh), as every node has it.
+IMAGE = RUNNER.tag(product_version(repo_root()))
+DISPATCHER_IMAGE = DISPATCHER.tag(product_version(repo_root()))
 
 
 @pytest.fixture
@@ -312,7 +317,9 @@ def test_service_account_token_mounted_and_usable(namespace: str, core: client.C
         "    print('status', e.status)\n"
     )
     env = [{"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
-    core.create_namespaced_pod(namespace, pod_body("tok", ["python", "-c", script], env=env))
+    body = pod_body("tok", ["python", "-c", script], env=env)
+    body["spec"]["containers"][0]["image"] = DISPATCHER_IMAGE  # it has the kubernetes client
+    core.create_namespaced_pod(namespace, body)
     pod = finished_pod(core, namespace, "tok")
     text = pod_log(core, namespace, "tok")
     assert pod.status.phase == "Succeeded", text
@@ -354,7 +361,8 @@ def test_unknown_image_is_image_pull_backoff(namespace: str, core: client.CoreV1
         waiting = statuses[0].state.waiting if statuses else None
         return waiting.reason if waiting and waiting.reason == "ImagePullBackOff" else None
 
-    wait_for("ImagePullBackOff", reason, timeout=15)
+    # The node has no registry to reach: the pull fails (DNS), then the kubelet backs off.
+    wait_for("ImagePullBackOff", reason, timeout=90, every=0.5)
     assert core.read_namespaced_pod("noimg", namespace).status.phase == "Pending"
 
 
@@ -369,7 +377,7 @@ def _pid_alive(pid: int) -> bool:
 def test_deleting_a_pod_kills_its_process(namespace: str, core: client.CoreV1Api) -> None:
     marker = uuid.uuid4().hex
     core.create_namespaced_pod(
-        namespace, pod_body("victim", ["sh", "-c", f"echo $$; exec sleep 300 # {marker}"])
+        namespace, pod_body("victim", ["sh", "-c", f"echo $$; sleep 300; : {marker}"])
     )
     wait_for(
         "running", lambda: core.read_namespaced_pod("victim", namespace).status.phase == "Running"
@@ -400,17 +408,19 @@ def _gone(core: client.CoreV1Api, ns: str, name: str) -> bool:
     return False
 
 
-def test_evict_hook_fails_pod_as_evicted(namespace: str, core: client.CoreV1Api) -> None:
-    core.create_namespaced_pod(namespace, pod_body("evictee", ["sleep", "300"]))
-    wait_for(
-        "running", lambda: core.read_namespaced_pod("evictee", namespace).status.phase == "Running"
-    )
-    core.patch_namespaced_pod(
-        "evictee", namespace, {"metadata": {"annotations": {"autoreduce.test/evict": "true"}}}
-    )
-    pod = finished_pod(core, namespace, "evictee")
+def test_a_pod_over_its_ephemeral_storage_limit_is_evicted(
+    namespace: str, core: client.CoreV1Api
+) -> None:
+    # A real eviction with no node pressure: the kubelet's eviction manager evicts a
+    # pod whose emptyDir use exceeds the containers' ephemeral-storage limit.
+    body = pod_body("evictee", ["sh", "-c", "head -c 40000000 /dev/zero > /tmp/fill; sleep 300"],
+                    resources={"limits": {"ephemeral-storage": "16Mi"}},
+                    volumeMounts=[{"name": "tmp", "mountPath": "/tmp"}],
+                    pod={"volumes": [{"name": "tmp", "emptyDir": {}}]})  # fmt: skip
+    core.create_namespaced_pod(namespace, body)
+    pod = finished_pod(core, namespace, "evictee", timeout=90)
     assert (pod.status.phase, pod.status.reason) == ("Failed", "Evicted")
-    assert pod.status.message.startswith("The node was low on resource: memory.")
+    assert "ephemeral local storage" in pod.status.message
 
 
 def test_eviction_api_deletes_pod(namespace: str, core: client.CoreV1Api) -> None:
@@ -431,10 +441,10 @@ def test_deployment_pod_becomes_ready(
 ) -> None:
     server = (
         "import os, http.server as h\n"
-        "addr = ('127.0.0.1', int(os.environ['PORT']))\n"
+        "addr = ('0.0.0.0', int(os.environ['PORT']))\n"
         "h.ThreadingHTTPServer(addr, h.SimpleHTTPRequestHandler).serve_forever()\n"
     )
-    port = _free_port()
+    port = 8080  # the pod's own network namespace: any port, probed at the pod's IP
     body = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
         "spec": {
@@ -472,12 +482,6 @@ def test_deployment_pod_becomes_ready(
         ),
         timeout=20,
     )
-
-
-def _free_port() -> int:
-    from tests.harness.activemq import free_port  # noqa: PLC0415
-
-    return free_port()
 
 
 # -- more kubelet behaviour ------------------------------------------------------------------
@@ -535,7 +539,7 @@ def test_on_failure_restarts_with_backoff_and_previous_logs(
 def test_init_containers_then_main_share_empty_dir(namespace: str, core: client.CoreV1Api) -> None:
     mount = [{"name": "work", "mountPath": "/work-area"}]
     body = pod_body("inits", ["cat", "/work-area/made-by-init"], volumeMounts=mount, pod={
-        "initContainers": [{"name": "prep", "image": "busybox", "volumeMounts": mount,
+        "initContainers": [{"name": "prep", "image": IMAGE, "volumeMounts": mount,
                             "command": ["sh", "-c", "echo prepared > /work-area/made-by-init"]}],
         "volumes": [{"name": "work", "emptyDir": {}}],
     })  # fmt: skip
@@ -548,6 +552,8 @@ def test_init_containers_then_main_share_empty_dir(namespace: str, core: client.
 
 def test_pvc_bound_to_host_path_pv(namespace: str, core: client.CoreV1Api, tmp_path: Path) -> None:
     store = tmp_path / "pv"
+    store.mkdir()
+    store.chmod(0o777)  # the image's user (not root) writes there
     pv_name = f"pv-{namespace}"
     core.create_persistent_volume({
         "metadata": {"name": pv_name},
@@ -621,7 +627,7 @@ def test_apiserver_restart_then_pods_still_run(
     assert pod.status.phase == "Succeeded"
 
 
-def test_second_node_with_selector_and_deletion_while_agent_down(
+def test_second_node_with_selector_and_deletion_while_kubelet_down(
     kube: Any, namespace: str, core: client.CoreV1Api
 ) -> None:
     try:
@@ -629,19 +635,19 @@ def test_second_node_with_selector_and_deletion_while_agent_down(
     except NotImplementedError as exc:
         needs_own_component(str(exc))
     marker = uuid.uuid4().hex
-    body = pod_body("picky", ["sh", "-c", f"exec sleep 300 # {marker}"],
+    body = pod_body("picky", ["sh", "-c", f"sleep 300; : {marker}"],
                     pod={"nodeSelector": {"pool": "big"}})  # fmt: skip
     core.create_namespaced_pod(namespace, body)
     running(core, namespace, "picky")
     assert core.read_namespaced_pod("picky", namespace).spec.node_name == "node-2"
     pids = wait_for("the sleep", lambda: _pids_with(marker))
-    node.stop(kill_pods=False)  # like a kubelet restart: the container keeps running
+    node.stop_kubelet()  # like a kubelet restart: the container keeps running
     try:
         core.delete_namespaced_pod("picky", namespace, grace_period_seconds=1)
         time.sleep(1)
         assert not _gone(core, namespace, "picky")  # nobody to finish the deletion
         assert all(_pid_alive(p) for p in pids)
     finally:
-        node.start()
+        node.start_kubelet()
     wait_for("the pod to be gone", lambda: _gone(core, namespace, "picky"), timeout=20)
     assert not any(_pid_alive(p) for p in pids)

@@ -14,10 +14,18 @@ from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
 
+from devstack.product import (
+    SLEEPY_SCRIPT,
+    DispatcherProcess,
+    Facility,
+    read_timeline,
+    run_message,
+    wait_until,
+)
+from devstack.queues import QueueReader
 from dispatcher.config import DispatcherSettings
 from dispatcher.identity import RunKey, job_name
 from dispatcher.manifests import Arrival, load_template, render_job
-from tests.conftest import QueueReader
 from tests.harness.checks import (  # noqa: F401 - re-exported for other tests
     SELECTOR,
     assert_exclusive,
@@ -25,14 +33,6 @@ from tests.harness.checks import (  # noqa: F401 - re-exported for other tests
     outcomes,
     parse_time,
     send,
-)
-from tests.harness.product import (
-    SLEEPY_SCRIPT,
-    DispatcherProcess,
-    Facility,
-    read_timeline,
-    run_message,
-    wait_until,
 )
 
 pytestmark = pytest.mark.integration

@@ -1,5 +1,5 @@
 """Every run ends in exactly one outcome; retries, cancelling running work, caps, HA
-(issue 5 acceptance), on the real broker, API server and node agent."""
+(issue 5 acceptance), on the real broker, API server and a real node."""
 
 from __future__ import annotations
 
@@ -20,17 +20,8 @@ from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
 
-from dispatcher.identity import RunKey, job_name
-from tests.conftest import QueueReader
-from tests.harness.activemq import free_port
-from tests.harness.checks import (
-    SELECTOR,
-    assert_exclusive,
-    count_outcomes,
-    outcomes,
-    send,
-)
-from tests.harness.product import (
+from devstack.activemq import free_port
+from devstack.product import (
     SLEEPY_SCRIPT,
     DispatcherProcess,
     Facility,
@@ -38,6 +29,16 @@ from tests.harness.product import (
     run_message,
     wait_until,
 )
+from devstack.queues import QueueReader
+from dispatcher.identity import RunKey, job_name
+from tests.harness.checks import (
+    SELECTOR,
+    assert_exclusive,
+    count_outcomes,
+    outcomes,
+    send,
+)
+from tests.harness.pods import evict, kill_runner_when_running
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +48,12 @@ def main(input_file, output_dir):
     for i in range(0, len(block), 4096):
         block[i] = 1
 """
+# The test kills the runner's container once this line is in the pod log.
 KILLER_SCRIPT = """
-import os, signal, time
+import time
 def main(input_file, output_dir):
     print("taking the runner down with me", flush=True)
-    time.sleep(1)  # the runner copies our output to the pod log: let it, then kill it
-    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(120)
 """
 LONG_SCRIPT = SLEEPY_SCRIPT.replace('"0.3"', '"60"')
 
@@ -86,17 +87,16 @@ def event_of(kube: Any, namespace: str, job: str, reason: str) -> tuple[str, str
     return tuple(found[0])
 
 
+def cgroup_v2() -> bool:
+    """The node's cgroup version decides who reports an OOM (the stack's node runs here)."""
+    return Path("/sys/fs/cgroup/cgroup.controllers").exists()
+
+
 def running_pod(core: k8s.CoreV1Api, namespace: str) -> str | None:
     for pod in core.list_namespaced_pod(namespace, label_selector=SELECTOR).items:
         if pod.status.phase == "Running":
             return str(pod.metadata.name)
     return None
-
-
-def evict(core: k8s.CoreV1Api, namespace: str, pod: str) -> None:
-    """The node agent's eviction hook: killed at once, phase Failed, reason Evicted."""
-    core.patch_namespaced_pod(pod, namespace,
-                              {"metadata": {"annotations": {"autoreduce.test/evict": "true"}}})
 
 
 def test_silent_deaths_each_get_one_error_with_the_reason_and_free_the_rb(
@@ -122,6 +122,7 @@ def test_silent_deaths_each_get_one_error_with_the_reason_and_free_the_rb(
         # A second run of the same RB must start once the first one died.
         send(stomp, broker_settings, run_message(facility=facility, instrument=instrument,
                                                  rb=rb, run=20 + index, script=SLEEPY_SCRIPT))
+    kill_runner_when_running(kube, namespace, instrument="CRASH", log_line="taking the runner")
     reader.wait_for(count_outcomes(broker_settings, 6), timeout=180)
     reader.settle(5)
     for index, (instrument, _, fragment, reason) in enumerate(cases):
@@ -130,6 +131,13 @@ def test_silent_deaths_each_get_one_error_with_the_reason_and_free_the_rb(
         assert fragment in errors[0]["message"], errors[0]["message"]
         # `kubectl describe job` says who posted the error and why.
         job = name_of(instrument, 2100000 + index, 10 + index)
+        if instrument == "OOM" and not cgroup_v2():
+            # cgroup v1: the kubelet has the kernel kill only the script's process, so
+            # the runner survives and says it ran out of memory itself; no on-behalf.
+            reader.settle(2)
+            assert "OutcomePosted" not in [r for r, _, _ in
+                                           dispatcher_events(kube, namespace, job)]
+            continue
         assert event_of(kube, namespace, job, "OutcomePosted") == (
             "Warning", f"ReductionError on the run's behalf: {reason}")
     # The crashed runner's last words, read from the pod log, are in the error.
@@ -152,7 +160,7 @@ def test_evicted_run_is_reported_once_and_retried_as_the_next_version(
     pod = wait_until(lambda: running_pod(core, namespace), timeout=60,
                      what="a running runner pod")
     time.sleep(1)
-    evict(core, namespace, pod)
+    evict(kube, core.read_namespaced_pod(pod, namespace))
     reader.wait_for(lambda seen: bool(outcomes(reader, broker_settings, "complete")),
                     timeout=120)
     reader.settle(3)
@@ -227,7 +235,7 @@ def test_upstream_retries_report_retry_in_and_never_resubmit(
     try:
         send(stomp, broker_settings, run_message(facility=facility, instrument="LET",
                                                  rb=2800002, run=82, script=SLEEPY_SCRIPT))
-        evict(core, namespace, pod)
+        evict(kube, core.read_namespaced_pod(pod, namespace))
         reader.wait_for(count_outcomes(broker_settings, 2), timeout=90)
         reader.settle(8)  # past both delays: nothing is resubmitted
     finally:

@@ -19,11 +19,12 @@ from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.activemq import free_port
+from devstack.product import DispatcherProcess, Facility, run_message, wait_until
+from devstack.queues import QueueReader
 from dispatcher.identity import RunKey, job_name
-from tests.conftest import QueueReader
-from tests.harness.activemq import free_port
 from tests.harness.checks import send
-from tests.harness.product import DispatcherProcess, Facility, run_message, wait_until
+from tests.harness.pods import in_background, kill_runner_when_running
 
 pytestmark = pytest.mark.integration
 
@@ -36,10 +37,11 @@ import time
 def main(input_file, output_dir):
     time.sleep(4)
 """
+# The test kills the runner's container once this runs (tests/harness/pods.py).
 KILLER = """
-import os, signal
+import time
 def main(input_file, output_dir):
-    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(120)
 """
 TICKING = """
 import time
@@ -69,7 +71,7 @@ def total(samples: dict[str, float], name: str) -> float:
 def test_metrics_add_up_during_a_burst(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
-    namespace: str, batch: k8s.BatchV1Api,
+    namespace: str, batch: k8s.BatchV1Api, kube: Any,
 ) -> None:
     port = free_port()
     proc = start_dispatcher(http_port=port, log_json=True)
@@ -80,6 +82,8 @@ def test_metrics_add_up_during_a_burst(
         for run in range(rb % 10 * 100, rb % 10 * 100 + 4)
     ]
     killer = run_message(facility=facility, instrument="MARI", rb=1940004, run=1, script=KILLER)
+    kill_killer = in_background(lambda: kill_runner_when_running(
+        kube, namespace, instrument="MARI", timeout=180))
     for message in [*messages, killer]:
         send(stomp, broker_settings, message)
     for message in messages[:3]:
@@ -104,6 +108,7 @@ def test_metrics_add_up_during_a_burst(
     q = broker_settings.queues
     final = {q.complete, q.error, q.skipped}
     # 13 runs end, plus one ReductionError for the identifiable bad message.
+    kill_killer()
     reader.wait_for(lambda seen: sum(d.destination in final for d in seen) >= 14, timeout=240)
     reader.wait_for(lambda seen: sum(d.destination == q.dead_letter for d in seen) >= 2,
                     timeout=30)

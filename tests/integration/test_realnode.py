@@ -1,9 +1,9 @@
 """A real node (devstack.node): the product's images, built from the Dockerfiles,
 run by a real kubelet on Debian's containerd against the suite's control plane.
 
-The node shares the session's cluster with the node agent, so it stays out of the
-other tests' way: it carries a taint, and its pods name a scheduler of their own that
-only it runs (the agent binds only pods naming the default scheduler).
+The node shares the session's cluster with the stack's own node, so it stays out of
+the other tests' way: it carries a taint, and its pods name a scheduler of their own
+that only it runs (the stack's scheduler binds only pods naming the default one).
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def real_nodes(kube: Any, session_dir: Path) -> Iterator[RealNodes]:
         images = start_or_fail("image builds (dockerd)", lambda: node_image_archive(
             builder, archive=workdir / "images.tar", pause_binary=bin_dir() / "pause",
             pause_tag=PAUSE_IMAGE))  # fmt: skip
-        image_ids = {tag: builder.engine.image_id(tag) for tag in images.values()}
+        image_ids = builder.image_ids
     finally:
-        builder.engine.stop()  # the images are in the archive: dockerd is done
+        builder.engine.stop()
     timings = {**builder.timings, "images in all": time.monotonic() - started}
     scheduler = Scheduler(workdir=workdir / "scheduler", access=access, scheduler_name=SCHEDULER)
     start_or_fail("kube-scheduler", scheduler.start)

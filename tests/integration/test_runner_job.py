@@ -1,5 +1,5 @@
 """The runner inside a real Job on the local Kubernetes stack (apiserver, Job
-controller, node agent), talking to the real broker.
+controller, a real kubelet running the runner image), talking to the real broker.
 
 The pod looks like the dispatcher's: message from a ConfigMap at
 /etc/autoreduce/message, broker password from a Secret, archive as a read-only
@@ -28,13 +28,15 @@ import pytest
 from autoreduce_common.broker_settings import BrokerSettings
 from kubernetes import client
 
-from tests.conftest import QueueReader
+from devstack.images import RUNNER, product_version
+from devstack.paths import repo_root
+from devstack.product import EVERY_OUTPUT_LINES, EVERY_OUTPUT_SCRIPT
+from devstack.queues import QueueReader
 from tests.harness.checks import only_outcome
-from tests.harness.product import EVERY_OUTPUT_LINES, EVERY_OUTPUT_SCRIPT
 
 pytestmark = pytest.mark.integration
 
-IMAGE = "autoreduce-runner:dev"
+IMAGE = RUNNER.tag(product_version(repo_root()))  # the image the stack built
 UNC_DATA = "\\\\isis\\inst$\\NDXWISH\\Instrument\\data\\cycle_23_4\\WISH00012345.nxs"
 FINAL = "/instrument/WISH/RBNumber/RB1234567/autoreduced/12345/run-version-0"
 SCRIPT_LOG = (

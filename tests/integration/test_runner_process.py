@@ -23,10 +23,10 @@ import pytest
 import yaml
 from autoreduce_common.broker_settings import BrokerSettings
 
-from tests.conftest import QueueReader
-from tests.harness.activemq import free_port
+from devstack.activemq import free_port
+from devstack.product import EVERY_OUTPUT_LINES, EVERY_OUTPUT_SCRIPT
+from devstack.queues import QueueReader
 from tests.harness.checks import only_outcome
-from tests.harness.product import EVERY_OUTPUT_LINES, EVERY_OUTPUT_SCRIPT
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,8 @@
 """Throwaway PKI for the local control plane, made with the ``openssl`` CLI.
 
 One CA signs everything: the apiserver's serving cert, the client certs (admin,
-controller-manager, apiserver-to-kubelet) and each node agent's serving cert. The
+controller-manager, apiserver-to-kubelet); devstack.pki issues the kubelets' and the
+scheduler's identities from the same CA. The
 service-account key pair signs and verifies bound tokens. Cert keys are ECDSA P-256
 (made in milliseconds, accepted by every component); the service-account key is RSA
 because RS256 is what every token consumer expects.
@@ -122,18 +123,10 @@ def make_cluster_pki(directory: Path, *, service_ip: str = "10.0.0.1") -> Cluste
         ca, directory, stem="controller-manager",
         common_name="system:kube-controller-manager", client=True,
     )  # fmt: skip
-    # system:masters so the apiserver may proxy logs from (and exec into) our node agents.
+    # system:masters so the apiserver may proxy logs from (and exec into) the kubelets.
     kubelet_client = issue(
         ca, directory, stem="apiserver-kubelet-client",
         common_name="kube-apiserver-kubelet-client", organisation="system:masters", client=True,
     )  # fmt: skip
     sa_key, sa_pub = make_service_account_keys(directory)
     return ClusterPKI(ca, apiserver, admin, controller_manager, kubelet_client, sa_key, sa_pub)
-
-
-def make_node_serving_cert(ca: CertPair, directory: Path, *, node_name: str) -> CertPair:
-    directory.mkdir(parents=True, exist_ok=True)
-    return issue(
-        ca, directory, stem=f"kubelet-{node_name}", common_name=node_name, server=True,
-        sans=("127.0.0.1", "localhost", node_name),
-    )  # fmt: skip

@@ -14,9 +14,11 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
+
+from devstack.node import host_address
 
 ACTIVEMQ_JAR = Path("/usr/share/activemq/bin/activemq.jar")
 ACTIVEMQ_HOME = Path("/usr/share/activemq")
@@ -60,7 +62,7 @@ _CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
     </systemUsage>
     <transportConnectors>
       <transportConnector name="stomp"
-          uri="stomp://127.0.0.1:{port}?transport.closeAsync=false"/>
+          uri="stomp://{address}:{port}?transport.closeAsync=false"/>
     </transportConnectors>
   </broker>
 </beans>
@@ -71,16 +73,16 @@ class BrokerStartError(RuntimeError):
     """The broker did not come up; the message says why and where its log is."""
 
 
-def free_port() -> int:
+def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((address, 0))
         return int(sock.getsockname()[1])
 
 
-def stomp_answers(port: int, *, user: str, password: str) -> bool:
-    """True when a STOMP CONNECT on ``port`` gets CONNECTED back."""
+def stomp_answers(address: str, port: int, *, user: str, password: str) -> bool:
+    """True when a STOMP CONNECT on ``address:port`` gets CONNECTED back."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        with socket.create_connection((address, port), timeout=2) as sock:
             frame = (
                 f"CONNECT\naccept-version:1.2\nhost:localhost\nlogin:{user}\n"
                 f"passcode:{password}\n\n\x00"
@@ -100,13 +102,16 @@ class ActiveMQ:
     workdir: Path
     port: int
     user: str = "autoreduce"
-    password: str = "test-password"
+    password: str = "test-password"  # noqa: S105 - a throwaway local broker's
     heap_mb: int = 256
+    # The host's own address, not loopback: pods on the stack's nodes reach it there
+    # through a relay (devstack.node), and host processes use the same broker URL.
+    address: str = field(default_factory=host_address)
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -120,7 +125,7 @@ class ActiveMQ:
             data=escape(str(self.workdir / "data")),
             user=escape(self.user),
             password=escape(self.password),
-            port=self.port,
+            address=self.address, port=self.port,
         )
         (conf / "activemq.xml").write_text(text)
         if LOG4J_CONF.exists():
@@ -165,12 +170,12 @@ class ActiveMQ:
                     f"ActiveMQ exited with {self.process.returncode} while starting; "
                     f"see {self.log_path}:\n{self._log_tail()}"
                 )
-            if stomp_answers(self.port, user=self.user, password=self.password):
+            if stomp_answers(self.address, self.port, user=self.user, password=self.password):
                 return
             time.sleep(0.3)
         self.stop()
         raise BrokerStartError(
-            f"ActiveMQ did not answer STOMP on 127.0.0.1:{self.port} within {timeout:.0f}s; "
+            f"ActiveMQ did not answer STOMP on {self.host} within {timeout:.0f}s; "
             f"see {self.log_path}:\n{self._log_tail()}"
         )
 

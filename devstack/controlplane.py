@@ -1,6 +1,6 @@
-"""The real Kubernetes control plane for tests: etcd, kube-apiserver,
-kube-controller-manager (built from their Go modules by hack/controlplane), and our
-node agent standing in for the kubelet.
+"""The local Kubernetes cluster: etcd, kube-apiserver, kube-controller-manager and
+kube-scheduler (built from their Go modules by hack/controlplane), the product's images
+built for real (devstack.images) and real nodes running them (devstack.node).
 
 ``start_local_stack(workdir=...)`` starts everything on free loopback ports with all
 state under ``workdir`` and returns a ``LocalKube``; with ``AUTOREDUCE_TEST_KUBECONFIG``
@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import atexit
 import base64
-import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +29,15 @@ import yaml
 from kubernetes import client as kube_client
 from kubernetes import config as kube_config
 
-from tests.harness.activemq import free_port
-from tests.harness.pki import ClusterPKI, make_cluster_pki, make_node_serving_cert
+from devstack.activemq import free_port
+from devstack.cluster_pki import ClusterPKI, make_cluster_pki
+from devstack.errors import StackStartError
+from devstack.images import ImageBuilder, node_image_archive
+from devstack.node import PAUSE_IMAGE, Node, Scheduler
+from devstack.paths import bin_dir
+from devstack.pki import ClusterAccess
+from devstack.process import Process
 
-BIN_DIR = Path(
-    os.environ.get("AUTOREDUCE_BIN", str(Path.home() / ".cache" / "autoreduce" / "bin"))
-)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"
 CONTROLLERS = ",".join([
@@ -50,99 +50,10 @@ CONTROLLERS = ",".join([
 ])  # fmt: skip
 
 
-class StackStartError(RuntimeError):
-    """A component did not come up; the message names it, says why, and shows its log."""
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _die_with_parent(sig: int) -> Callable[[], None]:
-    """A preexec hook: the child gets ``sig`` if the test process dies without atexit."""
-
-    def hook() -> None:
-        import ctypes  # noqa: PLC0415 - only in the forked child
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, sig)
-
-    return hook
-
-
-@dataclass
-class Component:
-    """One long-running process with its log file and a health check.
-
-    Start components from a thread that outlives them (the main thread in tests): the
-    parent-death signal fires when the *thread* that started the process exits.
-    """
-
-    name: str
-    argv: list[str]
-    log_path: Path
-    healthy: Callable[[], bool]
-    env: dict[str, str] | None = None
-    stop_signal: int = signal.SIGTERM
-    # Graceful stop, then SIGKILL: the apiserver keeps a watch connection open for ever.
-    stop_timeout: float = 20.0
-    # On the test process's death: SIGKILL for the control plane (a SIGTERMed apiserver
-    # can hang once etcd is gone); the node agent takes SIGTERM to kill its containers.
-    parent_death_signal: int = signal.SIGKILL
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self, *, timeout: float = 60.0) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        on_parent_death = _die_with_parent(self.parent_death_signal)
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=self.env, preexec_fn=on_parent_death,  # noqa: PLW1509
-            )  # fmt: skip
-        self.wait_healthy(timeout=timeout)
-
-    def wait_healthy(self, *, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise StackStartError(
-                    f"{self.name} exited with code {self.process.returncode} while starting; "
-                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
-                )
-            if self.healthy():
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise StackStartError(
-            f"{self.name} did not become healthy within {timeout:.0f}s; "
-            f"log {self.log_path}:\n{log_tail(self.log_path)}"
-        )
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, *, sig: int | None = None, timeout: float | None = None) -> None:
-        timeout = self.stop_timeout if timeout is None else timeout
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig or self.stop_signal)
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        except ProcessLookupError:
-            pass
-
-
 def _https_ok(url: str, context: ssl.SSLContext) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2, context=context) as resp:
+        # The URL is the stack's own https health endpoint, never user input.
+        with urllib.request.urlopen(url, timeout=2, context=context) as resp:  # noqa: S310
             return bool(resp.status == 200)
     except (urllib.error.URLError, OSError):
         return False
@@ -150,7 +61,7 @@ def _https_ok(url: str, context: ssl.SSLContext) -> bool:
 
 def _http_ok(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own health URL
             return b"true" in resp.read()
     except (urllib.error.URLError, OSError):
         return False
@@ -169,26 +80,6 @@ def _kubeconfig(*, server: str, ca: Path, user: str, cred: dict[str, str]) -> di
     }
 
 
-def default_image_map() -> dict[str, Any]:
-    """Every image the product and tests use runs on the host with the repo's venv."""
-    venv_bin = REPO_ROOT / ".venv" / "bin"
-    env = {
-        "PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "PYTHONPATH": ":".join(str(REPO_ROOT / p) for p in ("", "common", "runner-image")).replace(
-            f"{REPO_ROOT}/:", f"{REPO_ROOT}:"
-        ),
-        "PYTHONUNBUFFERED": "1",
-        "VIRTUAL_ENV": str(REPO_ROOT / ".venv"),
-    }
-    return {
-        "autoreduce-runner": {"env": env, "command": ["python", "-m", "autoreduce_runner"]},
-        "autoreduce-dispatcher": {"env": env, "command": ["python", "-m", "dispatcher"]},
-        "python": {"env": env, "args": ["python3"]},
-        "busybox": {"env": env, "args": ["sh"]},
-        "test": {"env": env},
-    }
-
-
 def _kubectl_binary() -> str:
     local = Path(sys.executable).parent / "kubectl"
     if local.exists():
@@ -200,31 +91,6 @@ def _kubectl_binary() -> str:
 
 
 @dataclass
-class NodeAgent:
-    """A node agent process (the kubelet stand-in) for one Node."""
-
-    name: str
-    port: int
-    workdir: Path
-    component: Component
-
-    def start(self, *, timeout: float = 30.0) -> None:
-        self.component.start(timeout=timeout)
-
-    def stop(self, *, kill_pods: bool = True) -> None:
-        """``kill_pods=False`` leaves containers running, like a kubelet restart."""
-        self.component.stop(sig=signal.SIGTERM if kill_pods else signal.SIGINT)
-
-    def restart(self) -> None:
-        self.stop(kill_pods=False)
-        self.start()
-
-    @property
-    def log_path(self) -> Path:
-        return self.component.log_path
-
-
-@dataclass
 class LocalKube:
     """The control plane (or an existing cluster) plus helpers for tests."""
 
@@ -233,11 +99,19 @@ class LocalKube:
     server: str
     ca_file: Path
     pki: ClusterPKI | None = None
-    etcd: Component | None = None
-    apiserver: Component | None = None
-    controller_manager: Component | None = None
-    nodes: dict[str, NodeAgent] = field(default_factory=dict)
-    image_map: Path | None = None
+    etcd: Process | None = None
+    apiserver: Process | None = None
+    controller_manager: Process | None = None
+    scheduler: Scheduler | None = None
+    nodes: dict[str, Node] = field(default_factory=dict)
+    # repository -> tag of every product image the nodes have (autoreduce-runner, ...)
+    images: dict[str, str] = field(default_factory=dict)
+    image_ids: dict[str, str | None] = field(default_factory=dict)
+    image_archive: Path | None = None
+    # Host ports (the broker's) that pods reach at <host address>:<port>.
+    host_ports: list[int] = field(default_factory=list)
+    stack_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    timings: dict[str, float] = field(default_factory=dict)
     etcd_port: int = 0
     apiserver_port: int = 0
 
@@ -341,20 +215,43 @@ class LocalKube:
         assert self.etcd is not None
         self.etcd.start(timeout=60)
 
+    @property
+    def access(self) -> ClusterAccess:
+        assert self.pki is not None
+        return ClusterAccess(server=self.server, ca_cert=self.pki.ca.cert,
+                             ca_key=self.pki.ca.key)  # fmt: skip
+
     def add_node(self, name: str, *, labels: dict[str, str] | None = None,
-                 taints: list[str] | None = None) -> NodeAgent:  # fmt: skip
-        """Another node agent; ``taints`` as ``key=value:Effect``."""
+                 taints: list[str] | None = None) -> Node:  # fmt: skip
+        """Another real node, Ready on return; ``taints`` as ``key=value:Effect``."""
         self._require_local()
-        agent = _node_agent(self, name, labels=labels or {}, taints=taints or [])
-        self.nodes[name] = agent
-        agent.start()
-        _wait_node_ready(self, name, agent)
-        return agent
+        assert self.image_archive is not None
+        node = Node(name=name, index=len(self.nodes) + 1, workdir=self.workdir / "nodes" / name,
+                    access=self.access, stack_id=self.stack_id,
+                    image_archives=[self.image_archive], labels=labels or {},
+                    taints=taints or [], host_ports=list(self.host_ports))  # fmt: skip
+        node.start()
+        self.nodes[name] = node
+        return node
+
+    def expose_host_port(self, port: int) -> None:
+        """Pods on every node (and on nodes added later) reach ``<host address>:port``,
+        where a service of the host's (the broker) listens."""
+        if port in self.host_ports:
+            return
+        self.host_ports.append(port)
+        for node in self.nodes.values():
+            node.expose_host_port(port)
+
+    def image(self, repository: str) -> str:
+        """The tag the nodes have for a product image, e.g. ``autoreduce-runner:0.1.0``."""
+        return self.images[repository]
 
     def stop(self) -> None:
-        for agent in list(self.nodes.values()):
-            agent.stop(kill_pods=True)
-        for comp in (self.controller_manager, self.apiserver, self.etcd):
+        for node in list(self.nodes.values()):
+            node.stop()
+        self.nodes.clear()
+        for comp in (self.scheduler, self.controller_manager, self.apiserver, self.etcd):
             if comp is not None:
                 comp.stop()
 
@@ -362,10 +259,10 @@ class LocalKube:
 # -- starting ------------------------------------------------------------------------
 
 
-def _etcd(workdir: Path) -> tuple[Component, int]:
+def _etcd(workdir: Path) -> tuple[Process, int]:
     client, peer = free_port(), free_port()
     argv = [
-        str(BIN_DIR / "etcd"), "--name", "default", "--data-dir", str(workdir / "etcd-data"),
+        str(bin_dir() / "etcd"), "--name", "default", "--data-dir", str(workdir / "etcd-data"),
         "--listen-client-urls", f"http://127.0.0.1:{client}",
         "--advertise-client-urls", f"http://127.0.0.1:{client}",
         "--listen-peer-urls", f"http://127.0.0.1:{peer}",
@@ -374,7 +271,7 @@ def _etcd(workdir: Path) -> tuple[Component, int]:
         "--unsafe-no-fsync",  # test data: speed over durability
         "--quota-backend-bytes", str(2 * 1024**3), "--log-level", "warn",
     ]  # fmt: skip
-    comp = Component(
+    comp = Process(
         "etcd", argv, workdir / "logs" / "etcd.log",
         lambda: _http_ok(f"http://127.0.0.1:{client}/health"),
         stop_timeout=5.0,  # it waits for the apiserver's gRPC streams to go away
@@ -382,9 +279,9 @@ def _etcd(workdir: Path) -> tuple[Component, int]:
     return comp, client
 
 
-def _apiserver(workdir: Path, pki: ClusterPKI, etcd_port: int, port: int) -> Component:
+def _apiserver(workdir: Path, pki: ClusterPKI, etcd_port: int, port: int) -> Process:
     argv = [
-        str(BIN_DIR / "kube-apiserver"),
+        str(bin_dir() / "kube-apiserver"),
         f"--etcd-servers=http://127.0.0.1:{etcd_port}",
         f"--secure-port={port}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
         # Endpoints may not be loopback: there is no kubernetes Service endpoint to keep.
@@ -406,7 +303,7 @@ def _apiserver(workdir: Path, pki: ClusterPKI, etcd_port: int, port: int) -> Com
     ]  # fmt: skip
     context = ssl.create_default_context(cafile=str(pki.ca.cert))
     context.load_cert_chain(str(pki.admin.cert), str(pki.admin.key))
-    return Component(
+    return Process(
         "kube-apiserver", argv, workdir / "logs" / "kube-apiserver.log",
         lambda: _https_ok(f"https://127.0.0.1:{port}/readyz", context)
         and _https_ok(f"https://127.0.0.1:{port}/livez", context),
@@ -414,10 +311,10 @@ def _apiserver(workdir: Path, pki: ClusterPKI, etcd_port: int, port: int) -> Com
     )  # fmt: skip
 
 
-def _controller_manager(workdir: Path, pki: ClusterPKI, kubeconfig: Path) -> Component:
+def _controller_manager(workdir: Path, pki: ClusterPKI, kubeconfig: Path) -> Process:
     port = free_port()
     argv = [
-        str(BIN_DIR / "kube-controller-manager"),
+        str(bin_dir() / "kube-controller-manager"),
         f"--kubeconfig={kubeconfig}",
         f"--authentication-kubeconfig={kubeconfig}",
         f"--authorization-kubeconfig={kubeconfig}",
@@ -432,58 +329,26 @@ def _controller_manager(workdir: Path, pki: ClusterPKI, kubeconfig: Path) -> Com
         "--concurrent-job-syncs=10",
         "--v=1",
     ]  # fmt: skip
-    insecure = ssl._create_unverified_context()  # its serving cert is self-signed
-    return Component(
+    # Only for its /healthz on loopback: its serving cert is self-signed.
+    insecure = ssl._create_unverified_context()  # noqa: S323
+    return Process(
         "kube-controller-manager", argv, workdir / "logs" / "kube-controller-manager.log",
         lambda: _https_ok(f"https://127.0.0.1:{port}/healthz", insecure),
     )  # fmt: skip
 
 
-def _node_agent(
-    kube: LocalKube, name: str, *, labels: dict[str, str], taints: list[str]
-) -> NodeAgent:
-    assert kube.pki is not None and kube.image_map is not None
-    port = free_port()
-    workdir = kube.workdir / "nodes" / name
-    cert = make_node_serving_cert(kube.pki.ca, workdir / "pki", node_name=name)
-    argv = [
-        sys.executable, "-m", "tests.harness.nodeagent",
-        "--kubeconfig", str(kube.kubeconfig), "--node-name", name, "--port", str(port),
-        "--workdir", str(workdir), "--image-map", str(kube.image_map),
-        "--tls-cert", str(cert.cert), "--tls-key", str(cert.key),
-        "--apiserver", f"127.0.0.1:{kube.apiserver_port}",
-        *[f"--label={k}={v}" for k, v in labels.items()],
-        *[f"--taint={t}" for t in taints],
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
-    context = ssl._create_unverified_context()
-    comp = Component(
-        f"node agent {name}", argv, kube.workdir / "logs" / f"node-{name}.log",
-        lambda: _https_ok(f"https://127.0.0.1:{port}/healthz", context), env=env,
-        parent_death_signal=signal.SIGTERM,
-    )  # fmt: skip
-    return NodeAgent(name, port, workdir, comp)
-
-
-def _wait_node_ready(kube: LocalKube, name: str, agent: NodeAgent, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    with kube.api_client() as api:
-        core = kube_client.CoreV1Api(api)
-        while time.monotonic() < deadline:
-            try:
-                node = core.read_node(name)
-                if any(
-                    c.type == "Ready" and c.status == "True"
-                    for c in (node.status.conditions if node.status else None) or []
-                ):
-                    return
-            except kube_client.ApiException:
-                pass
-            time.sleep(0.1)
-    raise StackStartError(
-        f"node {name} did not become Ready within {timeout}s; "
-        f"log {agent.log_path}:\n{log_tail(agent.log_path)}"
-    )
+def _build_images(kube: LocalKube) -> None:
+    """Both product images from their Dockerfiles plus the pause image, saved once
+    for every node's containerd; dockerd stops as soon as the archive is written."""
+    builder = ImageBuilder()
+    started = time.monotonic()
+    archive = kube.workdir / "images.tar"
+    kube.images = node_image_archive(builder, archive=archive, pause_binary=bin_dir() / "pause",
+                                     pause_tag=PAUSE_IMAGE)  # fmt: skip
+    kube.image_ids = builder.image_ids
+    kube.image_archive = archive
+    kube.timings.update(builder.timings)
+    kube.timings["images in all"] = time.monotonic() - started
 
 
 def _write_admin_kubeconfig(workdir: Path, pki: ClusterPKI, server: str) -> Path:
@@ -504,13 +369,14 @@ def _write_admin_kubeconfig(workdir: Path, pki: ClusterPKI, server: str) -> Path
 def _check_binaries() -> None:
     missing = [
         b
-        for b in ("etcd", "kube-apiserver", "kube-controller-manager")
-        if not (BIN_DIR / b).exists()
+        for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                  "kubelet", "pause")
+        if not (bin_dir() / b).exists()
     ]
     if missing:
         raise StackStartError(
-            f"control-plane binaries missing from {BIN_DIR}: {', '.join(missing)}; build them with "
-            f"`cd hack/controlplane && go build -o {BIN_DIR}/ ./cmd/...`"
+            f"stack binaries missing from {bin_dir()}: {', '.join(missing)}; "
+            "run scripts/bootstrap.sh (it builds them from hack/controlplane)"
         )
 
 
@@ -530,8 +396,9 @@ def _existing(workdir: Path, kubeconfig: str) -> LocalKube:
     )
 
 
-def start_local_stack(*, workdir: Path) -> LocalKube:
-    """etcd, kube-apiserver, kube-controller-manager and one node agent (``node-1``)."""
+def start_local_stack(*, workdir: Path, host_ports: tuple[int, ...] = ()) -> LocalKube:
+    """etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the images and
+    one real node (``node-1``) whose pods reach the host's ``host_ports``."""
     existing = os.environ.get("AUTOREDUCE_TEST_KUBECONFIG")
     if existing:
         return _existing(workdir, existing)
@@ -542,15 +409,13 @@ def start_local_stack(*, workdir: Path) -> LocalKube:
     port = free_port()
     server = f"https://127.0.0.1:{port}"
     kubeconfig = _write_admin_kubeconfig(workdir, pki, server)
-    image_map = workdir / "image-map.json"
-    image_map.write_text(json.dumps(default_image_map(), indent=2))
     kube = LocalKube(
         workdir=workdir, kubeconfig=kubeconfig, server=server, ca_file=pki.ca.cert, pki=pki,
         etcd=etcd, apiserver=_apiserver(workdir, pki, etcd_port, port),
         controller_manager=_controller_manager(
             workdir, pki, workdir / "controller-manager.kubeconfig"
         ),
-        image_map=image_map, etcd_port=etcd_port, apiserver_port=port,
+        etcd_port=etcd_port, apiserver_port=port,
     )  # fmt: skip
     atexit.register(kube.stop)
     try:
@@ -558,6 +423,11 @@ def start_local_stack(*, workdir: Path) -> LocalKube:
         assert kube.apiserver is not None and kube.controller_manager is not None
         kube.apiserver.start(timeout=90)
         kube.controller_manager.start(timeout=60)
+        kube.scheduler = Scheduler(workdir=workdir / "scheduler", access=kube.access)
+        kube.scheduler.start()
+        _build_images(kube)
+        for port in host_ports:
+            kube.expose_host_port(port)
         kube.add_node("node-1")
         with kube.api_client() as api:
             LocalKube._wait_default_sa(api, "default", timeout=60)

@@ -19,24 +19,15 @@ from typing import Any
 import yaml
 from autoreduce_common.broker_settings import BrokerSettings
 
-REPO = Path(__file__).resolve().parents[2]
+from devstack.paths import repo_root
+
+REPO = repo_root()
 PYTHONPATH = os.pathsep.join(str(REPO / part) for part in ("", "common", "runner-image"))
 
 
-def pod_user() -> int | None:
-    """uid for runner pods: 1000 when an unprivileged user can run the project's Python
-    (the node agent runs pod processes as that user), else None (root) with a warning."""
-    probe = subprocess.run(
-        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups",
-         sys.executable, "-c", "import autoreduce_common.messages, stomp, yaml"],
-        env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"},
-        capture_output=True, check=False,
-    )
-    if probe.returncode == 0:
-        return 1000
-    print(f"WARNING: uid 1000 cannot run {sys.executable}; runner pods run as root here",
-          file=sys.stderr)
-    return None
+# The runner's uid in reduction pods (RunnerSpec's default); the facility's folders
+# are world-writable so it can write them.
+RUNNER_UID = 1000
 
 
 @dataclass
@@ -76,6 +67,7 @@ def dispatcher_settings(
     namespace: str,
     facility: Facility,
     run_as_user: int | None,
+    runner_image: str,
     **overrides: Any,
 ) -> dict[str, Any]:
     """A settings file for a dispatcher on the local stack (plain dict, YAML-ready)."""
@@ -91,11 +83,13 @@ def dispatcher_settings(
         },
         "jobs": {"namespace": namespace, "ttl_seconds_after_finished": 3600},
         "runner": {
-            "image": "autoreduce-runner:dev",
+            "image": runner_image,
+            "image_pull_policy": "Never",  # the nodes have it; there is no registry
             "run_as_user": run_as_user,
             "run_as_group": run_as_user,
             "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
-                          "limits": {"memory": "1Gi"}},
+                          # a test evicts a pod for real by filling its /tmp past this
+                          "limits": {"memory": "1Gi", "ephemeral-storage": "64Mi"}},
             "active_deadline_seconds": 300,
             "archive_volumes": [{"name": "archive", "mount_path": "/isis",
                                  "source": {"hostPath": {"path": str(facility.archive)}}}],
