@@ -1,12 +1,16 @@
-"""The local demo: the whole product on this machine, in about two minutes.
+"""The local demo: the whole product on this machine, in a few minutes.
 
 Run through ``scripts/demo.sh`` (which installs what is missing first). It starts a
 real ActiveMQ broker and a real Kubernetes control plane (etcd, kube-apiserver,
-kube-controller-manager) with a node agent that runs pods as local processes;
-``helm install``s the chart (the dispatcher runs as a pod); submits sample runs
-with the ``autoreduce`` CLI (two sharing an experiment, one that fails, one that is
-cancelled while it waits, one malformed message); and shows how to look at what
-happened. ``--keep`` leaves everything running for you to explore.
+kube-controller-manager, kube-scheduler), builds the product's two images from
+Dockerfile.dispatcher and Dockerfile.runner (cached after the first run) and starts a
+real node (containerd + kubelet) that runs them; ``helm install``s the chart with its
+default images (the dispatcher runs as a Deployment pod on that node), runs
+``helm test`` (a canary run through broker, dispatcher and a runner pod), submits
+sample runs with the ``autoreduce`` CLI (two sharing an experiment, one that fails,
+one that is cancelled while it waits, one malformed message), each reduced in a Job's
+container on the node, and shows how to look at what happened. ``--keep`` leaves
+everything running for you to explore.
 """
 
 from __future__ import annotations
@@ -30,17 +34,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "common"), str(REPO / "runner-image")]
 
 from autoreduce_common.broker_settings import BrokerSettings, QueueNames  # noqa: E402
-from autoreduce_common.stomp_client import StompClient  # noqa: E402
+from autoreduce_common.stomp_client import Delivery, StompClient  # noqa: E402
 
+from devstack.activemq import ActiveMQ, free_port  # noqa: E402
+from devstack.controlplane import start_local_stack  # noqa: E402
+from devstack.product import PYTHONPATH, Facility  # noqa: E402
+from devstack.queues import QueueReader  # noqa: E402
 from dispatcher.identity import RunKey, job_name  # noqa: E402
-from tests.conftest import QueueReader  # noqa: E402
-from tests.harness.activemq import ActiveMQ, free_port  # noqa: E402
-from tests.harness.controlplane import start_local_stack  # noqa: E402
-from tests.harness.product import PYTHONPATH, Facility  # noqa: E402
 
 NAMESPACE = "autoreduce"
 RELEASE = "autoreduce"
 CHART = REPO / "helm" / "autoreduce"
+CANARY = "CANARY"  # the chart's helmTest.instrument
+# What the operator types to reach the dispatcher's metrics (the pod's own network).
+PORT_FORWARD = f"kubectl port-forward -n {NAMESPACE} deploy/{RELEASE} {{local}}:http"
 
 GOOD_SCRIPT = """\
 import time
@@ -81,26 +88,17 @@ def helm_binary() -> str:
     raise SystemExit("no helm binary: run scripts/demo.sh (it installs one)")
 
 
-def can_run_python_as(uid: int) -> bool:
-    """Whether the node agent can run the venv's Python as this user (the interpreter
-    may live under a home directory others cannot read)."""
-    probe = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                            sys.executable, "-c", "0"], capture_output=True, check=False)
-    return probe.returncode == 0
-
-
-def chart_values(*, broker: ActiveMQ, facility: Facility, http_port: int) -> dict[str, Any]:
-    """Values for this machine: broker on 127.0.0.1, archive/output as host folders."""
-    values: dict[str, Any] = {
-        "image": {"tag": "dev"},  # the node agent maps autoreduce-* images to the venv
-        "httpPort": http_port,  # pods share the host network here
-        "strategy": {"type": "Recreate"},
+def chart_values(*, broker: ActiveMQ, facility: Facility) -> dict[str, Any]:
+    """Values for this machine: the broker on the host's address (the node relays its
+    port), archive/output as host folders. Images, security contexts, ports and the
+    update strategy are the chart's defaults: the stack built the images the chart
+    names (autoreduce-dispatcher and autoreduce-runner at the chart's appVersion)."""
+    return {
         "readinessProbe": {"initialDelaySeconds": 1, "periodSeconds": 1},
         "logJson": True,
         "broker": {"hosts": [broker.host], "username": broker.user, "password": broker.password},
         "jobs": {"ttlSecondsAfterFinished": 3600},
         "runner": {
-            "image": {"tag": "dev"},
             "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
                           "limits": {"memory": "1Gi"}},
             "activeDeadlineSeconds": 300,
@@ -110,16 +108,23 @@ def chart_values(*, broker: ActiveMQ, facility: Facility, http_port: int) -> dic
                                "source": {"hostPath": {"path": str(facility.output)}}}],
         },
     }
-    if not can_run_python_as(10001):
-        root = {"runAsNonRoot": False, "runAsUser": 0}
-        values["podSecurityContext"] = {**root, "seccompProfile": {"type": "RuntimeDefault"}}
-        values["securityContext"] = {**root, "allowPrivilegeEscalation": False,
-                                     "readOnlyRootFilesystem": True,
-                                     "capabilities": {"drop": ["ALL"]}}
-    if not can_run_python_as(1000):
-        values["runner"]["runAsUser"] = None
-        values["runner"]["runAsGroup"] = None
-    return values
+
+
+def without_notes(text: str) -> str:
+    """`helm test` output without the chart's NOTES block (shown at install)."""
+    return text.split("NOTES:", 1)[0]
+
+
+def fetch_metrics(forward: subprocess.Popen[str], local: int) -> str | None:
+    """/metrics through the port-forward, or None while it is not forwarding yet."""
+    if forward.poll() is not None:
+        output = forward.stdout.read() if forward.stdout else ""
+        raise SystemExit(f"kubectl port-forward exited {forward.returncode}:\n{output}")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{local}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+    except OSError:
+        return None
 
 
 class Demo:
@@ -128,7 +133,6 @@ class Demo:
         self.broker = broker
         self.kube = kube
         self.facility = Facility(work / "facility").create()
-        self.http_port = free_port()
         self.cli_config = work / "autoreduce.yaml"
         self.env = {**os.environ, "PYTHONPATH": PYTHONPATH, "KUBECONFIG": str(kube.kubeconfig)}
 
@@ -156,25 +160,54 @@ class Demo:
             time.sleep(0.5)
         raise SystemExit(f"demo: timed out waiting for {what}")
 
+    def helm(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [helm_binary(), "--kubeconfig", str(self.kube.kubeconfig), *args],
+            capture_output=True, text=True, timeout=600, check=False)
+
+    def port_forward(self, local: int) -> subprocess.Popen[str]:
+        """``kubectl port-forward`` to the dispatcher's named ``http`` port; stop it after."""
+        return subprocess.Popen(
+            [self.kube.kubectl_binary, "--kubeconfig", str(self.kube.kubeconfig),
+             *PORT_FORWARD.format(local=local).split()[1:]],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def show_metrics(self) -> None:
+        local = free_port()
+        forward = self.port_forward(local)
+        try:
+            metrics = self.wait("the port-forward", lambda: fetch_metrics(forward, local),
+                                timeout=30)
+        finally:
+            forward.terminate()
+            forward.wait(timeout=10)
+        wanted = ("autoreduce_runs_received_total", "autoreduce_runs_accepted_total",
+                  "autoreduce_runs_rejected_total", "autoreduce_cancel_requests_total",
+                  "autoreduce_runs_admitted_total", "autoreduce_outcomes_on_behalf_total",
+                  "autoreduce_admission_seconds_count")
+        lines = [line for line in metrics.splitlines() if line.startswith(wanted)]
+        print(f"$ {PORT_FORWARD.format(local=local)} &", flush=True)
+        show(f"curl -s 127.0.0.1:{local}/metrics | grep ^autoreduce_", "\n".join(lines))
+
     # -- steps ---------------------------------------------------------------------------
 
     def install(self) -> None:
         values = self.work / "values.yaml"
-        values.write_text(yaml.safe_dump(chart_values(
-            broker=self.broker, facility=self.facility, http_port=self.http_port)))
+        values.write_text(yaml.safe_dump(chart_values(broker=self.broker,
+                                                      facility=self.facility)))
         say(f"helm install {RELEASE} helm/autoreduce -n {NAMESPACE} -f values.yaml")
-        result = subprocess.run(
-            [helm_binary(), "--kubeconfig", str(self.kube.kubeconfig), "install", RELEASE,
-             str(CHART), "-n", NAMESPACE, "--create-namespace", "-f", str(values)],
-            capture_output=True, text=True, check=False)
+        result = self.helm("install", RELEASE, str(CHART), "-n", NAMESPACE,
+                           "--create-namespace", "-f", str(values))
         if result.returncode != 0:
             raise SystemExit(f"helm install failed:\n{result.stderr}")
-        say("the dispatcher pod starts (the node agent runs it from this checkout's venv)")
+        say("the dispatcher pod starts: the kubelet on node-1 runs the "
+            "autoreduce-dispatcher image in containerd")
         selector = "app.kubernetes.io/component=dispatcher"
         self.wait("a Ready dispatcher pod", lambda: "True" in self.kubectl(
             "get", "pods", "-n", NAMESPACE, "-l", selector, "-o",
             "jsonpath={.items[*].status.conditions[?(@.type=='Ready')].status}"))
-        show(f"kubectl get pods -n {NAMESPACE}", self.kubectl("get", "pods", "-n", NAMESPACE))
+        show(f"kubectl get pods -n {NAMESPACE} -o wide",
+             self.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide"))
         # The CLI reads the dispatcher's settings; here a small file says where things are.
         password = self.work / "broker-password"
         password.write_text(self.broker.password)
@@ -183,6 +216,17 @@ class Demo:
                        "password_file": str(password)},
             "jobs": {"namespace": NAMESPACE},
         }))
+
+    def canary(self) -> None:
+        say(f"helm test {RELEASE}: a canary run through broker, dispatcher and a runner pod")
+        result = self.helm("test", RELEASE, "-n", NAMESPACE)
+        show(f"helm test {RELEASE} -n {NAMESPACE}   (NOTES left out)",
+             without_notes(result.stdout) + result.stderr)
+        job = f"job/{RELEASE}-canary"
+        show(f"kubectl logs -n {NAMESPACE} {job}   (what the canary saw)",
+             self.kubectl("logs", "-n", NAMESPACE, job))
+        if result.returncode != 0:
+            raise SystemExit("demo: helm test failed (the canary's log above says why)")
 
     def submit(self) -> dict[str, str]:
         scripts = self.work / "scripts"
@@ -230,19 +274,23 @@ class Demo:
 
     def outcomes(self, reader: QueueReader, queues: QueueNames) -> bool:
         final = {queues.complete, queues.error, queues.skipped}
+
+        def ours(delivery: Delivery) -> bool:  # not the helm test canary's run
+            return bool(json.loads(delivery.body).get("instrument") != CANARY)
+
         say("waiting for every run's outcome message (the web app would record these)")
-        reader.wait_for(lambda seen: sum(d.destination in final for d in seen) >= 5,
+        reader.wait_for(lambda seen: sum(d.destination in final and ours(d) for d in seen) >= 5,
                         timeout=240)
-        say("outcome messages, in the order they arrived:")
+        say("outcome messages, in the order they arrived (CANARY: the helm test run):")
         for delivery in reader.seen:
             body = json.loads(delivery.body)
             where = delivery.destination.rsplit("/", 1)[-1]
             extra = body.get("message") or ", ".join(body.get("reduction_data") or []) or ""
-            print(f"   {where:<18} {body['instrument']:<5} run {body['run_number']:<6} "
-                  f"{str(extra)[:90]}")
+            print(f"   {where:<18} {body['instrument']:<6} run {body['run_number']:<11} "
+                  f"{str(extra)[:86]}")
         print()
-        complete = reader.bodies(queues.complete)
-        errors = reader.bodies(queues.error)
+        complete = [d for d in reader.seen if d.destination == queues.complete and ours(d)]
+        errors = [d for d in reader.seen if d.destination == queues.error and ours(d)]
         return len(complete) == 2 and len(errors) == 3
 
     def look(self, jobs: dict[str, str]) -> None:
@@ -262,16 +310,15 @@ class Demo:
              "Events:" + described.split("Events:", 1)[-1])
         show(f"kubectl logs -n {NAMESPACE} job/{jobs['first']}   (live while it runs: add -f)",
              self.kubectl("logs", "-n", NAMESPACE, f"job/{jobs['first']}"))
-        say(f"how to look: Prometheus metrics on the dispatcher's port {self.http_port}")
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics",
-                                    timeout=5) as response:
-            metrics = response.read().decode()
-        wanted = ("autoreduce_runs_received_total", "autoreduce_runs_accepted_total",
-                  "autoreduce_runs_rejected_total", "autoreduce_cancel_requests_total",
-                  "autoreduce_runs_admitted_total", "autoreduce_outcomes_on_behalf_total",
-                  "autoreduce_admission_seconds_count")
-        lines = [line for line in metrics.splitlines() if line.startswith(wanted)]
-        show(f"curl -s 127.0.0.1:{self.http_port}/metrics | grep ^autoreduce_", "\n".join(lines))
+        pod = self.kubectl("get", "pods", "-n", NAMESPACE, "-l",
+                           f"batch.kubernetes.io/job-name={jobs['first']}", "-o", "name").split()
+        if pod:
+            described = self.kubectl("describe", pod[0], "-n", NAMESPACE)
+            show(f"kubectl describe -n {NAMESPACE} {pod[0]}   (the kubelet's Events)",
+                 "Events:" + described.split("Events:", 1)[-1])
+        say("how to look: Prometheus metrics (the dispatcher pod has its own network: "
+            "port-forward to its http port)")
+        self.show_metrics()
         outputs = sorted(str(p.relative_to(self.facility.output))
                          for p in self.facility.output.rglob("reduced.txt"))
         say("reduced data on the output share:")
@@ -291,8 +338,12 @@ def main() -> int:
     broker.workdir.mkdir(parents=True)
     say(f"starting ActiveMQ (STOMP on {broker.host})")
     broker.start()
-    say("starting etcd, kube-apiserver, kube-controller-manager and a node agent")
-    kube = start_local_stack(workdir=work / "kube")
+    say("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, building "
+        "the images (cached after the first run) and starting node-1 (containerd + kubelet)")
+    started = time.monotonic()
+    kube = start_local_stack(workdir=work / "kube", host_ports=(broker.port,))
+    say(f"stack up in {time.monotonic() - started:.0f} s; images on the node: "
+        + ", ".join(sorted(kube.images.values())))
     try:
         return demo(Demo(work=work, broker=broker, kube=kube), keep=args.keep)
     finally:
@@ -312,6 +363,9 @@ def demo(d: Demo, *, keep: bool) -> int:
     reader = QueueReader(settings)
     for queue in (queues.started, queues.complete, queues.error, queues.skipped):
         reader.watch(queue)
+    # With the stand-in web app listening, as in production: it takes the canary's
+    # outcome too, and the canary shows the evidence it used instead.
+    d.canary()
     sender = StompClient(settings=settings, client_name="demo")
     sender.connect()
     jobs = d.submit()
@@ -330,6 +384,8 @@ def demo(d: Demo, *, keep: bool) -> int:
               f"   autoreduce status --watch --config {d.cli_config}\n"
               f"   kubectl get jobs -n {NAMESPACE}\n"
               f"   kubectl logs -n {NAMESPACE} deploy/{RELEASE}\n"
+              f"   helm test {RELEASE} -n {NAMESPACE}\n"
+              f"   {PORT_FORWARD.format(local=8080)}\n"
               "   Ctrl-C here stops everything.", flush=True)
         try:
             while True:

@@ -29,7 +29,12 @@ def test_demo_runs_to_its_expected_end() -> None:
     assert "demo finished: as expected" in out
     # The chart was installed and its dispatcher pod ran.
     assert "helm install autoreduce helm/autoreduce" in out
-    assert re.search(r"autoreduce-[a-z0-9]+-[a-z0-9]+\s+1/1\s+Running", out), out
+    assert re.search(r"autoreduce-[a-z0-9]+-[a-z0-9]+\s+1/1\s+Running\s+\d+\s+\S+\s+\S+\s+node-1",
+                     out), out
+    # `helm test`: the canary's one run came back Skipped (and shows up as a run).
+    assert "Phase:          Succeeded" in out, out
+    assert re.search(r"canary passed: ReductionSkipped (came back|posted)", out), out
+    assert len(re.findall(r"ReductionSkipped\s+CANARY\s+run \d+", out)) == 1, out
     # While running: one WISH run reducing, the others of its RB waiting for it.
     assert re.search(r"WISH\s+1920001\s+44002\s+0\s+\S+\s+1\s+red-wish-44002-v0-\S+\s+"
                      r"RB held by red-wish-44001-v0-", out), out
@@ -42,10 +47,15 @@ def test_demo_runs_to_its_expected_end() -> None:
                  r"ReductionError\s+MARI\s+run 25581\s+invalid message"):
         assert len(re.findall(line, out)) == 1, (line, out)
     # How to look: CLI status, dead letters, kubectl jobs/describe/logs, metrics.
-    assert "RECENTLY FINISHED (3 of 3)" in out
+    assert "RECENTLY FINISHED (4 of 4)" in out  # the canary's run among them
     assert re.search(r"ID:\S+\s+\S+\s+MARI\s+25581\s+invalid message", out)
     assert "Waiting " in out and "held by Job red-wish-44001-v0-" in out
     assert "step 6/6" in out and "ReductionComplete posted" in out
-    assert "autoreduce_runs_received_total 6.0" in out
-    assert "autoreduce_runs_accepted_total 4.0" in out
+    # The real kubelet ran the runner image (its Events), metrics came through a
+    # port-forward (the pod has its own network namespace).
+    assert re.search(r"kubelet\s+.*Container image \"autoreduce-runner:0\.1\.0\" already present",
+                     out), out
+    assert re.search(r"kubectl port-forward -n autoreduce deploy/autoreduce \d+:http", out), out
+    assert "autoreduce_runs_received_total 7.0" in out  # 6 + the canary
+    assert "autoreduce_runs_accepted_total 5.0" in out
     assert "tearing down" in out
