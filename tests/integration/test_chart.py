@@ -1,5 +1,5 @@
-"""The Helm chart against the real API server (and, for the install test, the node
-agent and the real broker).
+"""The Helm chart against the real API server (and, for the install test, the real
+node running the chart's images, and the real broker).
 
 - every ci/*-values.yaml renders to manifests the API server accepts (server-side
   dry run with strict field validation);
@@ -18,7 +18,7 @@ import json
 import os
 import shlex
 import subprocess
-import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -32,12 +32,13 @@ from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+from devstack.activemq import free_port
+from devstack.product import Facility, run_message
+from devstack.queues import QueueReader
+from dispatcher.cli import browse
 from dispatcher.config import load_settings
 from dispatcher.identity import RunKey, job_name
 from dispatcher.manifests import Arrival, load_template, render_job
-from tests.conftest import QueueReader
-from tests.harness.activemq import free_port
-from tests.harness.product import Facility, run_message
 from tests.harness.tools import helm_binary
 
 pytestmark = pytest.mark.integration
@@ -140,34 +141,14 @@ def test_job_from_rendered_template_passes_server_side_dry_run(
 # -- install, dispatch, upgrade, uninstall ----------------------------------------------
 
 
-def can_run_python_as(uid: int) -> bool:
-    """The node agent runs pod processes as their runAsUser on this host."""
-    probe = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={uid}",
-            f"--regid={uid}",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            "0",
-        ],
-        capture_output=True,
-        check=False,
-    )
-    return probe.returncode == 0
-
-
 def install_values(
     *, broker: BrokerSettings, facility: Facility, http_port: int, concurrency: int = 2
 ) -> dict[str, Any]:
     q = broker.queues
     values: dict[str, Any] = {
-        "image": {"tag": "dev"},
+        # The chart's own image names and tags: the stack built both images from the
+        # Dockerfiles and loaded them into the node's containerd.
         "httpPort": http_port,
-        # Pods on the node agent share the host's network: two dispatcher pods at
-        # once would fight over the port, so this test replaces, not surges.
-        "strategy": {"type": "Recreate"},
         "readinessProbe": {"initialDelaySeconds": 1, "periodSeconds": 1},
         "logJson": False,
         "broker": {
@@ -188,7 +169,6 @@ def install_values(
         },
         "jobs": {"ttlSecondsAfterFinished": 3600},
         "runner": {
-            "image": {"tag": "dev"},
             "resources": {
                 "requests": {"cpu": "100m", "memory": "64Mi"},
                 "limits": {"memory": "1Gi"},
@@ -212,24 +192,6 @@ def install_values(
         },
         "concurrency": concurrency,
     }
-    if not can_run_python_as(10001):
-        # This host's interpreter lives under /root (mode 700): the local node agent
-        # can only run the dispatcher as root. Real clusters use the defaults.
-        values["podSecurityContext"] = {
-            "runAsNonRoot": False,
-            "runAsUser": 0,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        }
-        values["securityContext"] = {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": False,
-            "runAsUser": 0,
-            "capabilities": {"drop": ["ALL"]},
-        }
-    if not can_run_python_as(1000):
-        values["runner"]["runAsUser"] = None  # Helm: null removes the key -> image's user
-        values["runner"]["runAsGroup"] = None
     return values
 
 
@@ -526,6 +488,99 @@ def test_install_dispatch_upgrade_uninstall(
         return names
 
     wait_for("nothing of the runs left", lambda: not leftovers(), timeout=120)
+
+
+# -- helm test: the canary ---------------------------------------------------------------
+
+
+def helm_test(kube: Any, release: str, namespace: str) -> tuple[int, str]:
+    """`helm test` and what it and the canary pod said."""
+    # No --logs: Helm fetches the logs of Pod hooks only (a Job's fail it).
+    result = helm(kube, "test", release, "-n", namespace, "--timeout", "5m",
+                  check=False, timeout=360)  # fmt: skip
+    job = f"job/{release}-autoreduce-canary"  # the README's command for its log
+    logs = kube.kubectl("logs", "-n", namespace, job).stdout
+    return result.returncode, f"{result.stdout}\n{result.stderr}\n--- {job}:\n{logs}"
+
+
+def canary_outcomes(reader: QueueReader, queue: str) -> list[dict[str, Any]]:
+    return [b for b in reader.bodies(queue) if b.get("instrument") == "CANARY"]
+
+
+def test_helm_test_canary_passes_and_leaves_the_outcome_to_the_web_app(
+    kube: Any, namespace: str, broker_settings: BrokerSettings, tmp_path: Path
+) -> None:
+    release = f"ar-{uuid.uuid4().hex[:6]}"
+    facility = Facility(tmp_path / "facility").create()
+    values = install_values(broker=broker_settings, facility=facility, http_port=free_port())
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    helm(kube, "install", release, str(CHART), "-n", namespace, "-f", str(values_file),
+         "--wait", "--timeout", "3m", timeout=240)  # fmt: skip
+    q = broker_settings.queues
+
+    # 1. Nobody consumes the outcome queues: the canary finds its outcome by browsing...
+    code, said = helm_test(kube, release, namespace)
+    assert code == 0, f"{said}\n{describe_failure(kube, namespace)}"
+    assert "canary passed: ReductionSkipped came back" in said, said
+    assert "SKIP_RUNS" in said, said
+    # ...and leaves it where it was, for the web app: one Skipped, nothing else final.
+    web_app = QueueReader(broker_settings)
+    try:
+        for queue in (q.started, q.complete, q.error, q.skipped):
+            web_app.watch(queue)
+        web_app.wait_for(lambda _: len(canary_outcomes(web_app, q.skipped)) == 1, timeout=30)
+        web_app.settle(2)
+        assert len(canary_outcomes(web_app, q.started)) == 1
+        assert canary_outcomes(web_app, q.complete) == canary_outcomes(web_app, q.error) == []
+
+        # 2. With a consumer acking every outcome the moment it arrives (as the web app
+        # does), the canary still passes, on the runner's broker-confirmed termination
+        # report. (A browser also sees delivered-but-unacked messages, so a slower
+        # consumer leaves the message evidence; so may a browse inside the ack's window.)
+        stop = threading.Event()
+
+        def consume() -> None:
+            while not stop.is_set():
+                web_app.settle(0.2)
+
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
+        try:
+            code, said = helm_test(kube, release, namespace)
+        finally:
+            stop.set()
+            consumer.join(timeout=10)
+        print(said)  # which evidence the canary used (pytest -rP shows it)
+        assert code == 0, f"{said}\n{describe_failure(kube, namespace)}"
+        assert ("canary passed: ReductionSkipped posted (the broker confirmed it to the runner)"
+                " and taken by another consumer" in said
+                or "canary passed: ReductionSkipped came back" in said), said
+        web_app.wait_for(lambda _: len(canary_outcomes(web_app, q.skipped)) == 2, timeout=30)
+    finally:
+        web_app.close()
+
+
+def test_helm_test_fails_clearly_when_no_outcome_can_come_back(
+    kube: Any, namespace: str, broker_settings: BrokerSettings, stomp: StompClient,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    release = f"ar-{uuid.uuid4().hex[:6]}"
+    facility = Facility(tmp_path / "facility").create()
+    values = install_values(broker=broker_settings, facility=facility, http_port=free_port())
+    values["replicaCount"] = 0  # no dispatcher: the run cannot become a Job
+    values["helmTest"] = {"timeoutSeconds": 8}
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    helm(kube, "install", release, str(CHART), "-n", namespace, "-f", str(values_file))
+
+    code, said = helm_test(kube, release, namespace)
+    assert code != 0, said
+    assert "canary FAILED: no outcome for the canary run after 8 s: no Job red-canary-" in said
+    assert "no dispatcher took the run from" in said, said
+    assert "the run was withdrawn from the queue" in said, said
+    # Withdrawn: a dispatcher started later finds no stale canary run.
+    assert browse(stomp, broker_settings.queues.pending) == []
 
 
 # -- RBAC: the dispatcher's ServiceAccount ---------------------------------------------
