@@ -373,6 +373,16 @@ def test_install_dispatch_upgrade_uninstall(
             lambda seen: {m["run_number"] for m in reader.bodies(q.complete)} >= {25590, 25591},
             timeout=180,
         )
+        # The outcome arrives before the Job's own verdict (the pod is still stopping on
+        # the node): wait for that too, so step 5 meets two finished Jobs.
+        for run in (25590, 25591):
+            wait_for(
+                f"run {run}'s Job to succeed",
+                lambda run=run: batch.read_namespaced_job(
+                    run_job_name(rb=1920322, run=run), namespace
+                ).status.succeeded == 1,
+                timeout=60,
+            )
 
     # 4. Runs in every state `helm uninstall` has to leave alone: one holding its RB,
     # one waiting behind it, and a cancellation whose run has not arrived (a marker).
