@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from devstack.errors import StackStartError
 from devstack.node import host_address
+from devstack.process import die_with_parent
 
 ACTIVEMQ_JAR = Path("/usr/share/activemq/bin/activemq.jar")
 ACTIVEMQ_HOME = Path("/usr/share/activemq")
@@ -69,7 +71,7 @@ _CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
-class BrokerStartError(RuntimeError):
+class BrokerStartError(StackStartError):
     """The broker did not come up; the message says why and where its log is."""
 
 
@@ -157,9 +159,13 @@ class ActiveMQ:
             f"xbean:file:{conf / 'activemq.xml'}",
         ]
         log = self.log_path.open("ab")
+        # A session of its own (a terminal's Ctrl-C reaches only the caller, who stops
+        # it in order), and SIGTERM when the caller dies without stopping it: the JVM
+        # must never outlive the stack that started it.
         self.process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
-        )
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509
+        )  # fmt: skip
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:

@@ -177,6 +177,20 @@ def restore_kernel_tunables() -> None:
     TUNABLES_RECORD.unlink()
 
 
+def processes_matching(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every other process whose command line contains ``text``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes()
+            if text.encode() in cmdline:
+                text_line = cmdline.replace(b"\0", b" ").decode(errors="replace")
+                found.append((int(proc.name), text_line))
+    return found
+
+
 def processes_with_arg(arg: str) -> list[int]:
     """Pids whose command line contains ``arg`` (shims name their containerd socket)."""
     found = []

@@ -19,7 +19,7 @@ from devstack.errors import failed
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(sig: int) -> Callable[[], None]:
+def die_with_parent(sig: int) -> Callable[[], None]:
     """A preexec hook: the child gets ``sig`` when the thread that started it dies
     (it survives exec, so it also covers what nsenter execs)."""
 
@@ -54,7 +54,7 @@ class Process:
             self.popen = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env=None if self.env is None else dict(self.env),
-                preexec_fn=_die_with_parent(self.parent_death_signal),  # noqa: PLW1509
+                preexec_fn=die_with_parent(self.parent_death_signal),  # noqa: PLW1509
             )  # fmt: skip
         self.wait_healthy(timeout=timeout)
 

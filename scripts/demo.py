@@ -37,9 +37,9 @@ from autoreduce_common.broker_settings import BrokerSettings, QueueNames  # noqa
 from autoreduce_common.stomp_client import Delivery, StompClient  # noqa: E402
 
 from devstack.activemq import ActiveMQ, free_port  # noqa: E402
-from devstack.controlplane import start_local_stack  # noqa: E402
 from devstack.product import PYTHONPATH, Facility  # noqa: E402
 from devstack.queues import QueueReader  # noqa: E402
+from devstack.stack import Stack, stop_on_signals  # noqa: E402
 from dispatcher.identity import RunKey, job_name  # noqa: E402
 
 NAMESPACE = "autoreduce"
@@ -330,28 +330,37 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="leave the stack running")
     args = parser.parse_args()
+    # SIGTERM and SIGHUP stop the demo as Ctrl-C does: everything is torn down.
+    stop_on_signals()
     work = Path(tempfile.mkdtemp(prefix="autoreduce-demo-"))
     # Pods run as another user and must reach the facility folders inside.
     os.chmod(work, 0o755)  # noqa: S103 - world-readable on purpose, not writable
     say(f"working in {work}")
-    broker = ActiveMQ(workdir=work / "activemq", port=free_port())
-    broker.workdir.mkdir(parents=True)
-    say(f"starting ActiveMQ (STOMP on {broker.host})")
-    broker.start()
-    say("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, building "
-        "the images (cached after the first run) and starting node-1 (containerd + kubelet)")
+    say("starting ActiveMQ, etcd, kube-apiserver, kube-controller-manager, kube-scheduler, "
+        "building the images (cached after the first run) and starting node-1 "
+        "(containerd + kubelet)")
     started = time.monotonic()
-    kube = start_local_stack(workdir=work / "kube", host_ports=(broker.port,))
-    say(f"stack up in {time.monotonic() - started:.0f} s; images on the node: "
-        + ", ".join(sorted(kube.images.values())))
     try:
-        return demo(Demo(work=work, broker=broker, kube=kube), keep=args.keep)
+        stack = Stack.start(work)
+    except KeyboardInterrupt:
+        say(f"interrupted while starting; what was started is stopped, logs kept in {work}")
+        return 130
+    say(f"stack {stack.stack_id} up in {time.monotonic() - started:.0f} s; "
+        f"ActiveMQ on {stack.broker.host}; "
+        "images on the node: " + ", ".join(sorted(stack.kube.images.values())))
+    result = 1
+    try:
+        result = demo(Demo(work=work, broker=stack.broker, kube=stack.kube), keep=args.keep)
+    except KeyboardInterrupt:
+        say("interrupted")
+        result = 130
     finally:
-        if not args.keep:
-            say("tearing down")
-            kube.stop()
-            broker.stop()
-            shutil.rmtree(work, ignore_errors=True)
+        say("tearing down: every process the stack started, the node's containers, mounts, "
+            "namespace and cgroups")
+        stack.stop(keep_files=result != 0)
+        if result != 0:
+            say(f"kept {work}: every component's log is there")
+    return result
 
 
 def demo(d: Demo, *, keep: bool) -> int:

@@ -9,6 +9,7 @@ suite against components that already exist (a kind cluster, say).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from devstack.activemq import ActiveMQ, free_port
 from devstack.controlplane import start_local_stack
 from devstack.product import RUNNER_UID, DispatcherProcess, Facility, dispatcher_settings
 from devstack.queues import QueueReader
+from devstack.stack import stop_on_signals
 
 WORK_ROOT = Path(os.environ.get("AUTOREDUCE_TEST_WORKDIR", tempfile.gettempdir()))
 
@@ -44,11 +46,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A SIGTERM (CI's timeout, say) then stops the stack as a Ctrl-C does.
+    stop_on_signals()
+
+
 @pytest.fixture(scope="session")
-def session_dir() -> Iterator[Path]:
+def session_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The stack's folder (etcd data, KahaDB, every component's log): removed after the
+    session, kept when a test failed (or AUTOREDUCE_KEEP_WORKDIR is set), and then the
+    run says where."""
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix="autoreduce-test-", dir=WORK_ROOT))
     yield path
+    if request.session.testsfailed or os.environ.get("AUTOREDUCE_KEEP_WORKDIR"):
+        print(f"\nthe stack's folder is kept, with every component's log: {path}")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def needs_own_component(reason: str) -> NoReturn:

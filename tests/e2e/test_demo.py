@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from devstack.stack import leftovers
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _env() -> dict[str, str]:
+    bin_dir = os.environ.get("AUTOREDUCE_BIN", str(Path.home() / ".cache/autoreduce/bin"))
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{bin_dir}:{os.environ['PATH']}"}
+
+
 @pytest.mark.timeout(600)
 def test_demo_runs_to_its_expected_end() -> None:
-    bin_dir = os.environ.get("AUTOREDUCE_BIN", str(Path.home() / ".cache/autoreduce/bin"))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{bin_dir}:{os.environ['PATH']}"}
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "demo.py")],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=540, check=False,
+        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=540, check=False,
     )
     out = result.stdout
     assert result.returncode == 0, out[-6000:] + result.stderr[-4000:]
@@ -59,3 +65,39 @@ def test_demo_runs_to_its_expected_end() -> None:
     assert "autoreduce_runs_received_total 7.0" in out  # 6 + the canary
     assert "autoreduce_runs_accepted_total 5.0" in out
     assert "tearing down" in out
+    assert_nothing_left(out)
+
+
+def assert_nothing_left(out: str) -> None:
+    """None of the demo's processes, mounts, namespaces, cgroups or folders remain."""
+    work = re.search(r"working in (\S+)", out)
+    stack = re.search(r"stack (\w+) up in", out)
+    assert work and stack, out
+    assert leftovers(Path(work.group(1)), stack.group(1)) == []
+
+
+@pytest.mark.timeout(600)
+def test_keep_then_ctrl_c_stops_everything() -> None:
+    # The demo with --keep waits once it has shown everything; a Ctrl-C in its
+    # terminal (SIGINT to its process group) must tear the whole stack down.
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "demo.py"), "--keep"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO,
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C here stops everything." in line:
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines) + out
+    assert proc.returncode == 0, out[-6000:]
+    assert "left running" in out and "tearing down" in out, out[-6000:]
+    assert_nothing_left(out)
