@@ -394,6 +394,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "evictionHard": {"memory.available": "100Mi", "nodefs.available": "2%",
                              "imagefs.available": "2%", "nodefs.inodesFree": "2%"},
             "registerWithTaints": [_taint(t) for t in self.taints],
+            # No image garbage collection: the images were imported, there is no
+            # registry to pull them again, and containerd 1.6 does not pin the sandbox
+            # image. With the host's disk over 85% the kubelet deleted the pause image
+            # and no pod could start.
+            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
             # Volume use (what ephemeral-storage evictions are judged on) is measured
             # every minute by default: an over-limit pod would run on for that long.
             "volumeStatsAggPeriod": "5s",

@@ -4,6 +4,7 @@ product's tests rely on."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
@@ -651,3 +652,11 @@ def test_second_node_with_selector_and_deletion_while_kubelet_down(
         node.start_kubelet()
     wait_for("the pod to be gone", lambda: _gone(core, namespace, "picky"), timeout=20)
     assert not any(_pid_alive(p) for p in pids)
+
+
+def test_the_node_never_garbage_collects_its_images(kube: Any) -> None:
+    # The images were imported (no registry can give them back): a kubelet on a disk
+    # over 85% full deleted the pause image once, and no pod could start after that.
+    configz = kube.kubectl("get", "--raw", "/api/v1/nodes/node-1/proxy/configz", check=True)
+    config = json.loads(configz.stdout)["kubeletconfig"]
+    assert config["imageGCHighThresholdPercent"] == 100, config
