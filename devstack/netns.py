@@ -83,6 +83,13 @@ class NetNamespace:
         self.ip("link", "set", "uplink0", "up")
         self.ip("link", "set", "uplink1", "up")
         self.ip("route", "add", "default", "via", gateway, "dev", "uplink0", "onlink")
+        # Nothing outside the stack is reachable from a node: say so at once
+        # (ENETUNREACH) rather than let DNS lookups and connects time out. A pull from a
+        # registry that cannot be reached then fails in milliseconds, as on an
+        # air-gapped node, not after the resolver's retries. Local addresses, the pod
+        # bridge and the relays' addresses are more specific and still reach.
+        self.ip("route", "add", "unreachable", "0.0.0.0/1")
+        self.ip("route", "add", "unreachable", "128.0.0.0/1")
 
     def add_local_address(self, address: str) -> None:
         self.ip("addr", "add", f"{address}/32", "dev", "lo")

@@ -84,7 +84,9 @@ def dispatcher_settings(
         "jobs": {"namespace": namespace, "ttl_seconds_after_finished": 3600},
         "runner": {
             "image": runner_image,
-            "image_pull_policy": "Never",  # the nodes have it; there is no registry
+            # The chart's default: the nodes have the image, so nothing is pulled, and
+            # an image they lack is tried (and fails at once: no registry is reachable).
+            "image_pull_policy": "IfNotPresent",
             "run_as_user": run_as_user,
             "run_as_group": run_as_user,
             "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},

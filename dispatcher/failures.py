@@ -233,6 +233,9 @@ def _pod_verdict(*, job: Obj, pod: Obj, log_tail: str) -> Verdict | None:
 STUCK_WAITING = {
     "ErrImagePull",
     "ImagePullBackOff",
+    # imagePullPolicy Never on a node without the image (air-gapped sites preload
+    # images): the kubelet will never pull it, so the pod waits for ever.
+    "ErrImageNeverPull",
     "InvalidImageName",
     "CreateContainerConfigError",
     "CreateContainerError",

@@ -120,6 +120,8 @@ def test_eviction_without_a_message() -> None:
     ("ImagePullBackOff", 'Back-off pulling image "registry.invalid/x:1"',
      'ImagePullBackOff: Back-off pulling image "registry.invalid/x:1"'),
     ("ErrImagePull", "no such image", "ErrImagePull: no such image"),
+    ("ErrImageNeverPull", 'Container image "x:1" is not present with pull policy of Never',
+     'ErrImageNeverPull: Container image "x:1" is not present with pull policy of Never'),
     ("InvalidImageName", "", "InvalidImageName"),
     ("CreateContainerConfigError", 'secret "broker" not found',
      'CreateContainerConfigError: secret "broker" not found'),
