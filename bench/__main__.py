@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import signal
 import sys
 import tempfile
@@ -98,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             report.write(results, args.out)  # so far: a long run leaves partial figures
     finally:
         stack.stop()
+        # The stack's folder (etcd data, KahaDB, logs) goes unless a scenario failed
+        # or the user named it; then it stays for its logs, and we say where.
+        if failed or args.workdir:
+            print(f"[bench] stack folder kept: {workdir}", flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     results["machine"]["load_at_end"] = machine.load()
     results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results["total_seconds"] = round(time.monotonic() - started, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +26,14 @@ pytestmark = pytest.mark.integration
 def test_bench_tiny_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "results"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--tiny", "--out", str(out),
-         "--workdir", str(Path("/var/tmp") / f"autoreduce-bench-smoke-{os.getpid()}")],
+        [sys.executable, "-m", "bench", "--tiny", "--out", str(out)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": PYTHONPATH},
         capture_output=True, text=True, timeout=580, check=False,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    # Its stack's folder is gone with the stack.
+    (kept,) = re.findall(r"stack state in (\S+)", done.stdout)
+    assert not Path(kept).exists(), kept
     results = json.loads((out / "latest.json").read_text())
     missing = [section for section in SECTIONS if section not in results]
     assert not missing, missing
