@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import signal
 import sys
 import tempfile
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the broker (its own session) is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
-    stack = Stack.start(workdir)
+    stack = Stack.start(workdir, keep_files=bool(args.workdir))
     stack.dispatcher_overrides = overrides
     failed = False
     try:
@@ -98,13 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {name} done in {results[name]['seconds']} s", flush=True)
             report.write(results, args.out)  # so far: a long run leaves partial figures
     finally:
-        stack.stop()
         # The stack's folder (etcd data, KahaDB, logs) goes unless a scenario failed
         # or the user named it; then it stays for its logs, and we say where.
-        if failed or args.workdir:
+        keep = failed or bool(args.workdir)
+        stack.stop(keep_files=keep)
+        if keep:
             print(f"[bench] stack folder kept: {workdir}", flush=True)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     results["machine"]["load_at_end"] = machine.load()
     results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results["total_seconds"] = round(time.monotonic() - started, 1)

@@ -31,9 +31,8 @@ from autoreduce_common.messages import parse_run
 from autoreduce_common.stomp_client import Delivery, StompClient
 from kubernetes import client as k8s
 
-from devstack.activemq import ActiveMQ, free_port
-from devstack.controlplane import LocalKube, start_local_stack
 from devstack.product import DispatcherProcess, Facility, dispatcher_settings
+from devstack.stack import Stack as DevStack
 from dispatcher import admission
 from dispatcher.identity import job_name, run_key
 from dispatcher.kube import Gone, Kube, KubeError
@@ -50,30 +49,11 @@ UNLIMITED = 1e9  # client-side QPS for the bench's own clients and "the limit"
 
 
 @dataclass
-class Stack:
-    workdir: Path
-    broker: ActiveMQ
-    kube: LocalKube
+class Stack(DevStack):
+    """devstack's stack plus what every scenario shares."""
+
     # Dispatcher settings for every scenario (e.g. a different API budget, --api-qps).
     dispatcher_overrides: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def start(cls, workdir: Path) -> Stack:
-        workdir.mkdir(parents=True, exist_ok=True)
-        broker = ActiveMQ(workdir=workdir / "activemq", port=free_port())
-        broker.workdir.mkdir(parents=True, exist_ok=True)
-        broker.start()
-        try:
-            kube = start_local_stack(workdir=workdir / "kube", host_ports=(broker.port,))
-        except BaseException:
-            broker.stop()
-            raise
-        stack = cls(workdir=workdir, broker=broker, kube=kube)
-        return stack
-
-    def stop(self) -> None:
-        self.kube.stop()
-        self.broker.stop()
 
     def broker_settings(self, tag: str) -> BrokerSettings:
         queues = QueueNames(

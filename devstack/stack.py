@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Self
 
 from devstack.activemq import ActiveMQ, free_port
 from devstack.controlplane import LocalKube, start_local_stack
@@ -50,7 +51,7 @@ class Stack:
     _stopped: bool = field(default=False, repr=False)
 
     @classmethod
-    def start(cls, workdir: Path, *, keep_files: bool = False) -> Stack:
+    def start(cls, workdir: Path, *, keep_files: bool = False) -> Self:
         """Broker, control plane, images and one node. On any failure what was made is
         stopped again (the work folder is then kept, for its logs)."""
         workdir.mkdir(parents=True, exist_ok=True)
