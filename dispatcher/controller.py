@@ -204,7 +204,7 @@ class Controller:
         self._synced = threading.Event()
         self._threads: list[threading.Thread] = []
         self._caps_lock = threading.Lock()
-        self._cap_blocked: set[str] = set()
+        self._cap_blocked: set[str] = set()  # RBs waiting for a cap slot; under _caps_lock
         # RBs whose optimistic Lease create was refused: read the Lease next time.
         self._lease_exists_hint: set[str] = set()
         self._hint_lock = threading.Lock()
@@ -354,7 +354,11 @@ class Controller:
             self._on_pod_stopped(view, self.cache.get(view.job))
 
     def _requeue_cap_blocked(self) -> None:
-        blocked, self._cap_blocked = self._cap_blocked, set()
+        # The lock workers hold while they count the caps and mark an RB blocked: a
+        # swap between a worker's count and its mark would leave that RB blocked with
+        # its slot already free (and iterating the set a worker adds to can raise).
+        with self._caps_lock:
+            blocked, self._cap_blocked = self._cap_blocked, set()
         for rb in blocked:
             self.enqueue(rb)
 
@@ -472,7 +476,9 @@ class Controller:
         return self.caps.max_running is not None or bool(self.caps.per_instrument)
 
     def _room_for(self, rb: str, job: Job) -> bool:
-        """Whether the caps let ``job`` start; if not, its RB waits for a slot (noted)."""
+        """Whether the caps let ``job`` start; if not, its RB waits for a slot (noted).
+
+        Called with ``_caps_lock`` held: the count and the mark are one step."""
         running = [other for other in self.cache.running() if other is not job]
         if admission.caps_allow(labels=self.labels, caps=self.caps, job=job, running=running):
             return True
