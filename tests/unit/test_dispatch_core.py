@@ -82,11 +82,31 @@ def test_default_template_matches_golden_file(request: pytest.FixtureRequest) ->
                                     "source": {"persistentVolumeClaim": {"claimName": "out"}}}]},
     )
     rendered = yaml.safe_dump(render(settings, key()), sort_keys=True)
-    golden = GOLDEN / "job-default.yaml"
-    if request.config.getoption("--update-golden", default=False) or not golden.exists():
+    update = bool(request.config.getoption("--update-golden", default=False))
+    check_golden(GOLDEN / "job-default.yaml", rendered, update=update)
+
+
+def check_golden(golden: Path, rendered: str, *, update: bool) -> None:
+    """Compare with the golden file; only ``update`` (--update-golden) writes it.
+
+    A missing file fails: writing it here would let a deleted golden file pass."""
+    if update:
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(rendered)
+    assert golden.exists(), f"{golden} is missing: run pytest with --update-golden to write it"
     assert rendered == golden.read_text(), "rerun with --update-golden if the change is intended"
+
+
+def test_a_missing_golden_file_fails_and_only_update_writes_it(tmp_path: Path) -> None:
+    golden = tmp_path / "golden" / "job.yaml"
+    with pytest.raises(AssertionError, match="--update-golden"):
+        check_golden(golden, "rendered\n", update=False)
+    assert not golden.exists()
+    check_golden(golden, "rendered\n", update=True)
+    assert golden.read_text() == "rendered\n"
+    check_golden(golden, "rendered\n", update=False)
+    with pytest.raises(AssertionError, match="--update-golden"):
+        check_golden(golden, "changed\n", update=False)
 
 
 def test_job_properties_the_design_relies_on() -> None:
