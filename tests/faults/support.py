@@ -24,7 +24,7 @@ from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
 from devstack.product import Facility, read_timeline, run_message
-from tests.harness.checks import container_span, overlaps
+from tests.harness.checks import container_span, exclusivity_violations
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
@@ -241,28 +241,6 @@ def burst(facility: Facility, *, runs: int, rbs: int, rb_base: int, run_base: in
 # -- the judge -------------------------------------------------------------------------
 
 
-def exclusivity_violations(facility: Facility, jobs: list[dict[str, Any]],
-                           pods: PodRecorder | None = None) -> int:
-    """Overlapping runs of one RB. Ground truth only: the scripts' own timeline (each
-    attempt from its start to its last tick or end) and, when ``pods`` recorded them,
-    the runner containers' real start and finish times from the kubelet."""
-    rb_of: dict[int, str] = {}
-    for job in jobs:
-        labels = job["metadata"]["labels"]
-        rb_of[int(labels["autoreduce.io/run-number"])] = labels["autoreduce.io/rb-number"]
-    spans: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    for event in read_timeline(facility):
-        stem = Path(event["file"]).stem
-        run = int(stem[-8:])
-        key = f"{run}@{event.get('pid', '')}"
-        spans[rb_of.get(run, "?")].setdefault(key, []).append(event["t"])
-    violations = sum(overlaps((min(ts), max(ts)) for ts in runs.values())
-                     for runs in spans.values())
-    if pods is not None:
-        violations += sum(overlaps(rb_spans) for rb_spans in pods.spans_by_rb().values())
-    return violations
-
-
 class PodRecorder:
     """Watches the runs' pods and keeps each runner container's last known span."""
 
@@ -391,7 +369,10 @@ def judge(
     figures.duplicate_jobs = sum(n - 1 for n in job_keys.values() if n > 1)
     figures.retried_versions = sum(1 for _, version in job_keys if version > 0)
     figures.errors = len(collector.on("error"))
-    figures.exclusivity_violations = exclusivity_violations(facility, jobs, pods)
+    found = exclusivity_violations(jobs=jobs, timeline=read_timeline(facility),
+                                   pod_spans=pods.spans_by_rb() if pods else None)
+    figures.exclusivity_violations = sum(overlap.count for overlap in found)
+    figures.notes += [f"exclusivity: {overlap}" for overlap in found[:5]]
     queues = collector.settings.queues
     figures.pending_left = browse_count(collector.settings, queues.pending)
     figures.dead_letters = len(collector.on("dead_letter"))
@@ -469,8 +450,9 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
         "Every figure comes from the broker's and the API's own records: outcome messages "
         "(broker redeliveries counted once), Jobs, the scripts' timeline, a browse of the "
         "pending queue and the DLQs. Recovery = fault cleared until the dispatcher's "
-        "/readyz is 200 again. Exclusivity is judged on the scripts' own timeline and the "
-        "runner containers' real start/finish times. A run that ever gets two different "
+        "/readyz is 200 again. Exclusivity is judged on the scripts' own timeline, the "
+        "runner containers' real start/finish times and each Job's hold on its RB (start "
+        "to final Complete/Failed condition). A run that ever gets two different "
         "outcome kinds is a failure; repeats of the same kind carry the same "
         "`autoreduce-outcome-id` and are counted in their own column. Long scenarios run "
         "several times (`--repeat N`): one row per repetition, with its commit.",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,8 +28,8 @@ from devstack.product import (
 )
 from devstack.queues import QueueReader
 from dispatcher.identity import RunKey, job_name
-from tests.faults.support import PodRecorder, timeline_script
-from tests.harness.checks import SELECTOR, overlaps, send
+from tests.faults.support import PodRecorder, list_jobs, timeline_script
+from tests.harness.checks import SELECTOR, exclusivity_violations, send
 from tests.harness.pods import evict, kill_container, kill_runner_when_running
 
 pytestmark = pytest.mark.integration
@@ -223,14 +222,10 @@ def test_the_next_run_waits_for_a_stopping_pod_whose_script_ignores_sigterm(
         by_run.setdefault(json.loads(copy.body)["run_number"], set()).add(copy.destination)
     assert sorted(by_run) == [40, 41, 42, 43, 50, 51, 52, 53], by_run
     assert all(len(kinds) == 1 for kinds in by_run.values()), by_run
-    # Ground truth: the scripts' own ticks and the containers' real start/finish times.
-    spans: dict[str, dict[str, list[float]]] = {}
-    for event in read_timeline(facility):
-        run = int(Path(event["file"]).stem[-8:])
-        spans.setdefault(str(run % 10), {}).setdefault(event["pid"], []).append(event["t"])
-    for rb_runs in spans.values():
-        assert overlaps((min(t), max(t)) for t in rb_runs.values()) == 0, spans
-    for rb, rb_spans in recorder.spans_by_rb().items():
-        assert overlaps(rb_spans) == 0, (rb, rb_spans)
+    # The scripts' own ticks, the containers' real start/finish times, the Jobs' holds.
+    found = exclusivity_violations(jobs=list_jobs(kube, namespace),
+                                   timeline=read_timeline(facility),
+                                   pod_spans=recorder.spans_by_rb())
+    assert not found, found
     # The stubborn scripts really outlived the first verdict: they noted SIGTERM.
     assert {e["file"] for e in read_timeline(facility) if e["event"] == "sigterm"}

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import StompClient
+from kubernetes import client as k8s
 
 from devstack.product import Facility, read_timeline
 from devstack.queues import QueueReader
 
 SELECTOR = "autoreduce.io/managed=true"
+Span = tuple[float, float]  # seconds since the epoch: (start, end)
 
 
 def send(stomp: StompClient, settings: BrokerSettings, body: Any, *, priority: int = 4) -> None:
@@ -54,9 +56,9 @@ def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def overlaps(spans: Iterable[tuple[float, float]]) -> int:
-    """How many spans start before an earlier-starting one has ended: the one judge of
-    "one run per RB at a time", for the fault suite and the integration tests alike."""
+def overlaps(spans: Iterable[Span]) -> int:
+    """How many spans start before an earlier-starting one has ended (touching is not
+    overlapping): the rule ``exclusivity_violations`` applies to each record."""
     count, latest_end = 0, float("-inf")
     for start, end in sorted(spans):
         if start < latest_end:
@@ -65,7 +67,7 @@ def overlaps(spans: Iterable[tuple[float, float]]) -> int:
     return count
 
 
-def container_span(pod: dict[str, Any]) -> tuple[float, float] | None:
+def container_span(pod: dict[str, Any]) -> Span | None:
     """When the runner container really ran, from the kubelet's own record (whole
     seconds, rounded down on both ends: an overlap seen here is real)."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -80,30 +82,116 @@ def container_span(pod: dict[str, Any]) -> tuple[float, float] | None:
     return None
 
 
-def assert_exclusive(facility: Facility, jobs: list[Any]) -> dict[str, list[tuple[float, float]]]:
-    """No two runs of one RB overlap: from the scripts' own timeline and the Jobs."""
-    rb_of = {}
-    for job in jobs:
-        runs = job.metadata.annotations["autoreduce.io/runs"]
-        rb_of[runs] = job.metadata.labels["autoreduce.io/rb-number"]
-    spans: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    for event in read_timeline(facility):
-        run = str(int(Path(event["file"]).stem[-8:]))
-        spans[rb_of[run]].setdefault(run, []).append(event["t"])
-    by_rb: dict[str, list[tuple[float, float]]] = {}
-    for rb, runs in spans.items():
-        intervals = sorted((min(ts), max(ts)) for ts in runs.values())
-        assert overlaps(intervals) == 0, f"RB {rb}: runs overlap: {intervals}"
-        by_rb[rb] = intervals
-    # The Jobs' own times (1 s resolution) tell the same story.
-    per_rb: dict[str, list[Any]] = defaultdict(list)
-    for job in jobs:
-        if job.status.start_time and job.status.completion_time:
-            per_rb[job.metadata.labels["autoreduce.io/rb-number"]].append(job)
-    for rb, rb_jobs in per_rb.items():
-        rb_jobs.sort(key=lambda j: j.status.start_time)
-        for prev, nxt in pairwise(rb_jobs):
-            assert nxt.status.start_time >= prev.status.completion_time, f"RB {rb} overlap"
-    return by_rb
+# The Job controller's final verdicts. Since Kubernetes 1.31 each is written only once
+# the Job's pods have stopped, and it is what lets the dispatcher hand the RB on
+# (``dispatcher.admission.is_finished``); SuccessCriteriaMet and FailureTarget come
+# earlier, while a deleted, evicted or timed-out pod may still be running.
+FINAL_CONDITIONS = ("Complete", "Failed")
 
 
+@dataclass(frozen=True)
+class Overlap:
+    """Runs of one RB that overlapped, as one of the records shows them."""
+
+    rb: str
+    record: str  # "script attempts", "runner containers" or "Job holds"
+    count: int  # spans that began before an earlier one of the RB had ended
+    spans: list[Span]
+
+
+def job_hold(job: dict[str, Any]) -> Span | None:
+    """When ``job`` held its RB, by the Job's own record (whole seconds).
+
+    From ``startTime`` (set when admission unsuspended it, so its pod runs inside the
+    span) to the time of its final Complete or Failed condition, the moment the
+    dispatcher may hand the RB on; open-ended while it has none. Not ``completionTime``:
+    a Failed Job has none, so a run that was killed, evicted or ran past its deadline,
+    where a too-early hand-off would show, went unjudged. None for a Job never started,
+    or deleted before its verdict: the dispatcher hands a deleted holder's RB on once its
+    pods have stopped, which the scripts' and the containers' spans judge.
+    """
+    status = job.get("status") or {}
+    if not status.get("startTime"):
+        return None
+    verdicts = [
+        parse_time(c["lastTransitionTime"]).timestamp()
+        for c in status.get("conditions") or []
+        if c.get("type") in FINAL_CONDITIONS and c.get("status") == "True"
+        and c.get("lastTransitionTime")
+    ]
+    if not verdicts and (job.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    end = max(verdicts) if verdicts else float("inf")
+    return parse_time(status["startTime"]).timestamp(), end
+
+
+def rb_of_run(jobs: Iterable[dict[str, Any]]) -> dict[int, str]:
+    """Run number -> RB, from the Jobs' labels (every version of a run has one RB)."""
+    labels = [job["metadata"]["labels"] for job in jobs]
+    return {int(tag["autoreduce.io/run-number"]): tag["autoreduce.io/rb-number"] for tag in labels}
+
+
+def job_holds(jobs: Iterable[dict[str, Any]]) -> dict[str, list[Span]]:
+    """Each Job's ``job_hold``, by RB."""
+    holds: dict[str, list[Span]] = defaultdict(list)
+    for job in jobs:
+        hold = job_hold(job)
+        if hold is not None:
+            holds[job["metadata"]["labels"]["autoreduce.io/rb-number"]].append(hold)
+    return holds
+
+
+def script_attempts(
+    timeline: Iterable[dict[str, Any]], rb_by_run: Mapping[int, str]
+) -> dict[str, list[Span]]:
+    """Each attempt of a script, by RB: from its start to its last note (tick or end).
+
+    Attempts are told apart by the id the fault suite's script notes (``pid``); the
+    integration tests' script notes none, so all attempts of a run make one span. A run
+    with no Job to name its RB goes under "?"."""
+    attempts: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for event in timeline:
+        run = int(Path(event["file"]).stem[-8:])
+        key = f"{run}@{event.get('pid', '')}"
+        attempts[rb_by_run.get(run, "?")].setdefault(key, []).append(event["t"])
+    return {rb: sorted((min(ts), max(ts)) for ts in runs.values())
+            for rb, runs in attempts.items()}  # fmt: skip
+
+
+def exclusivity_violations(
+    *,
+    jobs: Iterable[dict[str, Any]],
+    timeline: Iterable[dict[str, Any]],
+    pod_spans: Mapping[str, Iterable[Span]] | None = None,
+) -> list[Overlap]:
+    """The one judge of "one run per RB at a time", for the integration and fault tests.
+
+    Three records, each checked on its own: the scripts' attempts (ground truth of the
+    work), the runner containers' real start and finish (``pod_spans`` by RB, when
+    recorded), and the Jobs' holds (``job_hold``: the dispatcher's own rule, so a
+    hand-off before the holder's verdict counts even when the scripts happened not to
+    meet)."""
+    jobs = list(jobs)
+    records: dict[str, Mapping[str, Iterable[Span]]] = {
+        "script attempts": script_attempts(timeline, rb_of_run(jobs)),
+        "runner containers": pod_spans or {},
+        "Job holds": job_holds(jobs),
+    }
+    found = []
+    for record, by_rb in records.items():
+        for rb, rb_spans in by_rb.items():
+            spans = sorted(rb_spans)
+            if count := overlaps(spans):
+                found.append(Overlap(rb=rb, record=record, count=count, spans=spans))
+    return found
+
+
+def assert_exclusive(facility: Facility, jobs: list[Any]) -> dict[str, list[Span]]:
+    """No two runs of one RB overlap (``exclusivity_violations``); returns the scripts'
+    attempts by RB. ``jobs`` as listed by the client: its models or plain dicts."""
+    with k8s.ApiClient() as api:
+        plain = [api.sanitize_for_serialization(job) for job in jobs]
+    timeline = read_timeline(facility)
+    found = exclusivity_violations(jobs=plain, timeline=timeline)
+    assert not found, found
+    return script_attempts(timeline, rb_of_run(plain))
