@@ -39,8 +39,6 @@ class Consumer:
         self._threads: list[threading.Thread] = []
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
-        self.in_flight = 0
-        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._client.subscribe(
@@ -78,13 +76,7 @@ class Consumer:
                 delivery = self._sink.get(timeout=0.5)
             except queue.Empty:
                 continue
-            with self._lock:
-                self.in_flight += 1
-            try:
-                self._process(delivery)
-            finally:
-                with self._lock:
-                    self.in_flight -= 1
+            self._process(delivery)
 
     def _process(self, delivery: Delivery) -> None:
         received = Received(body=delivery.body, headers=delivery.headers)

@@ -93,10 +93,6 @@ class RbQueue:
             if rb in self._items:
                 self._cond.notify()
 
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)
-
 
 class JobCache:
     """Jobs by name and by RB, fed by list+watch and by our own writes (read-your-writes).
@@ -209,7 +205,6 @@ class Controller:
         self._lease_exists_hint: set[str] = set()
         self._hint_lock = threading.Lock()
         self._finished_seen: set[str] = set()
-        self.admissions = 0
         self.api_healthy = False
         self._api_ready = (0.0, False)  # (monotonic time of the probe, its answer)
 
@@ -453,7 +448,6 @@ class Controller:
             self.enqueue(rb)  # someone else moved the Lease: look again
             return
         self._unsuspend(job)
-        self.admissions += 1
         # Commentary, not state: written off the admission path so hand-off waits for
         # two API calls (Lease, unsuspend), not three.
         self.waiting_events.record(job, reason="Admitted", note=f"RB {rb} is free: reducing")

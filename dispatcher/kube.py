@@ -147,7 +147,6 @@ class Kube:
         self._api = api_client
         self.namespace = namespace
         self._limiter = limiter
-        self.calls = 0  # read by metrics and benchmarks
         ns = namespace
         self._jobs = f"/apis/batch/v1/namespaces/{ns}/jobs"
         self._config_maps = f"/api/v1/namespaces/{ns}/configmaps"
@@ -193,7 +192,6 @@ class Kube:
     ) -> Any:
         """One HTTP exchange; returns the raw urllib3 response (status checked)."""
         self._limiter.acquire()
-        self.calls += 1
         headers = {"Accept": "application/json", "Content-Type": content_type}
         params = [(k, v) for k, v in (query or {}).items() if v is not None]
         try:
@@ -312,11 +310,8 @@ class Kube:
             what, "PATCH", path, body=patch, content_type="application/merge-patch+json"
         )
 
-    def set_suspend(self, name: str, *, suspend: bool, resource_version: str | None = None) -> Obj:
+    def set_suspend(self, name: str, *, suspend: bool) -> Obj:
         patch: Obj = {"spec": {"suspend": suspend}}
-        if resource_version:
-            # Optimistic concurrency on a merge patch: fails with 409 if it moved.
-            patch["metadata"] = {"resourceVersion": resource_version}
         return self._patch(f"set suspend={suspend} on Job {name}", f"{self._jobs}/{name}", patch)
 
     def annotate_job(

@@ -301,21 +301,11 @@ class StompClient:
 
     def ack(self, delivery: Delivery) -> bool:
         """Ack; False when the delivery's connection is gone (it will be redelivered)."""
-        return self._settle(delivery, nack=False)
-
-    def nack(self, delivery: Delivery) -> bool:
-        """NACK: ActiveMQ sends the message straight to its DLQ. Rarely what you want."""
-        return self._settle(delivery, nack=True)
-
-    def _settle(self, delivery: Delivery, *, nack: bool) -> bool:
         with self._lock:
             if delivery.generation != self._generation or self._conn is None:
                 return False
             try:
-                if nack:
-                    self._conn.nack(id=delivery.ack_id)
-                else:
-                    self._conn.ack(id=delivery.ack_id)
+                self._conn.ack(id=delivery.ack_id)
             except (stomp.exception.StompException, OSError) as error:
                 log.warning("ack failed (message will be redelivered): %s", error)
                 return False
