@@ -10,13 +10,13 @@ from typing import Any
 
 import jinja2
 import yaml
+from autoreduce_common import pod_contract
 from autoreduce_common.messages import encode
-from autoreduce_common.pod_contract import OUTCOME_ID_ENV
+from autoreduce_common.pod_contract import MESSAGE_KEY, PodEnv
 
 from dispatcher.config import DispatcherSettings, RunnerSpec
 from dispatcher.identity import Labels, RunKey, job_name
 
-MESSAGE_KEY = "message.json"
 # libyaml's safe loader when present: parsing a rendered Job is most of the
 # dispatcher's CPU per run (8.5 ms with the pure-Python loader, 4 ms with libyaml).
 _SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -92,6 +92,24 @@ def annotations_for(labels: Labels, key: RunKey, arrival: Arrival) -> dict[str, 
     }
 
 
+def _pod_values() -> dict[str, dict[str, str]]:
+    """The pod contract for the template: ``pod.env.<name>`` (the runner's env names)
+    and ``pod.paths.<name>`` (where the runner finds its files), so a template never
+    spells the paths and names the runner reads."""
+    paths = {
+        "message_dir": pod_contract.MESSAGE_DIR,
+        "message_file": pod_contract.MESSAGE_FILE,
+        "broker_dir": pod_contract.BROKER_DIR,
+        "broker_password_key": pod_contract.BROKER_PASSWORD_KEY,
+        "broker_password_file": pod_contract.BROKER_PASSWORD_FILE,
+        "runner_config_dir": pod_contract.RUNNER_CONFIG_DIR,
+        "runner_config_file": pod_contract.RUNNER_CONFIG_FILE,
+        "scratch_dir": pod_contract.SCRATCH_DIR,
+        "termination_log": pod_contract.TERMINATION_LOG,
+    }
+    return {"env": {env.name.lower(): env.value for env in PodEnv}, "paths": paths}
+
+
 def _runner_values(settings: DispatcherSettings, key: RunKey, arrival: Arrival) -> dict[str, Any]:
     runner = effective_runner(settings, key.instrument).model_dump()
     by_source = settings.priority_classes.for_priority(arrival.priority)
@@ -134,6 +152,7 @@ def render_job(
             "outcome_receipt_timeout_s": settings.broker.outcome_receipt_timeout_s,
             "queues": settings.broker.queues.model_dump(),
         },
+        "pod": _pod_values(),
     }
     try:
         text = template.render(**context)
@@ -158,8 +177,8 @@ def _add_pod_contract(manifest: dict[str, Any], *, name: str, finalizer: str) ->
     if finalizer not in finalizers:
         metadata["finalizers"] = [*finalizers, finalizer]
     for container in template["spec"]["containers"][:1]:  # the runner comes first
-        env = [e for e in container.get("env") or [] if e.get("name") != OUTCOME_ID_ENV]
-        container["env"] = [*env, {"name": OUTCOME_ID_ENV, "value": name}]
+        env = [e for e in container.get("env") or [] if e.get("name") != PodEnv.OUTCOME_ID]
+        container["env"] = [*env, {"name": PodEnv.OUTCOME_ID.value, "value": name}]
 
 
 def _check_job(manifest: object, *, name: str) -> None:

@@ -1,5 +1,9 @@
 """What the runner pod and the dispatcher agree on, defined once for both (pure).
 
+- the files and environment of the runner container: the paths where the Job mounts
+  the run's message, the broker password and the runner config, the termination-log
+  path, and the ``AUTOREDUCE_*`` names the Job sets (the dispatcher's Job template
+  gets them as ``pod.paths`` and ``pod.env``; the runner's settings default to them);
 - the exit codes of the runner container;
 - the termination report: the JSON the runner writes to its termination-message file
   and the dispatcher reads back from the pod status (written and parsed here only);
@@ -29,8 +33,42 @@ TERMINATION_MESSAGE_BYTES = 4096
 TERMINATION_MESSAGE_CHARS = 700  # the free text; x 4 bytes of UTF-8 leaves room for the rest
 MAX_RECORDED_DESTINATIONS = 8
 
-# The env var through which the Job tells the runner its run's outcome identity.
-OUTCOME_ID_ENV = "AUTOREDUCE_OUTCOME_ID"
+# Where the runner finds its files in the reduction pod. The run's ConfigMap holds the
+# message under MESSAGE_KEY and is mounted as MESSAGE_DIR, so the key is the file's name.
+MESSAGE_KEY = "message.json"
+MESSAGE_DIR = "/etc/autoreduce/message"
+MESSAGE_FILE = f"{MESSAGE_DIR}/{MESSAGE_KEY}"
+# The broker Secret's password item, mounted under this name in BROKER_DIR.
+BROKER_DIR = "/etc/autoreduce/broker"
+BROKER_PASSWORD_KEY = "password"  # noqa: S105 - a file name
+BROKER_PASSWORD_FILE = f"{BROKER_DIR}/{BROKER_PASSWORD_KEY}"
+# The site's runner config (the chart's runner ConfigMap, key runner.yaml), when it has one.
+RUNNER_CONFIG_DIR = "/etc/autoreduce/runner"
+RUNNER_CONFIG_FILE = f"{RUNNER_CONFIG_DIR}/runner.yaml"
+# The only writable place in the pod (the root filesystem is read-only): an emptyDir.
+SCRATCH_DIR = "/tmp"  # noqa: S108 - a mounted emptyDir
+# Kubernetes reads this file into the pod status when the container ends.
+TERMINATION_LOG = "/dev/termination-log"
+
+
+class PodEnv(StrEnum):
+    """The runner's environment variables that the Job sets. Each is the name under
+    which the runner's settings read one field (prefix ``AUTOREDUCE_``, ``__`` between
+    levels); a unit test keeps the two equal."""
+
+    MESSAGE_FILE = "AUTOREDUCE_MESSAGE_FILE"
+    TERMINATION_LOG = "AUTOREDUCE_TERMINATION_LOG"
+    RUNNER_CONFIG = "AUTOREDUCE_RUNNER_CONFIG"
+    # The run's outcome identity (its Job's name), sent as a header on every outcome.
+    OUTCOME_ID = "AUTOREDUCE_OUTCOME_ID"
+    BROKER_HOSTS = "AUTOREDUCE_BROKER__HOSTS"
+    BROKER_USERNAME = "AUTOREDUCE_BROKER__USERNAME"
+    BROKER_PASSWORD_FILE = "AUTOREDUCE_BROKER__PASSWORD_FILE"  # noqa: S105 - a name
+    BROKER_OUTCOME_RECEIPT_TIMEOUT_S = "AUTOREDUCE_BROKER__OUTCOME_RECEIPT_TIMEOUT_S"
+    # Followed by a queue's field name in upper case (..._QUEUES__ERROR).
+    BROKER_QUEUE_PREFIX = "AUTOREDUCE_BROKER__QUEUES__"
+
+
 # Every ReductionStarted/Complete/Error/Skipped carries these (message-contract notes
 # in the README): the same id on every copy of one run version's outcome, whoever
 # sends it; "true" in the second when this copy may repeat one sent before.

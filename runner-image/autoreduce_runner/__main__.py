@@ -13,7 +13,9 @@ from typing import Any
 
 from autoreduce_common.messages import MessageError, ReductionMessage, parse_run
 from autoreduce_common.pod_contract import (
+    TERMINATION_LOG,
     ExitCode,
+    PodEnv,
     Stage,
     TerminationReport,
     outcome_headers,
@@ -23,12 +25,7 @@ from autoreduce_common.stomp_client import BrokerError
 
 from autoreduce_runner import admin, report
 from autoreduce_runner.broker import Poster
-from autoreduce_runner.config import (
-    DEFAULT_TERMINATION_LOG,
-    ConfigError,
-    RunnerSettings,
-    load_settings,
-)
+from autoreduce_runner.config import ConfigError, RunnerSettings, load_settings
 from autoreduce_runner.faults import FaultPoint
 from autoreduce_runner.report import RunResult
 from autoreduce_runner.script import WebVars
@@ -140,7 +137,8 @@ def main() -> int:
     admin_log = _configure_logging()
     stop = threading.Event()
     _install_stop_handler(stop)
-    fallback = Path(os.environ.get("AUTOREDUCE_TERMINATION_LOG", str(DEFAULT_TERMINATION_LOG)))
+    # Where to say "bad configuration" when the settings themselves cannot be read.
+    fallback = Path(os.environ.get(PodEnv.TERMINATION_LOG, TERMINATION_LOG))
     try:
         settings = load_settings()
         logging.getLogger().setLevel(settings.log_level.upper())

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 from autoreduce_common.broker_settings import BrokerSettings
+from autoreduce_common.pod_contract import MESSAGE_FILE, SCRATCH_DIR, TERMINATION_LOG
 from autoreduce_common.settings_sources import EnvFirstSettings
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -22,9 +23,6 @@ from pydantic_settings import (
 
 from autoreduce_runner.faults import FaultAction, FaultPoint, Faults
 from autoreduce_runner.paths import PathMapping, check_template
-
-DEFAULT_MESSAGE_FILE = Path("/etc/autoreduce/message/message.json")
-DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
 
 
 class ConfigError(ValueError):
@@ -47,8 +45,8 @@ class Directories(BaseModel):
     log: str = "/instrument/{instrument}/RBNumber/RB{rb_number}/autoreduced/reduction_log"
     log_file: str = "RB{rb_number}_Run{run_number}_v{run_version}_Script.out"
     # Scratch space: the script's temporary output dir and the script itself. In a
-    # pod this is the /tmp emptyDir (the root filesystem is read-only).
-    temp_root: Path = Path("/tmp/autoreduce")  # noqa: S108 - a mounted emptyDir
+    # pod this is in the scratch emptyDir (the root filesystem is read-only).
+    temp_root: Path = Path(SCRATCH_DIR) / "autoreduce"
 
     @field_validator("output", "flat_output", "version_folder", "log", "log_file")
     @classmethod
@@ -79,17 +77,19 @@ def _default_mappings() -> list[PathMapping]:
 class RunnerSettings(EnvFirstSettings):
     """Everything the runner needs; documented in runner-image/README.md."""
 
+    # The Job sets some of these by name (pod_contract.PodEnv): a unit test keeps the
+    # names and this prefix and nesting equal.
     model_config = SettingsConfigDict(
         env_prefix="AUTOREDUCE_", env_nested_delimiter="__", extra="forbid"
     )
 
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     # The run's message (mounted from the run's ConfigMap: no argv size limit).
-    message_file: Path = DEFAULT_MESSAGE_FILE
+    message_file: Path = Path(MESSAGE_FILE)
     # The file these settings may also come from (read by ``load_settings``).
     runner_config: Path | None = None
     # Kubernetes reads this file into the pod status when the container ends.
-    termination_log: Path = DEFAULT_TERMINATION_LOG
+    termination_log: Path = Path(TERMINATION_LOG)
     directories: Directories = Field(default_factory=Directories)
     # Windows (UNC) prefixes of legacy data paths and where they are mounted.
     path_mappings: list[PathMapping] = Field(default_factory=_default_mappings)

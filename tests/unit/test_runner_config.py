@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from autoreduce_common import pod_contract
+from autoreduce_common.pod_contract import PodEnv
 from autoreduce_runner.config import ConfigError, load_settings
 
 
@@ -97,3 +99,44 @@ def test_missing_config_file_and_password_file_are_config_errors(
     monkeypatch.setenv("AUTOREDUCE_BROKER__PASSWORD_FILE", str(tmp_path / "nopw"))
     with pytest.raises(ConfigError):
         load_settings()
+
+
+def test_the_jobs_env_names_are_the_runners_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every name in the pod contract sets the runner setting it is meant to set."""
+    config, password = tmp_path / "runner.yaml", tmp_path / "password"
+    config.write_text("{}\n")
+    password.write_text("s3cret\n")
+    values = {
+        PodEnv.MESSAGE_FILE: "/m/message.json",
+        PodEnv.TERMINATION_LOG: "/t/log",
+        PodEnv.RUNNER_CONFIG: str(config),
+        PodEnv.OUTCOME_ID: "red-wish-1-v0-abc",
+        PodEnv.BROKER_HOSTS: "amq:61613",
+        PodEnv.BROKER_USERNAME: "u",
+        PodEnv.BROKER_PASSWORD_FILE: str(password),
+        PodEnv.BROKER_OUTCOME_RECEIPT_TIMEOUT_S: "7",
+        PodEnv.BROKER_QUEUE_PREFIX: None,  # a prefix: set below for one queue
+    }
+    assert set(values) == set(PodEnv)
+    for name, value in values.items():
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv(PodEnv.BROKER_QUEUE_PREFIX + "ERROR", "/queue/E")
+    settings = load_settings()
+    assert settings.message_file == Path("/m/message.json")
+    assert settings.termination_log == Path("/t/log")
+    assert settings.runner_config == config
+    assert settings.outcome_id == "red-wish-1-v0-abc"
+    assert settings.broker.hosts == ["amq:61613"] and settings.broker.username == "u"
+    assert settings.broker.password.get_secret_value() == "s3cret"
+    assert settings.broker.outcome_receipt_timeout_s == 7
+    assert settings.broker.queues.error == "/queue/E"
+
+
+def test_the_runner_defaults_to_the_pods_paths() -> None:
+    settings = load_settings()
+    assert settings.message_file == Path(pod_contract.MESSAGE_FILE)
+    assert settings.termination_log == Path(pod_contract.TERMINATION_LOG)
+    assert settings.directories.temp_root.is_relative_to(pod_contract.SCRATCH_DIR)
