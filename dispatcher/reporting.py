@@ -37,14 +37,6 @@ class Reporter:
     client: StompClient
     queues: QueueNames
 
-    def destination(self, outcome: Outcome) -> str:
-        return {
-            Outcome.STARTED: self.queues.started,
-            Outcome.COMPLETE: self.queues.complete,
-            Outcome.ERROR: self.queues.error,
-            Outcome.SKIPPED: self.queues.skipped,
-        }[outcome]
-
     def send(self, *, destination: str, body: bytes, **options: Any) -> None:
         """Connect if need be, send persistently and wait for the receipt.
 
@@ -62,7 +54,7 @@ class Reporter:
         ``outcome_id`` is the run version's Job name (the runner sends the same one);
         ``possible_repeat`` when a copy of this outcome may have been sent before.
         """
-        self.send(destination=self.destination(outcome), body=encode(body),
+        self.send(destination=self.queues.for_outcome(outcome), body=encode(body),
                   headers=outcome_headers(outcome_id=outcome_id,
                                           possible_repeat=possible_repeat))
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
+from autoreduce_common.messages import Outcome
+
 
 class QueueNames(BaseModel):
     """Destinations of the contract; defaults are the legacy names."""
@@ -21,6 +23,15 @@ class QueueNames(BaseModel):
     skipped: str = "/queue/ReductionSkipped"
     # Where messages that can never be processed go, with the reason in a header.
     dead_letter: str = "/queue/ReductionPending.DLQ"
+
+    def for_outcome(self, outcome: Outcome) -> str:
+        """The queue an outcome goes to, whoever sends it (runner or dispatcher)."""
+        return {
+            Outcome.STARTED: self.started,
+            Outcome.COMPLETE: self.complete,
+            Outcome.ERROR: self.error,
+            Outcome.SKIPPED: self.skipped,
+        }[outcome]
 
 
 class BrokerSettings(BaseModel):

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from autoreduce_common.messages import MessageError, ReductionMessage, parse_run
+from autoreduce_common.messages import MessageError, Outcome, ReductionMessage, parse_run
 from autoreduce_common.pod_contract import (
     TERMINATION_LOG,
     ExitCode,
@@ -111,7 +111,7 @@ def _run(*, raw: dict[str, Any], message: ReductionMessage | str, poster: Poster
     except TypeError as problem:
         log.error("invalid reduction_arguments: %s", problem)
         return report.error(f"Invalid reduction message: {problem}")
-    poster.post(destination=settings.broker.queues.started, message=raw,
+    poster.post(destination=settings.broker.queues.for_outcome(Outcome.STARTED), message=raw,
                 headers=outcome_headers(outcome_id=started_id(settings.outcome_id),
                                         possible_repeat=False))
     poster.close()  # nothing idles through an hours-long script
@@ -203,7 +203,7 @@ def _post_outcome(*, raw: dict[str, Any], result: RunResult, poster: Poster,
     _write_termination(termination, report.termination_report(
         result, stage=Stage.SENDING, message=result.message or ""))
     faults.reach(FaultPoint.BEFORE_SEND)
-    poster.post(destination=report.destination(result.outcome, queues=settings.broker.queues),
+    poster.post(destination=settings.broker.queues.for_outcome(result.outcome),
                 message=body,
                 headers=outcome_headers(outcome_id=settings.outcome_id, possible_repeat=False),
                 on_sent=lambda: faults.reach(FaultPoint.AFTER_STORE))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoreduce_common.broker_settings import QueueNames
 from autoreduce_common.messages import Outcome, bound_text, echo
 from autoreduce_common.pod_contract import ExitCode, Stage, TerminationReport
 
@@ -24,15 +23,6 @@ class RunResult:
 def error(message: str, *, retry_in: int | None = None, reduction_log: str = "") -> RunResult:
     return RunResult(outcome=Outcome.ERROR, message=message, retry_in=retry_in,
                      reduction_log=reduction_log)
-
-
-def destination(outcome: Outcome, *, queues: QueueNames) -> str:
-    return {
-        Outcome.STARTED: queues.started,
-        Outcome.COMPLETE: queues.complete,
-        Outcome.ERROR: queues.error,
-        Outcome.SKIPPED: queues.skipped,
-    }[outcome]
 
 
 def outcome_message(

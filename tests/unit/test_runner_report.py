@@ -10,7 +10,6 @@ from autoreduce_common.messages import Outcome
 from autoreduce_common.pod_contract import ExitCode, Stage
 from autoreduce_runner.report import (
     RunResult,
-    destination,
     error,
     exit_code,
     outcome_message,
@@ -62,11 +61,13 @@ def test_exit_code_values_are_the_documented_ones() -> None:
     assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4]
 
 
-def test_destinations() -> None:
-    q = QueueNames()
-    assert destination(Outcome.COMPLETE, queues=q) == q.complete
-    assert destination(Outcome.SKIPPED, queues=q) == q.skipped
-    assert destination(Outcome.ERROR, queues=q) == q.error
+def test_each_outcome_has_its_own_queue() -> None:
+    q = QueueNames(started="/queue/S", complete="/queue/C", error="/queue/E", skipped="/queue/K")
+    assert q.for_outcome(Outcome.STARTED) == "/queue/S"
+    assert q.for_outcome(Outcome.COMPLETE) == "/queue/C"
+    assert q.for_outcome(Outcome.SKIPPED) == "/queue/K"
+    assert q.for_outcome(Outcome.ERROR) == "/queue/E"
+    assert len({q.for_outcome(o) for o in Outcome}) == len(Outcome)
 
 
 @pytest.mark.parametrize("text", ["short", "é" * 50_000, "\U0001f600" * 50_000, "x\n" * 9999])
