@@ -39,7 +39,7 @@ from dispatcher import status as view
 from dispatcher.config import DispatcherSettings, load_settings
 from dispatcher.identity import Labels, RunKey, job_name, lease_name, run_key
 from dispatcher.kube import Kube, KubeError
-from dispatcher.manifests import Arrival, TemplateError, load_template, render_job
+from dispatcher.manifests import Arrival, TemplateError, load_template, message_of, render_job
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_BROKER, EXIT_API, EXIT_TIMEOUT, EXIT_NOT_FOUND = range(7)
 MANUAL_PRIORITY = 1  # legacy manual submission
@@ -411,10 +411,9 @@ def cmd_retry(ctx: Context, args: argparse.Namespace) -> int:
         raise CliError(
             f"no message stored for Job {name} (ConfigMap gone with its Job?)", EXIT_NOT_FOUND
         )
-    try:
-        raw = json.loads((config_map.get("data") or {}).get("message.json", ""))
-    except ValueError as error:
-        raise CliError(f"ConfigMap {name} holds no JSON message", EXIT_NOT_FOUND) from error
+    raw = message_of(config_map)
+    if raw is None:
+        raise CliError(f"ConfigMap {name} holds no JSON message", EXIT_NOT_FOUND)
     version = _next_version(ctx, raw)
     message = view.rerun_message(raw, version=version, description=args.description)
     key = _send_run(ctx, message, priority=RERUN_PRIORITY)

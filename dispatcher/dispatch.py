@@ -8,7 +8,6 @@ ConfigMap exist), was cancelled, or was dead-lettered with a reason; it raises
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from dispatcher.logs import run_logger
 from dispatcher.manifests import (
     Arrival,
     TemplateError,
+    message_of,
     message_size,
     owned_by,
     render_config_map,
@@ -247,7 +247,8 @@ class Dispatcher:
         """A waiting run (or a running one whose pod does not exist yet): no runner can
         have posted, so the cancellation's error is the outcome."""
         note = "Run cancelled while reducing" if running else "Run cancelled while waiting"
-        run_raw = self._message_of(key) or {k: v for k, v in raw.items() if k != "cancel"}
+        stored = message_of(self.kube.get_config_map(job_name(key)))
+        run_raw = stored or {k: v for k, v in raw.items() if k != "cancel"}
         name, outcome_key = job_name(key), self.labels.key("outcome")
         # Claim first so the outcome path never posts a second one; mark it posted only
         # after the broker confirmed the send.
@@ -307,16 +308,6 @@ class Dispatcher:
             deleted += 1
             log.info("cancel marker %s expired after %d s: deleted", name, ttl)
         return deleted
-
-    def _message_of(self, key: RunKey) -> dict[str, Any] | None:
-        config_map = self.kube.get_config_map(job_name(key))
-        if config_map is None:
-            return None
-        try:
-            loaded = json.loads((config_map.get("data") or {}).get("message.json", ""))
-        except ValueError:
-            return None
-        return loaded if isinstance(loaded, dict) else None
 
     def park(self, received: Received, reason: str) -> Verdict:
         """Dead-letter a message we failed on repeatedly (TryLater if the broker is away)."""

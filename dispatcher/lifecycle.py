@@ -9,7 +9,6 @@ once across all replicas: the handler first claims the Job by writing the
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from dispatcher import admission, failures, faults
 from dispatcher.identity import Labels
 from dispatcher.kube import Conflict, Kube, KubeError, NotFound
 from dispatcher.logs import job_logger
+from dispatcher.manifests import message_of
 from dispatcher.outcome_state import IN_PROGRESS, SETTLED, VERDICT_KEY, OutcomeState, state_of
 from dispatcher.pods import PodCache, PodView, pod_view
 from dispatcher.reporting import Reporter, error_body
@@ -247,12 +247,8 @@ class Lifecycle:
         return ""
 
     def _message(self, name: str) -> Obj:
-        config_map = self.kube.get_config_map(name) or {}
-        try:
-            raw = json.loads((config_map.get("data") or {}).get("message.json", "{}"))
-        except ValueError:
-            raw = {}
-        return raw if isinstance(raw, dict) else {}
+        """The run's message, or {} when it is gone (the Job's labels then identify it)."""
+        return message_of(self.kube.get_config_map(name)) or {}
 
     def _post_on_behalf(self, job: Obj, raw: Obj, verdict: failures.Verdict) -> None:
         name = admission.name_of(job)

@@ -11,7 +11,7 @@ from typing import Any
 import jinja2
 import yaml
 from autoreduce_common import pod_contract
-from autoreduce_common.messages import encode
+from autoreduce_common.messages import MessageError, decode_body, encode
 from autoreduce_common.pod_contract import MESSAGE_KEY, PodEnv
 
 from dispatcher.config import DispatcherSettings, RunnerSpec
@@ -205,6 +205,17 @@ def render_config_map(
         },
         "data": {MESSAGE_KEY: encode(raw).decode("utf-8")},
     }
+
+
+def message_of(config_map: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The message of a run, read back from the ConfigMap ``render_config_map`` made;
+    None when the ConfigMap is gone or holds no JSON object."""
+    if config_map is None:
+        return None
+    try:
+        return decode_body((config_map.get("data") or {}).get(MESSAGE_KEY) or "")
+    except MessageError:
+        return None
 
 
 def owned_by(config_map: dict[str, Any], *, job_uid: str, job: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from dispatcher.manifests import (
     TemplateError,
     effective_runner,
     load_template,
+    message_of,
     owned_by,
     render_config_map,
     render_job,
@@ -150,6 +151,24 @@ def test_config_map_carries_message_and_is_owned() -> None:
                   job_uid="uid-1", job=job_name(key()))
     assert json.loads(cm["data"]["message.json"]) == raw
     assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_the_message_is_read_back_from_its_config_map() -> None:
+    raw = {"instrument": "WISH", "run_number": 1, "unknown": ["kept"], "note": "\U0001f600"}
+    assert message_of(render_config_map(settings=_settings(), key=key(), raw=raw)) == raw
+
+
+@pytest.mark.parametrize("config_map", [
+    None,  # gone with its Job
+    {"data": None},
+    {"data": {}},
+    {"data": {"message.json": ""}},
+    {"data": {"message.json": "not json"}},
+    {"data": {"message.json": "[1, 2]"}},  # JSON, but not a message
+    {"data": {"other.json": "{}"}},
+])
+def test_a_config_map_without_a_message_reads_as_none(config_map: dict[str, Any] | None) -> None:
+    assert message_of(config_map) is None
 
 
 def test_settings_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
