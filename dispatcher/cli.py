@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from autoreduce_common.messages import MessageError, encode, parse_run
+from autoreduce_common.messages import MessageError, encode, parse_run, rerun
 from autoreduce_common.stomp_client import BrokerError, Delivery, StompClient
 
 from dispatcher import status as view
@@ -415,7 +415,7 @@ def cmd_retry(ctx: Context, args: argparse.Namespace) -> int:
     if raw is None:
         raise CliError(f"ConfigMap {name} holds no JSON message", EXIT_NOT_FOUND)
     version = _next_version(ctx, raw)
-    message = view.rerun_message(raw, version=version, description=args.description)
+    message = rerun(raw, version=version, description=args.description)
     key = _send_run(ctx, message, priority=RERUN_PRIORITY)
     return _finish_send(ctx, args, key, f"resubmitted {name} as version {version}")
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from autoreduce_common.messages import Outcome, encode
+from autoreduce_common.messages import Outcome, encode, rerun
 from autoreduce_common.stomp_client import BrokerError
 
 from dispatcher import admission, failures, faults
@@ -306,12 +306,7 @@ class Lifecycle:
             )
             return
         delay = verdict.retry_in if verdict.retry_in is not None else self.retry.delay_s
-        retry = {
-            key: value
-            for key, value in raw.items()
-            if key not in {"message", "retry_in", "reduction_log", "admin_log", "reduction_data"}
-        }
-        retry["run_version"] = int(raw.get("run_version") or 0) + 1
+        retry = rerun(raw, version=int(raw.get("run_version") or 0) + 1)
         # Reruns and retries go in at priority 0 (message-contract.md); the broker
         # holds the delay (AMQ_SCHEDULED_DELAY), so it survives our restarts.
         self.reporter.send(

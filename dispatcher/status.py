@@ -350,22 +350,6 @@ def run_from_filename(path: str) -> tuple[str | None, int | None]:
     return instrument, int(digits) if digits else None
 
 
-OUTCOME_FIELDS = frozenset(
-    {"message", "retry_in", "reduction_log", "admin_log", "reduction_data", "cancel"}
-)
-
-
-def rerun_message(
-    raw: Mapping[str, Any], *, version: int, description: str | None = None
-) -> dict[str, Any]:
-    """The message of a rerun: the original without outcome fields, at ``version``."""
-    message = {k: v for k, v in raw.items() if k not in OUTCOME_FIELDS}
-    message["run_version"] = version
-    if description is not None:
-        message["description"] = description
-    return message
-
-
 def matches_run(body: Mapping[str, Any], *, instrument: str, run: int, version: int) -> bool:
     """Whether an outcome message is about this run (consumers match it the same way)."""
     runs = body.get("run_number")

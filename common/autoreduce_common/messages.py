@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -201,6 +202,26 @@ def parse_run(body: bytes | str) -> tuple[dict[str, Any], ReductionMessage]:
 def echo(raw: dict[str, Any], **fields: Any) -> dict[str, Any]:
     """The outcome message: the original object with ``fields`` set (contract)."""
     return {**raw, **fields}
+
+
+# What a reduction (or the dispatcher on its behalf) adds to the message it echoes
+# back; a rerun starts without them. And ``cancel``: a rerun is a run, never a cancel.
+CLEARED_FOR_RERUN = frozenset(
+    {"message", "retry_in", "reduction_data", "reduction_log", "admin_log", "cancel"}
+)
+
+
+def rerun(
+    raw: Mapping[str, Any], *, version: int, description: str | None = None
+) -> dict[str, Any]:
+    """A rerun (or retry) of ``raw`` as run version ``version``: every field of the
+    original but the ones its outcome set, so unknown fields survive; ``description``
+    replaces the rerun comment when given."""
+    message = {key: value for key, value in raw.items() if key not in CLEARED_FOR_RERUN}
+    message["run_version"] = version
+    if description is not None:
+        message["description"] = description
+    return message
 
 
 def bound_text(text: str, *, limit: int, marker: str = "\n... [{n} characters cut] ...\n") -> str:

@@ -201,16 +201,6 @@ def test_instrument_and_run_from_the_file_name(path: str, expected: tuple[Any, A
     assert status.run_from_filename(path) == expected
 
 
-def test_rerun_message_drops_outcome_fields_and_keeps_the_rest() -> None:
-    raw = {"instrument": "WISH", "run_number": 1, "run_version": 0, "message": "boom",
-           "retry_in": 60, "reduction_log": "x", "admin_log": "y", "reduction_data": ["/o"],
-           "custom": {"kept": True}, "description": "old"}
-    rerun = status.rerun_message(raw, version=3, description="again")
-    assert rerun == {"instrument": "WISH", "run_number": 1, "run_version": 3,
-                     "custom": {"kept": True}, "description": "again"}
-    assert status.rerun_message(raw, version=1)["description"] == "old"
-
-
 @pytest.mark.parametrize(("body", "match"), [
     ({"instrument": "wish", "run_number": 7, "run_version": 1}, True),
     ({"instrument": "WISH", "run_number": "0007", "run_version": 1}, True),

@@ -11,6 +11,7 @@ from autoreduce_common.messages import (
     decode_body,
     echo,
     parse_run,
+    rerun,
     validate,
 )
 
@@ -115,3 +116,22 @@ def test_bound_text_keeps_head_and_tail() -> None:
     assert bounded.startswith("HEAD") and bounded.endswith("TAIL")
     assert "characters cut" in bounded
     assert bound_text("short", limit=500) == "short"
+
+
+def test_a_rerun_drops_the_outcome_fields_and_keeps_the_rest() -> None:
+    raw = {"instrument": "WISH", "run_number": 1, "run_version": 0, "message": "boom",
+           "retry_in": 60, "reduction_log": "x", "admin_log": "y", "reduction_data": ["/o"],
+           "cancel": False, "custom": {"kept": True}, "description": "old"}
+    again = rerun(raw, version=3, description="again")
+    assert again == {"instrument": "WISH", "run_number": 1, "run_version": 3,
+                     "custom": {"kept": True}, "description": "again"}
+    assert rerun(raw, version=1)["description"] == "old"
+    assert raw["run_version"] == 0 and raw["message"] == "boom"  # the original is untouched
+
+
+def test_a_rerun_of_a_valid_run_is_a_valid_run() -> None:
+    original = echo(legacy(), message="boom", retry_in=60, reduction_data=["/o"],
+                    reduction_log="x", admin_log="y")
+    _, message = parse_run(json.dumps(rerun(original, version=1)))
+    assert message.run_version == 1 and not message.cancel
+    assert message.message is None and message.retry_in is None
