@@ -34,7 +34,7 @@ from dispatcher.manifests import (
     render_config_map,
     render_job,
 )
-from dispatcher.outcome_state import VERDICT_KEY, OutcomeState, state_of
+from dispatcher.outcome_state import OUTCOME_KEY, VERDICT_KEY, OutcomeState, state_of
 from dispatcher.reporting import Reporter, error_body
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class Dispatcher:
         The marker stays (annotated) so a redelivery or a resend of the run is
         dropped too instead of running; it is a suspended Job, so it costs nothing.
         """
-        outcome_key = self.labels.key("outcome")
+        outcome_key = self.labels.key(OUTCOME_KEY)
         annotations = (marker.get("metadata") or {}).get("annotations") or {}
         if annotations.get(outcome_key) == OutcomeState.CANCELLED:
             run_logger(log, key).info("dropped %s again: it was cancelled", key.describe())
@@ -222,13 +222,13 @@ class Dispatcher:
         running = not admission.is_suspended(job)
         name = job_name(key)
         state = state_of(((job.get("metadata") or {}).get("annotations") or {}).get(
-            self.labels.key("outcome")))
+            self.labels.key(OUTCOME_KEY)))
         if running and self.controller.pods.of_job(name):
             # Its runner may be about to post (or posting) its own outcome: stop the
             # pods first; the outcome path settles it from the runner's record once they
             # have stopped, so a run never gets both a Complete and "cancelled".
             if state is None:
-                self.kube.annotate_job(name, {self.labels.key("outcome"):
+                self.kube.annotate_job(name, {self.labels.key(OUTCOME_KEY):
                                               OutcomeState.CANCELLING})
                 self.kube.record_event(job=job, reason="Cancelled",
                                        note="Run cancelled while reducing: stopping its pod")
@@ -249,7 +249,7 @@ class Dispatcher:
         note = "Run cancelled while reducing" if running else "Run cancelled while waiting"
         stored = message_of(self.kube.get_config_map(job_name(key)))
         run_raw = stored or {k: v for k, v in raw.items() if k != "cancel"}
-        name, outcome_key = job_name(key), self.labels.key("outcome")
+        name, outcome_key = job_name(key), self.labels.key(OUTCOME_KEY)
         # Claim first so the outcome path never posts a second one; mark it posted only
         # after the broker confirmed the send.
         verdict = failures.Verdict(False, "Cancelled", note, transient=False)

@@ -24,15 +24,20 @@ from dispatcher.identity import Labels
 from dispatcher.kube import Conflict, Kube, KubeError, NotFound
 from dispatcher.logs import job_logger
 from dispatcher.manifests import message_of
-from dispatcher.outcome_state import IN_PROGRESS, SETTLED, VERDICT_KEY, OutcomeState, state_of
+from dispatcher.outcome_state import (
+    IN_PROGRESS,
+    OUTCOME_KEY,
+    SETTLED,
+    VERDICT_KEY,
+    OutcomeState,
+    state_of,
+)
 from dispatcher.pods import PodCache, PodView, pod_view
 from dispatcher.reporting import Reporter, error_body
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
-CLAIMED = OutcomeState.HANDLING
-DONE = OutcomeState.DONE
 ATTEMPT_HEADER = "autoreduce-attempt"
 CANCELLED_RUNNING = "Run cancelled while reducing"
 LOG_TAIL_LINES = 20
@@ -93,7 +98,7 @@ class Lifecycle:
 
     def _state(self, job: Obj) -> OutcomeState | None:
         annotations = job.get("metadata", {}).get("annotations") or {}
-        return state_of(annotations.get(self.labels.key("outcome")))
+        return state_of(annotations.get(self.labels.key(OUTCOME_KEY)))
 
     def _settled(self, job: Obj) -> bool:
         return self._state(job) in SETTLED
@@ -148,7 +153,7 @@ class Lifecycle:
     def _handled(self, job: Obj) -> bool:
         """Settled, or left to a step that is not ours (a state we do not know)."""
         annotations = job.get("metadata", {}).get("annotations") or {}
-        value = annotations.get(self.labels.key("outcome"))
+        value = annotations.get(self.labels.key(OUTCOME_KEY))
         return bool(value) and state_of(value) not in IN_PROGRESS
 
     def handle_failed(self, job: Obj) -> None:
@@ -180,13 +185,14 @@ class Lifecycle:
         if any(pod_view(pod, labels=self.labels).live for pod in pods):
             return  # still stopping: its stopped-pod event brings us back
         verdict = failures.cancelled(pods=pods, note=CANCELLED_RUNNING)
+        name = admission.name_of(job)
         if verdict.posted_by_runner:
-            self.kube.annotate_job(admission.name_of(job), {self.labels.key("outcome"): DONE})
-            self.release_pods(admission.name_of(job))
+            self.kube.annotate_job(name, {self.labels.key(OUTCOME_KEY): OutcomeState.DONE})
+            self.release_pods(name)
             return
         claimed = self._claim(job, verdict)
         if claimed is not None:
-            self._settle(claimed, verdict, raw=self._message(admission.name_of(job)))
+            self._settle(claimed, verdict, raw=self._message(name))
 
     def _settle(self, job: Obj, verdict: failures.Verdict, *, raw: Obj) -> None:
         name = admission.name_of(job)
@@ -196,12 +202,12 @@ class Lifecycle:
             faults.reach(faults.FaultPoint.AFTER_OUTCOME_SEND, configured=self.fault_point)
         if verdict.transient and verdict.outcome is Outcome.ERROR:
             self._maybe_retry(job, raw, verdict)
-        self.kube.annotate_job(name, {self.labels.key("outcome"): DONE})
+        self.kube.annotate_job(name, {self.labels.key(OUTCOME_KEY): OutcomeState.DONE})
         self.release_pods(name)
 
     def _recorded_verdict(self, job: Obj) -> failures.Verdict | None:
         annotations = job.get("metadata", {}).get("annotations") or {}
-        if annotations.get(self.labels.key("outcome")) != CLAIMED:
+        if annotations.get(self.labels.key(OUTCOME_KEY)) != OutcomeState.HANDLING:
             return None
         verdict = failures.parse_verdict(annotations.get(self.labels.key(VERDICT_KEY)))
         if verdict is None:
@@ -213,7 +219,7 @@ class Lifecycle:
         when another replica claimed it first."""
         name = admission.name_of(job)
         annotations = job.get("metadata", {}).get("annotations") or {}
-        if annotations.get(self.labels.key("outcome")) == CLAIMED:
+        if annotations.get(self.labels.key(OUTCOME_KEY)) == OutcomeState.HANDLING:
             # Claimed by a dispatcher of the first version (no recorded verdict):
             # finish it. At worst this repeats a post sent just before the crash.
             return self.kube.annotate_job(name, {
@@ -222,7 +228,7 @@ class Lifecycle:
         try:
             return self.kube.annotate_job(
                 name,
-                {self.labels.key("outcome"): CLAIMED,
+                {self.labels.key(OUTCOME_KEY): OutcomeState.HANDLING,
                  self.labels.key(VERDICT_KEY): failures.render_verdict(verdict)},
                 resource_version=job["metadata"]["resourceVersion"],
             )
@@ -366,7 +372,7 @@ class Lifecycle:
         if claimed is None:
             return
         self._post_on_behalf(claimed, self._message(name), verdict)
-        self.kube.annotate_job(name, {self.labels.key("outcome"): DONE})
+        self.kube.annotate_job(name, {self.labels.key(OUTCOME_KEY): OutcomeState.DONE})
         self.kube.delete_job(name, propagation="Background")
 
 

@@ -1,5 +1,9 @@
 """The ``<prefix>/outcome`` annotation on a run's Job: how far its outcome has got (pure).
 
+Its name and every state it can hold are defined here only; readers and writers (the
+outcome path in ``lifecycle``, cancellations in ``dispatch``, ``autoreduce status``)
+use these names.
+
 Written only by compare-and-swap or by the one dispatcher that holds the state before
 it, so replicas never post twice for one step. The verdict being posted is recorded
 beside it (``VERDICT_KEY``) before the send: a successor posts that same verdict.
@@ -9,6 +13,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+# The annotations' names, under the operator's label prefix (``Labels.key``).
+OUTCOME_KEY = "outcome"
 VERDICT_KEY = "outcome-verdict"
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from dispatcher import admission, failures
 from dispatcher.identity import Labels
-from dispatcher.outcome_state import OutcomeState
+from dispatcher.outcome_state import OUTCOME_KEY, OutcomeState
 
 Obj = Mapping[str, Any]
 
@@ -91,7 +91,7 @@ def _annotations_of(obj: Obj) -> Mapping[str, str]:
 
 def _finish(job: Obj, labels: Labels, pods: Sequence[Obj]) -> tuple[str, str]:
     """(outcome, detail) of a finished Job."""
-    claimed = _annotations_of(job).get(labels.key("outcome"), "")
+    claimed = _annotations_of(job).get(labels.key(OUTCOME_KEY), "")
     conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []}
     for pod in pods:
         report = failures.runner_report(dict(pod))
