@@ -21,6 +21,7 @@ from dispatcher.identity import Labels
 from dispatcher.kube import Gone, Kube, KubeError, NotFound, Unavailable
 from dispatcher.leases import RbLeases, holder_of
 from dispatcher.logs import job_logger
+from dispatcher.metrics import Metrics
 from dispatcher.pods import PodCache, PodView, PodWatch
 
 log = logging.getLogger(__name__)
@@ -179,16 +180,13 @@ class Controller:
         pods: PodCache | None = None,
         on_finished: FinishedHook | None = None,
         on_pod_stopped: PodStoppedHook | None = None,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.kube = kube
         self.pods = pods if pods is not None else PodCache()
         self._on_pod_stopped = on_pod_stopped
-        self.metrics = metrics
-        self.waiting_events = WaitingEvents(
-            kube=kube,
-            on_drop=metrics.events_dropped.inc if metrics is not None else None,
-        )
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.waiting_events = WaitingEvents(kube=kube, on_drop=self.metrics.events_dropped.inc)
         self.labels = labels
         self.caps = caps
         self.cache = JobCache(labels)
@@ -268,7 +266,7 @@ class Controller:
         while not self._stop.is_set():
             try:
                 resource_version = self._relist(selector)
-                if failed and self.metrics is not None:
+                if failed:
                     self.metrics.api_reconnects.inc()
                 failed = False
                 backoff = 0.2
@@ -492,8 +490,6 @@ class Controller:
                 self.waiting_events.waiting(job, note)
 
     def _observe_admitted(self, job: Job) -> None:
-        if self.metrics is None:
-            return
         self.metrics.admitted.inc()
         created = admission.created_at(job)
         if created is not None:

@@ -34,6 +34,7 @@ from dispatcher.manifests import (
     render_config_map,
     render_job,
 )
+from dispatcher.metrics import Metrics
 from dispatcher.outcome_state import OUTCOME_KEY, VERDICT_KEY, OutcomeState, state_of
 from dispatcher.reporting import Reporter, error_body
 
@@ -78,7 +79,7 @@ class Dispatcher:
         controller: Controller,
         reporter: Reporter,
         template: jinja2.Template,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.kube = kube
@@ -86,7 +87,7 @@ class Dispatcher:
         self.reporter = reporter
         self.template = template
         self.labels = Labels(settings.jobs.label_prefix)
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else Metrics()
 
     # -- entry point ---------------------------------------------------------------
 
@@ -94,17 +95,12 @@ class Dispatcher:
         verdict = self._handle(received)
         # Counted once settled (TryLater raised above): received adds up to
         # accepted + duplicate + rejected + cancel requests + cancelled before dispatch.
-        self._count("received")
+        self.metrics.received.inc()
         return verdict
-
-    def _count(self, name: str) -> None:
-        if self.metrics is not None:
-            getattr(self.metrics, name).inc()
 
     def _count_outcome(self, reason: str) -> None:
         """A ReductionError we posted for a run (the lifecycle counts its own)."""
-        if self.metrics is not None:
-            self.metrics.outcomes.labels(kind="Error", reason=reason).inc()
+        self.metrics.outcomes.labels(kind=Outcome.ERROR.value, reason=reason).inc()
 
     def _handle(self, received: Received) -> Verdict:
         try:
@@ -148,8 +144,7 @@ class Dispatcher:
         self._ensure_config_map(key, raw, job)
         self.controller.observe(job)
         self.controller.enqueue(key.rb_number)
-        if self.metrics is not None:
-            self.metrics.dispatch_latency.observe(time.monotonic() - started)
+        self.metrics.dispatch_latency.observe(time.monotonic() - started)
         run_logger(log, key).info("accepted %s as Job %s", key.describe(), job_name(key))
         return Verdict.ACK
 
@@ -159,15 +154,14 @@ class Dispatcher:
         )
         try:
             job = self.kube.create_job(manifest)
-            if self.metrics is not None:
-                self.metrics.accepted.inc()
+            self.metrics.accepted.inc()
             return job
         except AlreadyExists:
             # A redelivery (or a duplicate): the run is already in the cluster.
             existing = self.kube.get_job(job_name(key))
             if existing is None:
                 raise TryLater(f"Job {job_name(key)} exists and vanished; retrying") from None
-            if self.metrics is not None and not self._is_cancel_marker(existing):
+            if not self._is_cancel_marker(existing):
                 self.metrics.duplicates.inc()
             return existing
 
@@ -202,14 +196,14 @@ class Dispatcher:
             outcome_id=job_name(key), possible_repeat=annotations.get(outcome_key) is not None,
         )
         self.kube.annotate_job(job_name(key), {outcome_key: OutcomeState.CANCELLED})
-        self._count("dropped")
+        self.metrics.dropped.inc()
         self._count_outcome("CancelledBeforeDispatch")
         run_logger(log, key).info("dropped %s: it was cancelled before it arrived", key.describe())
 
     def _cancel(self, raw: dict[str, Any], message: ReductionMessage) -> Verdict:
         key = run_key(message)
         job = self.kube.get_job(job_name(key))
-        self._count("cancels")
+        self.metrics.cancels.inc()
         if job is None:
             self._remember_cancel(key)
             return Verdict.ACK
@@ -316,15 +310,14 @@ class Dispatcher:
         except MessageError:
             raw = None
         verdict = self._reject(received, reason, raw=raw)
-        self._count("received")
+        self.metrics.received.inc()
         return verdict
 
     # -- rejects -------------------------------------------------------------------
 
     def _reject(self, received: Received, reason: str, *, raw: dict[str, Any] | None) -> Verdict:
         """Dead-letter with the reason; ReductionError too when the run is identifiable."""
-        if self.metrics is not None:
-            self.metrics.rejected.labels(reason=reason.split(":", maxsplit=1)[0][:60]).inc()
+        self.metrics.rejected.labels(reason=reason.split(":", maxsplit=1)[0][:60]).inc()
         try:
             self.reporter.dead_letter(
                 body=received.body, headers=dict(received.headers), reason=reason

@@ -24,6 +24,7 @@ from dispatcher.identity import Labels
 from dispatcher.kube import Conflict, Kube, KubeError, NotFound
 from dispatcher.logs import job_logger
 from dispatcher.manifests import message_of
+from dispatcher.metrics import Metrics
 from dispatcher.outcome_state import (
     IN_PROGRESS,
     OUTCOME_KEY,
@@ -62,7 +63,7 @@ class Lifecycle:
         image_pull_grace_s: float,
         pods: PodCache | None = None,
         fault_point: faults.FaultPoint | None = None,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.fault_point = fault_point
         self.kube = kube
@@ -72,7 +73,7 @@ class Lifecycle:
         self.retry = retry
         self.pending_queue = pending_queue
         self.image_pull_grace_s = image_pull_grace_s
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else Metrics()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lifecycle")
         self._stuck_since: dict[str, float] = {}
         # Told when we give up on a Job for now, so the next re-list offers it again
@@ -269,8 +270,7 @@ class Lifecycle:
             warning=verdict.outcome is Outcome.ERROR,
             note=f"Reduction{kind} on the run's behalf: {verdict.reason}",
         )
-        if self.metrics is not None:
-            self.metrics.outcomes.labels(kind=kind, reason=verdict.reason).inc()
+        self.metrics.outcomes.labels(kind=kind, reason=verdict.reason).inc()
         job_logger(log, self.labels, job).warning(
             "posted Reduction%s for %s: %s", kind, name, verdict.reason
         )

@@ -2,7 +2,9 @@
 
 Metrics live in a registry owned by the process (built in main), never the
 module-global default registry, so tests can run several dispatchers in one
-interpreter.
+interpreter. The same property makes ``Metrics()`` the no-op default of the classes
+that count: a registry nobody serves records what they count and shows it to no one,
+so they count unconditionally instead of checking for a missing ``metrics``.
 """
 
 from __future__ import annotations

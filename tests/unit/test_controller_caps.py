@@ -14,6 +14,7 @@ from dispatcher.admission import Caps
 from dispatcher.controller import Controller, JobCache
 from dispatcher.identity import Labels
 from dispatcher.kube import AlreadyExists, NotFound
+from dispatcher.metrics import Metrics
 
 LABELS = Labels("autoreduce.io")
 Obj = dict[str, Any]
@@ -136,3 +137,19 @@ def test_a_slot_freed_while_a_worker_counts_the_caps_is_not_lost() -> None:
     assert "2" in queued(controller), "RB 2 was cap-blocked and never queued again"
     controller.reconcile("2")
     assert not kube.jobs["b1"]["spec"]["suspend"], "b1 should have been admitted"
+
+
+def test_an_admission_is_counted_in_the_metrics_given_or_in_a_private_default() -> None:
+    given = Metrics()
+    for metrics in (given, None):
+        waiting = job("a1", "1", suspend=True, rv=1)
+        kube = FakeKube([waiting])
+        controller = Controller(kube=kube, labels=LABELS, identity="test",  # type: ignore[arg-type]
+                                caps=Caps(max_running=1, per_instrument={}), resync_seconds=60,
+                                metrics=metrics)
+        controller.cache.replace_all([waiting])
+        controller.pods.replace_all([])
+        controller.reconcile("1")
+        assert not kube.jobs["a1"]["spec"]["suspend"]
+        assert controller.metrics.registry.get_sample_value("autoreduce_runs_admitted_total") == 1
+    assert controller.metrics is not given  # the default is the controller's own
