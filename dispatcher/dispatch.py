@@ -117,7 +117,8 @@ class Dispatcher:
             return self._accept(received, raw, message)
         except (Unavailable, Forbidden, BrokerError) as error:
             # Forbidden is an RBAC fault of the deployment, not of the message:
-            # keep the message until an operator fixes it.
+            # keep the message until an operator fixes it. So is a 401 that re-read
+            # credentials did not cure (Unauthorized, an Unavailable): keep it too.
             raise TryLater(str(error)) from error
         except (Invalid, TemplateError) as error:
             return self._reject(received, f"the cluster refused the run's Job: {error}", raw=raw)

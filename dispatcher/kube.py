@@ -4,7 +4,8 @@ Responses are parsed as plain JSON dicts (``_preload_content=False``) because th
 client's model deserialisation costs more CPU than the request itself at 10,000
 Jobs. HTTP failures are mapped here to our own exceptions, chained with ``from``,
 so callers decide on meaning (409 on create = already done; 409 on a Lease =
-someone else holds it; 403 is never contention) without knowing the client.
+someone else holds it; 403 is never contention) without knowing the client. A 401
+re-reads our credentials from disk and retries once: tokens rotate and expire.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import urllib3.exceptions
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
@@ -69,6 +71,16 @@ class Gone(KubeError):
     """410 on a watch: the resourceVersion is too old; re-list."""
 
 
+class Unauthorized(Unavailable):
+    """401: the API server rejected our credentials (an expired or rotated token).
+
+    Raised by ``Kube`` only once re-reading the credentials did not help. It is an
+    Unavailable because it means the same to every caller: the deployment, not the
+    message, is at fault, so messages stay in the broker and readiness goes false
+    until valid credentials are in place (the kubelet rewrites a projected token).
+    """
+
+
 def _map_api_exception(error: ApiException, what: str) -> KubeError:
     return _map_status(error.status or 0, error.body, what)
 
@@ -82,6 +94,10 @@ def _map_status(status: int, payload: Any, what: str) -> KubeError:
         detail = body.get("message", "")
     except (ValueError, AttributeError, TypeError):
         detail = str(payload)[:300]
+    if status == 401:
+        return Unauthorized(
+            f"{what}: API server rejected our credentials (401) {detail}".rstrip(), status=401
+        )
     message = f"{what}: {status} {detail}"
     if status == 409:
         return (
@@ -128,6 +144,59 @@ class RateLimiter:
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """Where our credentials are read from, so that a 401 can read them again."""
+
+    source: str  # for the log: the kubeconfig, or the in-cluster token file
+    load: Callable[[], client.Configuration]  # reads them from disk on each call
+
+
+def _configuration(kubeconfig: Path | None) -> client.Configuration:
+    """Credentials as they are on disk now: in-cluster when ``kubeconfig`` is None."""
+    configuration = client.Configuration()
+    if kubeconfig is None:
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    else:
+        # A kubeconfig's tokenFile is read here, once: re-loading is how it is re-read.
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=str(kubeconfig), client_configuration=configuration
+        )
+    # Enough pooled connections for the dispatch workers, the watch and probes.
+    configuration.connection_pool_maxsize = 32
+    # No hidden urllib3 retries: a failed call surfaces at once as Unavailable and
+    # our callers retry (the message stays unacked). With urllib3's default 3
+    # retries a frozen apiserver held a worker 4 x 30 s per call, and a readiness
+    # probe outlived its own timeout (found by tests/faults).
+    configuration.retries = False
+    return configuration
+
+
+def _identity(configuration: client.Configuration) -> tuple[Any, ...]:
+    """What a request authenticates with: equal means re-reading changed nothing."""
+    c = configuration
+    return (c.host, sorted(c.api_key.items()), sorted(c.api_key_prefix.items()),
+            c.cert_file, c.key_file, c.ssl_ca_cert, c.username, c.password)  # fmt: skip
+
+
+def _credentials_for(kubeconfig: Path | None) -> Credentials:
+    """In-cluster (the token file the kubelet rewrites) or the kubeconfig (and any
+    tokenFile it names): read when connecting, and again on a 401."""
+    source = str(kubeconfig) if kubeconfig is not None else "the in-cluster token file"
+    return Credentials(source=source, load=lambda: _configuration(kubeconfig))
+
+
+@dataclass(frozen=True)
+class _Request:
+    what: str  # for messages: "create Job red-wish-..."
+    method: str
+    path: str
+    query: dict[str, Any]
+    body: Any
+    content_type: str
+    timeout: tuple[float, float]
+
+
+@dataclass(frozen=True)
 class WatchEvent:
     kind: str  # ADDED, MODIFIED, DELETED, BOOKMARK
     obj: Obj
@@ -142,9 +211,17 @@ class Kube:
     """
 
     def __init__(
-        self, *, api_client: client.ApiClient, namespace: str, limiter: RateLimiter
+        self,
+        *,
+        api_client: client.ApiClient,
+        namespace: str,
+        limiter: RateLimiter,
+        credentials: Credentials | None = None,
     ) -> None:
         self._api = api_client
+        self._credentials = credentials  # None: nothing to re-read on a 401
+        self._renew_lock = threading.Lock()
+        self._rejected = False  # the last 401 outlived a re-read (logged once)
         self.namespace = namespace
         self._limiter = limiter
         ns = namespace
@@ -157,24 +234,12 @@ class Kube:
     @classmethod
     def connect(cls, *, kubeconfig: Path | None, namespace: str, qps: float, burst: int) -> Kube:
         """In-cluster credentials when running in a pod, else the given kubeconfig."""
-        configuration = client.Configuration()
-        if kubeconfig is None:
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        else:
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=str(kubeconfig), client_configuration=configuration
-            )
-        # Enough pooled connections for the dispatch workers, the watch and probes.
-        configuration.connection_pool_maxsize = 32
-        # No hidden urllib3 retries: a failed call surfaces at once as Unavailable and
-        # our callers retry (the message stays unacked). With urllib3's default 3
-        # retries a frozen apiserver held a worker 4 x 30 s per call, and a readiness
-        # probe outlived its own timeout (found by tests/faults).
-        configuration.retries = False
+        credentials = _credentials_for(kubeconfig)
         return cls(
-            api_client=client.ApiClient(configuration),
+            api_client=client.ApiClient(credentials.load()),
             namespace=namespace,
             limiter=RateLimiter(qps=qps, burst=burst),
+            credentials=credentials,
         )
 
     # -- plumbing ------------------------------------------------------------------
@@ -191,20 +256,84 @@ class Kube:
         timeout: tuple[float, float] = REQUEST_TIMEOUT,
     ) -> Any:
         """One HTTP exchange; returns the raw urllib3 response (status checked)."""
-        self._limiter.acquire()
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        params = [(k, v) for k, v in (query or {}).items() if v is not None]
+        request = _Request(what=what, method=method, path=path, query=query or {}, body=body,
+                           content_type=content_type, timeout=timeout)  # fmt: skip
         try:
-            method, url, headers, payload, _ = self._api.param_serialize(
-                method=method,
-                resource_path=path,
+            response = self._authenticated(request)
+        except Unauthorized as error:
+            self._note_rejected(error)
+            raise
+        if self._rejected:
+            self._rejected = False
+            log.info("API server accepts our credentials again (%s)", self._source())
+        return response
+
+    def _authenticated(self, request: _Request) -> Any:
+        """The exchange; after a 401, once more if the credentials on disk changed
+        (a rotated token). A 401 with the credentials as they are now raises."""
+        api = self._api
+        try:
+            return self._exchange(api, request)
+        except Unauthorized:
+            renewed = self._renew(used=api)
+            if renewed is None:
+                raise
+            return self._exchange(renewed, request)
+
+    def _renew(self, *, used: client.ApiClient) -> client.ApiClient | None:
+        """A client with the credentials now on disk; None when they are the ones
+        ``used`` was refused with (asking again with them would be refused again)."""
+        with self._renew_lock:
+            if self._api is not used:
+                return self._api  # another thread renewed since our request left
+            if self._credentials is None:
+                return None
+            try:
+                fresh = self._credentials.load()
+            except (config.ConfigException, OSError, ValueError, yaml.YAMLError) as error:
+                # Say, a kubeconfig caught half-written: keep what we have.
+                log.warning("could not re-read credentials (%s): %s", self._source(), error)
+                return None
+            if _identity(fresh) == _identity(used.configuration):
+                return None
+            # A new client rather than a new header on the old one: a rotated client
+            # certificate needs new connections, and a watch streaming on the old
+            # client's pool finishes undisturbed.
+            self._api = client.ApiClient(fresh)
+            log.info("re-read our credentials (%s) after a 401", self._source())
+            return self._api
+
+    def _source(self) -> str:
+        return self._credentials.source if self._credentials else "no source to re-read"
+
+    def _note_rejected(self, error: Unauthorized) -> None:
+        """Say it once per outage: every retrying caller would repeat it."""
+        if self._rejected:
+            return
+        self._rejected = True
+        log.error(
+            "API server rejected our credentials (401), also after re-reading them (%s): "
+            "the API counts as unavailable (messages stay in the broker, readiness is "
+            "false) until valid credentials are there; each 401 re-reads them. %s",
+            self._source(), error,
+        )  # fmt: skip
+
+    def _exchange(self, api: client.ApiClient, request: _Request) -> Any:
+        self._limiter.acquire()
+        what = request.what
+        headers = {"Accept": "application/json", "Content-Type": request.content_type}
+        params = [(k, v) for k, v in request.query.items() if v is not None]
+        try:
+            method, url, headers, payload, _ = api.param_serialize(
+                method=request.method,
+                resource_path=request.path,
                 query_params=params,
                 header_params=headers,
-                body=body,
+                body=request.body,
                 auth_settings=["BearerToken"],
             )
-            response = self._api.call_api(
-                method, url, header_params=headers, body=payload, _request_timeout=timeout
+            response = api.call_api(
+                method, url, header_params=headers, body=payload, _request_timeout=request.timeout
             )
         except ApiException as error:
             raise _map_api_exception(error, what) from error
