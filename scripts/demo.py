@@ -144,7 +144,7 @@ class Demo:
 
     def autoreduce(self, *args: str, quiet: bool = False) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "dispatcher.cli", *args, "--config", str(self.cli_config)],
+            [sys.executable, "-m", "autoreduce_cli", *args, "--config", str(self.cli_config)],
             capture_output=True, text=True, env=self.env, cwd=REPO, timeout=300, check=False)
         output = result.stdout + result.stderr
         if not quiet:

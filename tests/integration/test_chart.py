@@ -8,7 +8,8 @@ node running the chart's images, and the real broker).
   ServiceAccount (ready = broker connected and Jobs listed with that account),
   dispatches a run into a Job, rolls on `helm upgrade`, and `helm uninstall` removes it
   while keeping the runs (README "Uninstalling"), which the documented commands remove;
-- that ServiceAccount may do exactly what dispatcher/kube.py calls, nothing more;
+- that ServiceAccount may do exactly what dispatcher/kube.py calls, nothing more, and
+  the operator Role gives its subjects exactly what the CLI calls;
 - bad values fail `helm install` naming the value, and nothing is created.
 """
 
@@ -32,10 +33,10 @@ from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+from autoreduce_cli.cli import browse
 from devstack.activemq import free_port
 from devstack.product import Facility, run_message
 from devstack.queues import QueueReader
-from dispatcher.cli import browse
 from dispatcher.config import load_settings
 from dispatcher.identity import RunKey, job_name
 from dispatcher.manifests import Arrival, load_template, render_job
@@ -595,8 +596,8 @@ def test_helm_test_fails_clearly_when_no_outcome_can_come_back(
 
 # -- RBAC: the dispatcher's ServiceAccount ---------------------------------------------
 
-# (verb, resource, subresource): every call dispatcher/kube.py makes from the dispatcher
-# (and `autoreduce status` run in its pod), with the Kube method that makes it.
+# (verb, resource, subresource): every call dispatcher/kube.py makes from the dispatcher,
+# with the Kube method that makes it (the operator CLI has a Role of its own, below).
 ALLOWED = [
     ("create", "jobs.batch", ""),  # create_job (and the cancel markers), dry_run_job
     ("get", "jobs.batch", ""),  # get_job: after a 409, to confirm a Lease holder
@@ -611,7 +612,6 @@ ALLOWED = [
     ("get", "leases.coordination.k8s.io", ""),  # get_lease
     ("update", "leases.coordination.k8s.io", ""),  # replace_lease: compare-and-swap
     ("delete", "leases.coordination.k8s.io", ""),  # delete_lease: release the RB
-    ("list", "leases.coordination.k8s.io", ""),  # list_leases: `autoreduce status`
     ("list", "pods", ""),  # list_pods: why a run died, stuck image pulls
     ("watch", "pods", ""),  # watch_pods: a stopping pod holds its RB
     ("patch", "pods", ""),  # remove_pod_finalizer: the run's outcome is settled
@@ -631,6 +631,7 @@ DENIED = [
     ("patch", "configmaps", ""),
     ("delete", "configmaps", ""),  # they go with their Job (garbage collector)
     ("patch", "leases.coordination.k8s.io", ""),  # would bypass the compare-and-swap
+    ("list", "leases.coordination.k8s.io", ""),  # read by name; only the CLI lists them
     ("watch", "leases.coordination.k8s.io", ""),
     ("deletecollection", "leases.coordination.k8s.io", ""),
     ("get", "pods", ""),
@@ -749,6 +750,69 @@ def test_dispatcher_account_can_do_exactly_what_it_needs(kube: Any, namespace: s
         for verb, resource, subresource in ALLOWED
     }
     assert own - baseline == expected
+
+
+# -- RBAC: the operator Role ----------------------------------------------------------
+
+# Every call autoreduce_cli/cli.py makes through dispatcher/kube.py (without
+# operatorRole.serverDryRun), with the Kube method.
+OPERATOR_ALLOWED = [
+    ("get", "jobs.batch", ""),  # get_job: following a run
+    ("list", "jobs.batch", ""),  # list_jobs: status, retry's next version
+    ("list", "pods", ""),  # list_pods: status, a run told from its pods
+    ("get", "configmaps", ""),  # get_config_map: retry
+    ("get", "leases.coordination.k8s.io", ""),  # get_lease: a followed run that waits
+    ("list", "leases.coordination.k8s.io", ""),  # list_leases: status
+]
+OPERATOR_DENIED = [
+    ("create", "jobs.batch", ""),  # only with operatorRole.serverDryRun
+    ("patch", "jobs.batch", ""),
+    ("delete", "jobs.batch", ""),
+    ("watch", "jobs.batch", ""),
+    ("get", "pods", "log"),
+    ("create", "pods", "exec"),
+    ("list", "configmaps", ""),
+    ("create", "leases.coordination.k8s.io", ""),
+    ("update", "leases.coordination.k8s.io", ""),
+    ("delete", "leases.coordination.k8s.io", ""),
+    ("get", "secrets", ""),
+]
+
+
+def test_operator_role_grants_what_the_cli_needs_to_its_subjects_only(
+    kube: Any, namespace: str
+) -> None:
+    release = f"ar-{uuid.uuid4().hex[:6]}"
+    # A ServiceAccount subject: can_i impersonates it (it need not exist for RBAC).
+    helm(
+        kube, "install", release, str(CHART), "-n", namespace,
+        "--set", "broker.password=x", "--set", "replicaCount=0",
+        "--set", "operatorRole.subjects[0].kind=ServiceAccount",
+        "--set", "operatorRole.subjects[0].name=operator",
+    )  # fmt: skip
+    operator = (namespace, "operator")
+    wait_for(
+        "the operator RoleBinding to apply",
+        lambda: can_i(kube, account=operator, verb="list", resource="leases.coordination.k8s.io",
+                      namespace=namespace) == "yes",
+        timeout=15,
+    )  # fmt: skip
+    wrong = []
+    for expected, checks in (("yes", OPERATOR_ALLOWED), ("no", OPERATOR_DENIED)):
+        for verb, resource, subresource in checks:
+            answer = can_i(
+                kube, account=operator, verb=verb, resource=resource, subresource=subresource,
+                namespace=namespace,
+            )  # fmt: skip
+            if answer != expected:
+                wrong.append(f"{verb} {resource} {subresource}: {answer}, want {expected}")
+    # The dispatcher's own account is not a subject: still no list on Leases.
+    dispatcher = (namespace, f"{release}-autoreduce")
+    answer = can_i(kube, account=dispatcher, verb="list", resource="leases.coordination.k8s.io",
+                   namespace=namespace)  # fmt: skip
+    if answer != "no":
+        wrong.append(f"the dispatcher may list leases: {answer}")
+    assert not wrong, "\n".join(wrong)
 
 
 # -- bad values ------------------------------------------------------------------------

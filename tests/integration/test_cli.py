@@ -1,6 +1,6 @@
 """The `autoreduce` CLI against the real broker and API server, with a real dispatcher.
 
-Every command runs as a subprocess (`python -m dispatcher.cli`, and once as the
+Every command runs as a subprocess (`python -m autoreduce_cli`, and once as the
 installed console script) reading the same settings file as the dispatcher.
 """
 
@@ -61,7 +61,7 @@ def cli(
     proc: DispatcherProcess, *args: str, script: bool = False, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
     command = [str(Path(sys.executable).parent / "autoreduce")] if script else [
-        sys.executable, "-m", "dispatcher.cli"]
+        sys.executable, "-m", "autoreduce_cli"]
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "KUBECONFIG": str(proc.kubeconfig)}
     return subprocess.run(
         [*command, *args, "--config", str(config_of(proc))],

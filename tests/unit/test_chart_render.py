@@ -3,12 +3,14 @@
 What rendering alone can prove: every ci values file lints and renders; the schema
 rejects typos and wrong types; the rendered settings.yaml is a valid
 ``DispatcherSettings`` that points at the files the Deployment mounts; the rendered
-Job template turns a run into a Job; RBAC is exactly what dispatcher/kube.py uses.
+Job template turns a run into a Job; RBAC is exactly what dispatcher/kube.py uses, for
+the dispatcher and, in a Role of its own, for the operator CLI.
 Server-side validation of the same manifests is in tests/integration/test_chart.py.
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import subprocess
@@ -28,6 +30,7 @@ from dispatcher.config import (
     load_settings,
 )
 from dispatcher.identity import Labels, RunKey
+from dispatcher.kube import Kube
 from dispatcher.leases import lease_body
 from dispatcher.manifests import Arrival, load_template, render_job
 from tests.harness.tools import helm_binary
@@ -134,6 +137,7 @@ def test_ci_files_cover_every_feature() -> None:
         "volumes",
         "network-policy",
         "custom-job-template",
+        "operator-role",
     }
 
 
@@ -591,28 +595,38 @@ def test_every_object_has_standard_labels_and_fitting_names() -> None:
 # -- RBAC --------------------------------------------------------------------------------
 
 
+DISPATCHER_ROLE = f"{RELEASE}-autoreduce"
+OPERATOR_ROLE = f"{RELEASE}-autoreduce-operator"
+
+
+def granted(role: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
+    """(group, resource) -> sorted verbs, over every rule of a Role."""
+    verbs: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+        assert "resourceNames" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                verbs.setdefault((group, resource), set()).update(rule["verbs"])
+    return {key: sorted(value) for key, value in verbs.items()}
+
+
 def test_role_grants_exactly_what_the_dispatcher_calls() -> None:
     docs = render(CHART / "ci" / "default-values.yaml")
     assert "ClusterRole" not in kinds(docs) and "ClusterRoleBinding" not in kinds(docs)
-    role = find(docs, "Role")
-    granted = {
-        (group, resource): sorted(rule["verbs"])
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-    }
-    assert granted == {
+    role = find(docs, "Role", DISPATCHER_ROLE)
+    assert granted(role) == {
         ("batch", "jobs"): sorted(["create", "get", "list", "watch", "patch", "delete"]),
         ("batch", "jobs/finalizers"): ["update"],
         ("", "configmaps"): sorted(["create", "get"]),
-        ("coordination.k8s.io", "leases"): sorted(["create", "get", "list", "update", "delete"]),
+        # No list: the dispatcher reads each Lease by name; `autoreduce status` lists
+        # them with the operator Role.
+        ("coordination.k8s.io", "leases"): sorted(["create", "get", "update", "delete"]),
         ("", "pods"): ["list", "patch", "watch"],
         ("", "pods/log"): ["get"],
         ("events.k8s.io", "events"): ["create"],
     }
-    for rule in role["rules"]:
-        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
-    binding = find(docs, "RoleBinding")
+    binding = find(docs, "RoleBinding", DISPATCHER_ROLE)
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {
@@ -623,13 +637,141 @@ def test_role_grants_exactly_what_the_dispatcher_calls() -> None:
     ]
 
 
-def test_every_rbac_rule_carries_a_comment() -> None:
-    text = (CHART / "templates" / "rbac.yaml").read_text().splitlines()
+# The Kube methods the operator CLI may call, and the right each one needs.
+CLI_KUBE_RIGHTS = {
+    "get_job": ("batch", "jobs", "get"),  # following a run
+    "list_jobs": ("batch", "jobs", "list"),  # status; retry's next version
+    "list_pods": ("", "pods", "list"),  # status; a followed run told from its pods
+    "get_config_map": ("", "configmaps", "get"),  # retry: the Job's message
+    "get_lease": ("coordination.k8s.io", "leases", "get"),  # a followed run that waits
+    "list_leases": ("coordination.k8s.io", "leases", "list"),  # status: the RB holders
+    "dry_run_job": ("batch", "jobs", "create"),  # render --dry-run-server (serverDryRun)
+}
+OPERATOR_GRANTS = {
+    ("batch", "jobs"): ["get", "list"],
+    ("", "pods"): ["list"],
+    ("", "configmaps"): ["get"],
+    ("coordination.k8s.io", "leases"): ["get", "list"],
+}
+
+
+def kube_methods_called(path: Path) -> set[str]:
+    """The dispatcher.kube.Kube methods a module calls (by attribute name)."""
+    # connect builds the client and makes no request.
+    methods = {name for name in vars(Kube) if not name.startswith("_")} - {"connect"}
+    tree = ast.parse(path.read_text())
+    return {
+        node.func.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in methods
+    }
+
+
+def test_operator_grants_follow_from_the_cli_code() -> None:
+    called = kube_methods_called(REPO / "autoreduce_cli" / "cli.py")
+    assert called <= set(CLI_KUBE_RIGHTS), f"add the rights of {called - set(CLI_KUBE_RIGHTS)}"
+    needed: dict[tuple[str, str], set[str]] = {}
+    for method in called - {"dry_run_job"}:
+        group, resource, verb = CLI_KUBE_RIGHTS[method]
+        needed.setdefault((group, resource), set()).add(verb)
+    assert {key: sorted(verbs) for key, verbs in needed.items()} == OPERATOR_GRANTS
+    assert "dry_run_job" in called  # the one call behind operatorRole.serverDryRun
+
+
+def test_operator_role_grants_exactly_what_the_cli_calls_and_is_bound_to_nobody() -> None:
+    docs = render(CHART / "ci" / "default-values.yaml")
+    role = find(docs, "Role", OPERATOR_ROLE)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    assert granted(role) == OPERATOR_GRANTS
+    # No subjects: no RoleBinding, so the Role grants nothing until an operator binds it.
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert [b["roleRef"]["name"] for b in bindings] == [DISPATCHER_ROLE]
+
+
+def test_operator_role_binds_the_subjects_given() -> None:
+    docs = render(CHART / "ci" / "operator-role-values.yaml")
+    binding = find(docs, "RoleBinding", OPERATOR_ROLE)
+    assert binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": OPERATOR_ROLE,
+    }
+    group = "rbac.authorization.k8s.io"
+    assert binding["subjects"] == [
+        {"kind": "Group", "name": "reduction-operators", "apiGroup": group},
+        {"kind": "User", "name": "alice@example.org", "apiGroup": group},
+        {"kind": "ServiceAccount", "name": "ar-autoreduce", "namespace": NAMESPACE},
+        {"kind": "ServiceAccount", "name": "ci", "namespace": "tools"},
+    ]
+    # serverDryRun adds create on Jobs, and nothing else.
+    assert granted(find(docs, "Role", OPERATOR_ROLE)) == {
+        **OPERATOR_GRANTS,
+        ("batch", "jobs"): ["create", "get", "list"],
+    }
+    # Binding it (even to the dispatcher's account) leaves the dispatcher's own Role as it is.
+    dispatcher_role = granted(find(docs, "Role", DISPATCHER_ROLE))
+    assert dispatcher_role[("coordination.k8s.io", "leases")] == [
+        "create", "delete", "get", "update"
+    ]  # fmt: skip
+
+
+def test_operator_role_can_be_left_out() -> None:
+    docs = render(CHART / "ci" / "default-values.yaml", sets=("operatorRole.create=false",))
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Role"] == [DISPATCHER_ROLE]
+
+
+@pytest.mark.parametrize(
+    ("sets", "complaint"),
+    [
+        # Subjects with no Role to bind them to.
+        (
+            (
+                "operatorRole.create=false",
+                "operatorRole.subjects[0].kind=Group",
+                "operatorRole.subjects[0].name=g",
+            ),
+            "operatorRole.create is false",
+        ),
+        (
+            ("operatorRole.subjects[0].kind=Grup", "operatorRole.subjects[0].name=g"),
+            "'/operatorRole/subjects/0/kind'",
+        ),
+        (("operatorRole.subjects[0].kind=Group",), "'name'"),
+        # A namespace means something for a ServiceAccount only.
+        (
+            (
+                "operatorRole.subjects[0].kind=User",
+                "operatorRole.subjects[0].name=u",
+                "operatorRole.subjects[0].namespace=x",
+            ),
+            "'/operatorRole/subjects/0'",
+        ),
+        (("operatorRole.subject[0].kind=Group",), "subject"),
+    ],
+    ids=["subjects-without-role", "bad-kind", "no-name", "namespace-on-a-user", "typo"],
+)
+def test_operator_role_values_are_checked(sets: tuple[str, ...], complaint: str) -> None:
+    args = ["template", RELEASE, str(CHART), "--set", "broker.password=x"]
+    for item in sets:
+        args += ["--set", item]
+    result = helm(*args, check=False)
+    assert result.returncode != 0, f"{sets} rendered:\n{result.stdout[:500]}"
+    assert complaint in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("template", ["rbac.yaml", "operator-rbac.yaml"])
+def test_every_rbac_rule_carries_a_comment(template: str) -> None:
+    text = (CHART / "templates" / template).read_text().splitlines()
     rule_lines = [i for i, line in enumerate(text) if line.strip().startswith("- apiGroups:")]
     assert rule_lines
     for index in rule_lines:
         assert text[index - 1].strip().startswith("#"), f"rule at line {index + 1} has no comment"
-    assert "resourceNames" in "\n".join(text)  # says why Leases cannot use it
+    if template == "rbac.yaml":
+        assert "resourceNames" in "\n".join(text)  # says why Leases cannot use it
 
 
 def test_readme_cleanup_commands_select_what_the_dispatcher_labels() -> None:

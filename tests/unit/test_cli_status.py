@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from dispatcher import cli, failures, status
+from autoreduce_cli import cli, status
+from dispatcher import failures
 from dispatcher.admission import Caps
 from dispatcher.events import caps_note, held_note
 from dispatcher.identity import Labels, RunKey

@@ -10,7 +10,10 @@
 It reads the dispatcher's own settings (``--config`` / ``AUTOREDUCE_CONFIG_FILE``
 and ``AUTOREDUCE_*`` variables) for the namespace, label prefix, queues and broker,
 and ``--kubeconfig`` / ``KUBECONFIG`` (else ``~/.kube/config``, else in-cluster) for
-the API. Every command prints a human view, or JSON with ``-o json``.
+the API. Every command prints a human view, or JSON with ``-o json``. Its API rights
+are the chart's operator Role (values ``operatorRole.*``): get and list Jobs, list
+Pods, get ConfigMaps, get and list Leases; ``render --dry-run-server`` also needs
+create on Jobs (``operatorRole.serverDryRun``).
 
 Exit codes: 0 done (a followed run ended Complete or Skipped), 1 the followed run
 ended in error, 2 bad usage or settings, 3 broker unreachable, 4 API error,
@@ -35,7 +38,7 @@ import yaml
 from autoreduce_common.messages import MessageError, encode, parse_run, rerun
 from autoreduce_common.stomp_client import BrokerError, Delivery, StompClient
 
-from dispatcher import status as view
+from autoreduce_cli import status as view
 from dispatcher.config import DispatcherSettings, load_settings
 from dispatcher.identity import Labels, RunKey, job_name, lease_name, run_key
 from dispatcher.kube import Kube, KubeError

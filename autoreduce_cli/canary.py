@@ -1,4 +1,4 @@
-"""``python -m dispatcher.canary``: the chart's ``helm test`` canary.
+"""``python -m autoreduce_cli.canary``: the chart's ``helm test`` canary.
 
 One run through the whole path (broker, dispatcher, Job, runner pod, outcome) that
 passes only when that run's single outcome is ReductionSkipped.
@@ -19,9 +19,9 @@ take other runs' messages from the web app. It never consumes there: it *browses
 them (a browser subscription leaves every message in place) for messages about its
 run. When a live consumer (the web app) takes them first, the evidence is the runner's
 termination report on the Job's pod: outcome Skipped, stage ``posted`` (the broker
-confirmed it). The canary prints which evidence it used. It reads the Job, its pods
-and the RB Lease with the dispatcher's ServiceAccount (``get`` jobs, ``list`` pods,
-``get`` leases: rights that account has anyway).
+confirmed it). The canary prints which evidence it used. It reads the Job and its
+pods with the dispatcher's ServiceAccount (``get`` jobs, ``list`` pods: rights that
+account has anyway).
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ from autoreduce_common.messages import MessageError, Outcome, encode, parse_run
 from autoreduce_common.pod_contract import TerminationReport
 from autoreduce_common.stomp_client import BrokerError, Delivery
 
-from dispatcher import failures
-from dispatcher import status as view
-from dispatcher.cli import (
+from autoreduce_cli import status as view
+from autoreduce_cli.cli import (
     EXIT_API,
     EXIT_BROKER,
     EXIT_OK,
@@ -51,6 +50,7 @@ from dispatcher.cli import (
     browse,
     take,
 )
+from dispatcher import failures
 from dispatcher.config import load_settings
 from dispatcher.identity import Labels, RunKey, job_name
 from dispatcher.kube import KubeError
@@ -245,7 +245,7 @@ def run_canary(ctx: Context, *, instrument: str, rb: str, data: str, timeout: fl
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dispatcher.canary", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m autoreduce_cli.canary", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=os.environ.get("AUTOREDUCE_CONFIG_FILE"),
                    help="the dispatcher's settings file (AUTOREDUCE_* variables override it)")
