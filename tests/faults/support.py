@@ -24,7 +24,7 @@ from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
 from devstack.product import Facility, read_timeline, run_message
-from tests.harness.checks import container_span, exclusivity_violations
+from tests.harness.checks import container_span, end_unrecorded, exclusivity_violations
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
@@ -248,6 +248,7 @@ class PodRecorder:
         self._kube = kube
         self._namespace = namespace
         self._spans: dict[str, tuple[str, tuple[float, float]]] = {}
+        self.unrecorded: set[str] = set()  # pods whose container's end the kubelet lost
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="pod-recorder")
@@ -273,12 +274,19 @@ class PodRecorder:
                 self._stop.wait(0.5)
 
     def _note(self, pod: dict[str, Any]) -> None:
+        uid = pod["metadata"]["uid"]
+        if end_unrecorded(pod):
+            # Only the script's own timeline and the Job's hold can judge this run.
+            with self._lock:
+                self._spans.pop(uid, None)
+                self.unrecorded.add(uid)
+            return
         span = container_span(pod)
         if span is None:
             return
         rb = (pod["metadata"].get("labels") or {}).get("autoreduce.io/rb-number", "?")
         with self._lock:
-            self._spans[pod["metadata"]["uid"]] = (rb, span)
+            self._spans[uid] = (rb, span)
 
     def spans_by_rb(self) -> dict[str, list[tuple[float, float]]]:
         by_rb: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -373,6 +381,9 @@ def judge(
                                    pod_spans=pods.spans_by_rb() if pods else None)
     figures.exclusivity_violations = sum(overlap.count for overlap in found)
     figures.notes += [f"exclusivity: {overlap}" for overlap in found[:5]]
+    if pods and pods.unrecorded:
+        figures.notes.append(f"{len(pods.unrecorded)} pod(s) ContainerStatusUnknown: judged "
+                             "by their scripts' timeline and Job holds only")
     queues = collector.settings.queues
     figures.pending_left = browse_count(collector.settings, queues.pending)
     figures.dead_letters = len(collector.on("dead_letter"))

@@ -82,6 +82,17 @@ def container_span(pod: dict[str, Any]) -> Span | None:
     return None
 
 
+def end_unrecorded(pod: dict[str, Any]) -> bool:
+    """The runner container ended with no times: the kubelet removed an evicted pod's
+    container before recording how it ended, and reports ``ContainerStatusUnknown``
+    (kubernetes/kubernetes#141857). Its span is then unknown, not endless."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated is not None and not terminated.get("finishedAt"):
+            return True
+    return False
+
+
 # The Job controller's final verdicts. Since Kubernetes 1.31 each is written only once
 # the Job's pods have stopped, and it is what lets the dispatcher hand the RB on
 # (``dispatcher.admission.is_finished``); SuccessCriteriaMet and FailureTarget come

@@ -12,7 +12,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from tests.harness.checks import Overlap, exclusivity_violations, job_hold
+from tests.harness.checks import (
+    Overlap,
+    container_span,
+    end_unrecorded,
+    exclusivity_violations,
+    job_hold,
+)
 
 Obj = dict[str, Any]
 
@@ -107,3 +113,17 @@ def test_script_attempts_and_containers_are_judged_each_on_their_own() -> None:
                                    pod_spans={"1": [(0, 10), (9, 12)]})
     assert [(o.rb, o.record, o.count) for o in found] == [
         ("2", "script attempts", 1), ("1", "runner containers", 1)]
+
+
+def pod_with(state: Obj) -> Obj:
+    return {"status": {"containerStatuses": [{"name": "runner", "state": state}]}}
+
+
+def test_a_container_the_kubelet_lost_has_an_unrecorded_end_not_an_endless_span() -> None:
+    # An evicted pod whose container was removed before its end was recorded.
+    lost = pod_with({"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown"}})
+    assert end_unrecorded(lost) and container_span(lost) is None
+    running = pod_with({"running": {"startedAt": stamp(100)}})
+    assert not end_unrecorded(running) and container_span(running) == (100, float("inf"))
+    ended = pod_with({"terminated": {"startedAt": stamp(100), "finishedAt": stamp(104)}})
+    assert not end_unrecorded(ended) and container_span(ended) == (100, 104)
