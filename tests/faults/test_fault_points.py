@@ -27,7 +27,8 @@ from devstack.product import (
     wait_until,
 )
 from devstack.queues import QueueReader
-from dispatcher.identity import RunKey, job_name
+from dispatcher.admission import is_finished
+from dispatcher.identity import Labels, RunKey, job_name
 from tests.faults.support import PodRecorder, list_jobs, timeline_script
 from tests.harness.checks import SELECTOR, exclusivity_violations, send
 from tests.harness.pods import evict, kill_container, kill_runner_when_running
@@ -56,11 +57,36 @@ def finals(reader: QueueReader, settings: BrokerSettings) -> list[Delivery]:
     return [d for d in reader.seen if d.destination in (q.complete, q.error, q.skipped)]
 
 
-def settle(reader: QueueReader, settings: BrokerSettings, *, at_least: int,
-           timeout: float = 120) -> list[Delivery]:
+def settle(reader: QueueReader, settings: BrokerSettings, *, at_least: int, kube: Any,
+           namespace: str, timeout: float = 120) -> list[Delivery]:
+    """The outcomes once nothing more can come: every Job finished and every pod stopped
+    and let go by the dispatcher (it removes its finalizer as the last step of settling
+    an outcome), plus a moment for a copy still on its way through the broker."""
     reader.wait_for(lambda _: len(finals(reader, settings)) >= at_least, timeout=timeout)
-    reader.settle(8)  # a dispatcher's copy comes after the pod's verdict: wait it out
+    wait_until(lambda: _all_settled(kube, namespace), timeout=timeout,
+               what="every run's outcome to be settled")
+    reader.settle(2)
     return finals(reader, settings)
+
+
+FINALIZER = Labels("autoreduce.io").pod_finalizer
+
+
+def _all_settled(kube: Any, namespace: str) -> bool:
+    if not all(is_finished(job) for job in list_jobs(kube, namespace)):
+        return False
+    with kube.api_client() as api:
+        pods = k8s.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=SELECTOR).items
+    return all(pod.status.phase in ("Succeeded", "Failed")
+               and FINALIZER not in (pod.metadata.finalizers or [])
+               and _containers_stopped(pod) for pod in pods)
+
+
+def _containers_stopped(pod: Any) -> bool:
+    # The kubelet can report an evicted pod Failed before its container's own
+    # terminated state (its real finish time, which the exclusivity judge reads).
+    return all(status.state.terminated is not None
+               for status in pod.status.container_statuses or [])
 
 
 def job_of(run: int, rb: int) -> str:
@@ -96,12 +122,13 @@ RUNNER_POINTS = [
 def test_runner_stopped_at_each_step_of_posting(
     point: str, copies: int, start_dispatcher: Callable[..., DispatcherProcess],
     stomp: StompClient, broker_settings: BrokerSettings, reader: QueueReader,
-    facility: Facility,
+    facility: Facility, kube: Any, namespace: str,
 ) -> None:
     start_dispatcher(runner=runner_env(point), retries=RETRIES_OFF)
     send(stomp, broker_settings, run_message(facility=facility, instrument="WISH",
                                              rb=3100001, run=31, script=DONE_SCRIPT))
-    seen = settle(reader, broker_settings, at_least=copies)
+    seen = settle(reader, broker_settings, at_least=copies,
+                  kube=kube, namespace=namespace)
     assert len(seen) == copies, [(d.destination, d.headers) for d in seen]
     assert one_kind_one_identity(seen, job=job_of(31, 3100001)) == "ReductionComplete"
     # Every copy says where the output is: the dispatcher's comes from the runner's record.
@@ -129,7 +156,8 @@ def test_runner_hung_in_posting_then_its_pod_deleted(
     pod = wait_until(lambda: next(iter(core.list_namespaced_pod(
         namespace, label_selector=SELECTOR).items), None), timeout=30, what="the pod")
     core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=2)
-    seen = settle(reader, broker_settings, at_least=2)
+    seen = settle(reader, broker_settings, at_least=2,
+                  kube=kube, namespace=namespace)
     assert one_kind_one_identity(seen, job=job_of(32, 3100002)) == "ReductionComplete"
     assert len(seen) == 2
     # Once the outcome is settled the dispatcher lets the pod go.
@@ -140,6 +168,7 @@ def test_runner_hung_in_posting_then_its_pod_deleted(
 def test_a_cancel_that_meets_a_runner_sending_complete_keeps_the_complete(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str,
 ) -> None:
     # The runner's Complete is on the broker (receipt unread, the runner hangs there)
     # when the cancellation arrives: the run must not also get "cancelled".
@@ -149,7 +178,8 @@ def test_a_cancel_that_meets_a_runner_sending_complete_keeps_the_complete(
     send(stomp, broker_settings, run)
     reader.wait_for(lambda _: bool(finals(reader, broker_settings)), timeout=90)
     send(stomp, broker_settings, {**run, "cancel": True})
-    seen = settle(reader, broker_settings, at_least=2, timeout=120)
+    seen = settle(reader, broker_settings, at_least=2, timeout=120,
+                  kube=kube, namespace=namespace)
     assert one_kind_one_identity(seen, job=job_of(34, 3100004)) == "ReductionComplete"
 
 
@@ -171,7 +201,8 @@ def test_dispatcher_stopped_at_each_step_of_its_own_post(
     assert faulty.process is not None and faulty.process.returncode == 137
     assert f"fault point {point} reached" in faulty.log()
     start_dispatcher(name="successor", retries=RETRIES_OFF)
-    seen = settle(reader, broker_settings, at_least=copies)
+    seen = settle(reader, broker_settings, at_least=copies,
+                  kube=kube, namespace=namespace)
     assert len(seen) == copies, [(d.destination, d.body[:300]) for d in seen]
     assert one_kind_one_identity(seen, job=job_of(33, 3100003)) == "ReductionError"
     messages = {json.loads(d.body)["message"] for d in seen}
@@ -215,7 +246,8 @@ def test_the_next_run_waits_for_a_stopping_pod_whose_script_ignores_sigterm(
             core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=20)
         elif fault == "evict":
             evict(kube, pod)
-    seen = settle(reader, broker_settings, at_least=8, timeout=180)
+    seen = settle(reader, broker_settings, at_least=8, timeout=180,
+                  kube=kube, namespace=namespace)
     recorder.stop()
     by_run: dict[int, set[str]] = {}
     for copy in seen:

@@ -227,7 +227,7 @@ def sigkill_dispatcher(kills: int, seed: int) -> Callable[[Scenario], None]:
 
 @pytest.mark.timeout(900)
 def test_dispatcher_sigkilled_during_a_burst(scenario: Callable[..., Scenario]) -> None:
-    scenario("dispatcher-sigkill", runs=100, rbs=20).run(
+    scenario("dispatcher-sigkill", runs=50, rbs=10).run(
         sigkill_dispatcher(kills=5, seed=1), timeout=240)
 
 

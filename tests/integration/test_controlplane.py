@@ -164,7 +164,9 @@ def test_failing_job_reports_exit_code(
 def test_job_active_deadline_kills_pod(
     namespace: str, batch: client.BatchV1Api, core: client.CoreV1Api
 ) -> None:
-    body = job_body("slow", ["sleep", "300"], spec={"activeDeadlineSeconds": 2})
+    # sleep as PID 1 ignores SIGTERM: without a short grace the kill waits the 30 s default.
+    body = job_body("slow", ["sleep", "300"], spec={"activeDeadlineSeconds": 2},
+                    pod={"terminationGracePeriodSeconds": 1})
     batch.create_namespaced_job(namespace, body)
     cond = wait_for("Failed", lambda: job_condition(batch, namespace, "slow", "Failed"), timeout=40)
     assert cond.reason == "DeadlineExceeded"
@@ -599,7 +601,9 @@ def test_read_only_root_filesystem_and_run_as_user(namespace: str, core: client.
 
 
 def test_pod_active_deadline_seconds(namespace: str, core: client.CoreV1Api) -> None:
-    body = pod_body("late", ["sleep", "300"], pod={"activeDeadlineSeconds": 1})
+    # A short grace: sleep as PID 1 ignores the SIGTERM (see the Job deadline test).
+    body = pod_body("late", ["sleep", "300"],
+                    pod={"activeDeadlineSeconds": 1, "terminationGracePeriodSeconds": 1})
     core.create_namespaced_pod(namespace, body)
     pod = finished_pod(core, namespace, "late", timeout=40)
     assert (pod.status.phase, pod.status.reason) == ("Failed", "DeadlineExceeded")

@@ -148,6 +148,13 @@ def test_silent_deaths_each_get_one_error_with_the_reason_and_free_the_rb(
     assert complete == [20, 21, 22]
 
 
+# The first version outlives the kubelet's eviction (within 15 s); the retry, a new
+# version with its own output folder, ends at once.
+EVICTED_THEN_QUICK = SLEEPY_SCRIPT.replace(
+    'float(os.environ.get("SLEEP", "0.3"))',
+    '0.3 if output_dir.rstrip("/").endswith("run-version-1") else 30')
+
+
 def test_evicted_run_is_reported_once_and_retried_as_the_next_version(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
@@ -155,7 +162,7 @@ def test_evicted_run_is_reported_once_and_retried_as_the_next_version(
 ) -> None:
     start_dispatcher(retries={"mode": "dispatcher", "max_attempts": 2, "delay_s": 1})
     send(stomp, broker_settings, run_message(facility=facility, instrument="WISH", rb=2200001,
-                                             run=31, script=LONG_SCRIPT.replace('"60"', '"30"')))
+                                             run=31, script=EVICTED_THEN_QUICK))
     core = k8s.CoreV1Api(kube.api_client())
     pod = wait_until(lambda: running_pod(core, namespace), timeout=60,
                      what="a running runner pod")
@@ -347,9 +354,11 @@ def test_instrument_cap_holds_that_instrument_back_but_not_the_others(
 def test_two_replicas_with_one_killed_every_few_seconds(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
-    namespace: str, batch: k8s.BatchV1Api,
+    namespace: str, batch: k8s.BatchV1Api, request: pytest.FixtureRequest,
 ) -> None:
-    runs = 200
+    # Every run is a real pod on the one 2-core node (about 1.3 s each): 60 runs give
+    # some 20 kills in about a minute and a half; --long runs the 200 of before.
+    runs = 200 if request.config.getoption("--long") else 60
     replicas = [start_dispatcher(name="replica-a"), start_dispatcher(name="replica-b")]
     stop = threading.Event()
     kills = Counter[str]()
