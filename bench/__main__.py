@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     stack.dispatcher_overrides = overrides
     failed = False
     try:
-        print(f"[bench] stack up in {time.monotonic() - started:.0f} s", flush=True)
+        up_s = time.monotonic() - started
+        print(f"[bench] stack {stack.stack_id} up in {up_s:.0f} s", flush=True)
         for name in args.only:
             print(f"[bench] {name} ...", flush=True)
             begun = time.monotonic()

@@ -129,6 +129,25 @@ class Scenario:
     def workdir(self) -> Path:
         return self.stack.workdir / "scenarios" / f"{self.name}-{self.tag}"
 
+    def events_by_reporter(self) -> Counter[str]:
+        """This namespace's Events counted by the controller that reported them: the
+        apiserver's request counter cannot tell the dispatcher's Event writes from the
+        scheduler's (one ``FailedScheduling`` or ``Scheduled`` per pod, same API)."""
+        counts: Counter[str] = Counter()
+        token = None
+        with self.stack.kube.api_client() as api:
+            events = k8s.EventsV1Api(api)
+            while True:
+                # Raw JSON: the client's models reject Events written through core/v1
+                # (the Job controller's), which have no eventTime.
+                raw = events.list_namespaced_event(self.namespace, limit=500, _continue=token,
+                                                   _preload_content=False)  # fmt: skip
+                page = json.loads(raw.data)  # type: ignore[attr-defined]  # a raw response
+                counts.update(e.get("reportingController") or "?" for e in page["items"])
+                token = page["metadata"].get("continue")
+                if not token:
+                    return counts
+
     def settings(self, *, runs_pods: bool, **overrides: Any) -> dict[str, Any]:
         """The dispatcher's settings: defaults (incl. the API budget) but a bench runner."""
         assert self.broker is not None
