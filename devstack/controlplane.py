@@ -155,18 +155,46 @@ class LocalKube:
         self, *, namespace: str, name: str, expiration_s: int = 3600
     ) -> Path:
         """A kubeconfig with a TokenRequest token for ``namespace/name``."""
-        with self.api_client() as api:
-            req = kube_client.AuthenticationV1TokenRequest(
-                spec=kube_client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_s)
+        token = self.service_account_token(
+            namespace=namespace, name=name, expiration_s=expiration_s
+        )
+        return self._write_kubeconfig(f"sa-{namespace}-{name}", cred={"token": token})
+
+    def service_account_token(
+        self, *, namespace: str, name: str, expiration_s: int = 3600,
+        bound_secret: str | None = None,
+    ) -> str:  # fmt: skip
+        """A TokenRequest token for ``namespace/name``.
+
+        With ``bound_secret`` (a Secret in ``namespace``) the token is bound to that
+        Secret and dies with it: deleting the Secret is how a test makes a token stop
+        working now (a TokenRequest's shortest lifetime is 10 minutes).
+        """
+        bound = None
+        if bound_secret is not None:
+            bound = kube_client.V1BoundObjectReference(
+                api_version="v1", kind="Secret", name=bound_secret
             )
+        spec = kube_client.V1TokenRequestSpec(
+            audiences=[], expiration_seconds=expiration_s, bound_object_ref=bound
+        )
+        with self.api_client() as api:
             tok = kube_client.CoreV1Api(api).create_namespaced_service_account_token(
-                name, namespace, req
+                name, namespace, kube_client.AuthenticationV1TokenRequest(spec=spec)
             )
         assert tok.status is not None
-        path = self.workdir / "kubeconfigs" / f"sa-{namespace}-{name}.yaml"
+        return str(tok.status.token)
+
+    def token_file_kubeconfig(self, *, token_file: Path, name: str) -> Path:
+        """A kubeconfig that reads its bearer token from ``token_file`` (as a pod reads
+        its projected ServiceAccount token): what is written there later is what a
+        client that re-reads its credentials sends next."""
+        return self._write_kubeconfig(name, cred={"tokenFile": str(token_file)})
+
+    def _write_kubeconfig(self, name: str, *, cred: dict[str, str]) -> Path:
+        path = self.workdir / "kubeconfigs" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        cfg = _kubeconfig(server=self.server, ca=self.ca_file, user=f"{namespace}-{name}",
-                          cred={"token": str(tok.status.token)})  # fmt: skip
+        cfg = _kubeconfig(server=self.server, ca=self.ca_file, user=name, cred=cred)
         path.write_text(yaml.safe_dump(cfg))
         return path
 

@@ -206,14 +206,17 @@ def start_dispatcher(
     })
     started: list[DispatcherProcess] = []
 
-    def start(name: str = "dispatcher", **overrides: Any) -> DispatcherProcess:
+    def start(
+        name: str = "dispatcher", *, kubeconfig: Path | None = None, **overrides: Any
+    ) -> DispatcherProcess:
+        """``kubeconfig``: the dispatcher's credentials (the admin's by default)."""
         settings = dispatcher_settings(
             broker=broker_settings, password_file=password, namespace=namespace,
             facility=facility, run_as_user=runner_uid,
             runner_image=kube.image("autoreduce-runner"), **overrides,
         )
         proc = DispatcherProcess(workdir=tmp_path / "dispatchers", settings=settings,
-                                 kubeconfig=kube.kubeconfig, name=name).start()
+                                 kubeconfig=kubeconfig or kube.kubeconfig, name=name).start()
         started.append(proc)
         return proc
 
