@@ -9,8 +9,6 @@ import queue
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +22,12 @@ from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
 from devstack.product import Facility, read_timeline, run_message
-from tests.harness.checks import container_span, end_unrecorded, exclusivity_violations
+from tests.harness.checks import (
+    container_span,
+    end_unrecorded,
+    exclusivity_violations,
+    http_status,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
@@ -63,16 +66,6 @@ def timeline_script(sleep: float, *, ignore_term: bool = False) -> str:
 
 
 FAST_SCRIPT = timeline_script(0.02)
-
-
-def http_status(port: int, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
-            return int(reply.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except OSError:
-        return 0
 
 
 def wait_ready(port: int, *, timeout: float) -> float:

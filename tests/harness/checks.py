@@ -4,6 +4,8 @@ what came back (from the broker's messages, the scripts' timeline and the Jobs).
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -91,6 +93,17 @@ def end_unrecorded(pod: dict[str, Any]) -> bool:
         if terminated is not None and not terminated.get("finishedAt"):
             return True
     return False
+
+
+def http_status(port: int, path: str) -> int:
+    """The status a local dispatcher's health endpoint answers (0: no answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
 
 
 # The Job controller's final verdicts. Since Kubernetes 1.31 each is written only once

@@ -8,8 +8,6 @@ import random
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +33,7 @@ from tests.harness.checks import (
     SELECTOR,
     assert_exclusive,
     count_outcomes,
+    http_status,
     outcomes,
     send,
 )
@@ -422,13 +421,7 @@ def test_health_endpoints_follow_the_broker_and_sigterm_exits_cleanly(
     proc = start_dispatcher(http_port=port)
 
     def status(path: str) -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
-                return int(reply.status)
-        except urllib.error.HTTPError as error:
-            return int(error.code)
-        except OSError:
-            return 0
+        return http_status(port, path)
 
     wait_until(lambda: status("/readyz") == 200, timeout=60, what="ready")
     assert status("/healthz") == 200

@@ -10,8 +10,6 @@ readiness false. Once the file holds a new token, every run gets exactly one out
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +24,7 @@ from kubernetes import config as k8s_config
 from devstack.activemq import free_port
 from devstack.product import SLEEPY_SCRIPT, DispatcherProcess, Facility, run_message, wait_until
 from devstack.queues import QueueReader
-from tests.harness.checks import SELECTOR, count_outcomes, outcomes, send
+from tests.harness.checks import SELECTOR, count_outcomes, http_status, outcomes, send
 
 pytestmark = pytest.mark.integration
 
@@ -71,16 +69,6 @@ def answer(kubeconfig: Path, namespace: str) -> int:
     return 200
 
 
-def readiness(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
-            return int(reply.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except OSError:
-        return 0
-
-
 def test_a_revoked_token_holds_runs_in_the_broker_until_the_file_has_a_valid_one(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
@@ -94,7 +82,7 @@ def test_a_revoked_token_holds_runs_in_the_broker_until_the_file_has_a_valid_one
     wait_until(lambda: answer(kubeconfig, namespace) == 200, timeout=15, what="the Role")
     port = free_port()
     proc = start_dispatcher(kubeconfig=kubeconfig, http_port=port)
-    wait_until(lambda: readiness(port) == 200, timeout=60, what="ready")
+    wait_until(lambda: http_status(port, "/readyz") == 200, timeout=60, what="ready")
 
     def runs(numbers: range) -> None:
         for run in numbers:  # one RB each: they reduce side by side
@@ -110,7 +98,8 @@ def test_a_revoked_token_holds_runs_in_the_broker_until_the_file_has_a_valid_one
     wait_until(lambda: answer(kubeconfig, namespace) == 401, timeout=30, what="a 401")
     runs(range(3, 6))
     wait_until(lambda: REJECTED in proc.log(), timeout=60, what="the 401 said in the log")
-    wait_until(lambda: readiness(port) == 503, timeout=30, what="not ready while refused")
+    wait_until(lambda: http_status(port, "/readyz") == 503, timeout=30,
+               what="not ready while refused")
     reader.settle(5)
     assert proc.alive()
     assert len(outcomes(reader, broker_settings, "complete")) == 2
@@ -128,6 +117,6 @@ def test_a_revoked_token_holds_runs_in_the_broker_until_the_file_has_a_valid_one
     assert outcomes(reader, broker_settings, "error") == []
     assert outcomes(reader, broker_settings, "skipped") == []
     assert outcomes(reader, broker_settings, "dead_letter") == []
-    wait_until(lambda: readiness(port) == 200, timeout=30, what="ready again")
+    wait_until(lambda: http_status(port, "/readyz") == 200, timeout=30, what="ready again")
     assert "accepts our credentials again" in proc.log()
     assert proc.alive() and proc.starts == 1
