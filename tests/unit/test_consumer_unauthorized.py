@@ -25,7 +25,8 @@ from dispatcher.consumer import Consumer
 from dispatcher.controller import Controller
 from dispatcher.dispatch import Dispatcher
 from dispatcher.identity import Labels
-from dispatcher.kube import AlreadyExists, _map_status
+from dispatcher.kube import AlreadyExists
+from dispatcher.kube.errors import _map_status
 from dispatcher.manifests import load_template
 from dispatcher.reporting import Reporter
 

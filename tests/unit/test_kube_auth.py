@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dispatcher.kube import Forbidden, Kube, KubeError, Unauthorized, Unavailable, _map_status
+from dispatcher.kube import Forbidden, Kube, KubeError, Unauthorized, Unavailable
+from dispatcher.kube.errors import _map_status
 
 UNAUTHORIZED = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                            "message": "Unauthorized", "reason": "Unauthorized", "code": 401})
