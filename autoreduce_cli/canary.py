@@ -39,17 +39,11 @@ from autoreduce_common.messages import MessageError, Outcome, encode, parse_run
 from autoreduce_common.pod_contract import TerminationReport
 from autoreduce_common.stomp_client import BrokerError, Delivery
 
-from autoreduce_cli import status as view
-from autoreduce_cli.cli import (
-    EXIT_API,
-    EXIT_BROKER,
-    EXIT_OK,
-    EXIT_RUN_FAILED,
-    EXIT_USAGE,
-    Context,
-    browse,
-    take,
-)
+from autoreduce_cli.cli import Context
+from autoreduce_cli.errors import EXIT_API, EXIT_BROKER, EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE
+from autoreduce_cli.queues import browse, take
+from autoreduce_cli.rows import FINISHED, row_for
+from autoreduce_cli.runs import matches_run
 from dispatcher import failures
 from dispatcher.config import load_settings
 from dispatcher.identity import Labels, RunKey, job_name
@@ -165,7 +159,7 @@ def final_outcomes(ctx: Context, key: RunKey) -> list[tuple[Outcome, dict[str, A
         queue = getattr(ctx.settings.broker.queues, kind.value.lower())
         for delivery in browse(ctx.broker(), queue):
             body = _body(delivery)
-            if body is not None and view.matches_run(
+            if body is not None and matches_run(
                 body, instrument=key.instrument, run=key.first_run, version=key.version
             ):
                 found.append((kind, body))
@@ -182,11 +176,11 @@ def _body(delivery: Delivery) -> dict[str, Any] | None:
 
 def job_state(ctx: Context, name: str) -> tuple[str, str, TerminationReport | None]:
     """(state, detail, runner report) of the canary's Job; state "absent" if none."""
-    job = ctx.kube().get_job(name)
+    job = ctx.job(name)
     if job is None:
         return "absent", "", None
-    pods = ctx.kube().list_pods(selector=f"batch.kubernetes.io/job-name={name}")
-    row = view.row_for(job, labels=ctx.labels, pods=pods, holders={}, now=time.time())
+    pods = ctx.pods(selector=f"batch.kubernetes.io/job-name={name}")
+    row = row_for(job, labels=ctx.labels, pods=pods, holders={}, now=time.time())
     reports = [r for r in (failures.runner_report(dict(p)) for p in pods) if r is not None]
     return row.state, row.detail, reports[0] if reports else None
 
@@ -217,7 +211,7 @@ def watch(ctx: Context, key: RunKey, message: dict[str, Any], *, timeout: float)
             where = f" ({detail})" if detail else ""
             ctx.progress(f"[{elapsed:6.1f}s] Job {name}: {state}{where}")
             last = state
-        if state == view.FINISHED:
+        if state == FINISHED:
             finished_at = elapsed if finished_at is None else finished_at
             if elapsed - finished_at > CONSUMED_GRACE_S:
                 return judge_report(report, job_state=detail or state)
