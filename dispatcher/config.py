@@ -44,7 +44,8 @@ class RunnerSpec(BaseModel):
     """What a reduction pod looks like; every field can be overridden per instrument."""
 
     image: str = "autoreduce-runner:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
+    # The three policies Kubernetes knows: any other fails every Job create.
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     command: list[str] = Field(default_factory=lambda: ["python", "-m", "autoreduce_runner"])
     resources: Resources = Field(default_factory=Resources)
     node_selector: dict[str, str] = Field(default_factory=dict)
@@ -56,8 +57,9 @@ class RunnerSpec(BaseModel):
     output_volumes: list[Volume] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     priority_class_name: str | None = None
-    run_as_user: int | None = 1000
-    run_as_group: int | None = 1000
+    # Kubernetes rejects a negative uid or gid at Job create.
+    run_as_user: int | None = Field(default=1000, ge=0)
+    run_as_group: int | None = Field(default=1000, ge=0)
 
 
 class InstrumentOverrides(BaseModel):

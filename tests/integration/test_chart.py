@@ -37,7 +37,7 @@ from autoreduce_cli.cli import browse
 from devstack.activemq import free_port
 from devstack.product import Facility, run_message
 from devstack.queues import QueueReader
-from dispatcher.config import load_settings
+from dispatcher.config import DEFAULT_TEMPLATE, load_settings
 from dispatcher.identity import RunKey, job_name
 from dispatcher.manifests import Arrival, load_template, render_job
 from tests.harness.tools import helm_binary
@@ -116,7 +116,10 @@ def test_job_from_rendered_template_passes_server_side_dry_run(
         d for d in docs if d["kind"] == "ConfigMap" and "settings.yaml" in d.get("data", {})
     )
     (tmp_path / "settings.yaml").write_text(settings_cm["data"]["settings.yaml"])
-    (tmp_path / "job.yaml.j2").write_text(settings_cm["data"]["job.yaml.j2"])
+    # The chart carries a Job template only when the site sets its own; otherwise the
+    # dispatcher uses the one built into its image.
+    template_text = settings_cm["data"].get("job.yaml.j2", DEFAULT_TEMPLATE.read_text())
+    (tmp_path / "job.yaml.j2").write_text(template_text)
     (tmp_path / "password").write_text("x")
     monkeypatch.setenv("AUTOREDUCE_BROKER__PASSWORD_FILE", str(tmp_path / "password"))
     settings = load_settings(config_file=tmp_path / "settings.yaml")

@@ -2,10 +2,13 @@
 
 What rendering alone can prove: every ci values file lints and renders; the schema
 rejects typos and wrong types; the rendered settings.yaml is a valid
-``DispatcherSettings`` that points at the files the Deployment mounts; the rendered
-Job template turns a run into a Job; RBAC is exactly what dispatcher/kube.py uses, for
+``DispatcherSettings`` that points at the files the Deployment mounts; the Job
+template the dispatcher would use (its built-in one, or the site's from the
+ConfigMap) turns a run into a Job; RBAC is exactly what dispatcher/kube.py uses, for
 the dispatcher and, in a Role of its own, for the operator CLI.
-Server-side validation of the same manifests is in tests/integration/test_chart.py.
+That the chart's values and settings agree with dispatcher/config.py is in
+test_settings_schema.py; server-side validation of the same manifests is in
+tests/integration/test_chart.py.
 """
 
 from __future__ import annotations
@@ -19,16 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
-from autoreduce_common.broker_settings import BrokerSettings
 
-from dispatcher.config import (
-    DEFAULT_TEMPLATE,
-    DispatcherSettings,
-    InstrumentOverrides,
-    JobSettings,
-    RunnerSpec,
-    load_settings,
-)
+from dispatcher.config import DEFAULT_TEMPLATE, DispatcherSettings, load_settings
 from dispatcher.identity import Labels, RunKey
 from dispatcher.kube import Kube
 from dispatcher.leases import lease_body
@@ -85,7 +80,7 @@ def dispatcher_config_map(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def load_rendered_settings(
     docs: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Any:
+) -> DispatcherSettings:
     """settings.yaml through the dispatcher's own loader, with the mounted password
     file swapped for a local one by the env override the Deployment could use too."""
     text = dispatcher_config_map(docs)["data"]["settings.yaml"]
@@ -101,20 +96,55 @@ def ci_id(path: Path) -> str:
     return path.name.removesuffix("-values.yaml")
 
 
-# -- the copy of the default Job template ----------------------------------------------
+def config_mount(docs: list[dict[str, Any]]) -> str:
+    """Where the Deployment mounts the dispatcher ConfigMap."""
+    (container,) = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return str(next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "config"))
 
 
-def test_chart_ships_an_exact_copy_of_the_default_job_template() -> None:
-    shipped = (CHART / "files" / "job.yaml.j2").read_text()
-    assert shipped == DEFAULT_TEMPLATE.read_text(), (
-        "helm/autoreduce/files/job.yaml.j2 differs from dispatcher/templates/job.yaml.j2: "
-        "cp dispatcher/templates/job.yaml.j2 helm/autoreduce/files/"
-    )
+def job_template_file(
+    docs: list[dict[str, Any]], settings: DispatcherSettings, tmp_path: Path
+) -> Path:
+    """The Job template the dispatcher would load: a local copy of the ConfigMap's
+    when settings point into its mount, else the one built into the image."""
+    path = settings.jobs.template_path
+    if path == DEFAULT_TEMPLATE:
+        return path
+    assert path.parent == Path(config_mount(docs)), f"{path} is not in the ConfigMap's mount"
+    local = tmp_path / path.name
+    local.write_text(dispatcher_config_map(docs)["data"][path.name])
+    return local
 
 
-def test_default_install_mounts_the_shipped_job_template(tmp_path: Path) -> None:
-    docs = render(CI_FILES[0].parent / "default-values.yaml")
-    assert dispatcher_config_map(docs)["data"]["job.yaml.j2"] == DEFAULT_TEMPLATE.read_text()
+# -- the Job template: the dispatcher's own unless the site sets one -------------------
+
+
+def test_default_install_uses_the_job_template_built_into_the_dispatcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = render(CHART / "ci" / "default-values.yaml")
+    assert set(dispatcher_config_map(docs)["data"]) == {"settings.yaml"}
+    rendered = yaml.safe_load(dispatcher_config_map(docs)["data"]["settings.yaml"])
+    assert "template_path" not in rendered["jobs"]
+    settings = load_rendered_settings(docs, tmp_path, monkeypatch)
+    assert settings.jobs.template_path == DEFAULT_TEMPLATE
+    # No copy in the chart that could drift from the dispatcher's.
+    copies = [
+        p for p in CHART.rglob("*") if p.is_file() and DEFAULT_TEMPLATE.read_text() in p.read_text()
+    ]
+    assert not copies, f"the chart carries a copy of {DEFAULT_TEMPLATE.name}: {copies}"
+
+
+def test_a_site_job_template_goes_into_the_config_map_and_settings_point_at_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values_file = CHART / "ci" / "custom-job-template-values.yaml"
+    docs = render(values_file)
+    data = dispatcher_config_map(docs)["data"]
+    assert set(data) == {"settings.yaml", "job.yaml.j2"}
+    assert data["job.yaml.j2"] == yaml.safe_load(values_file.read_text())["jobTemplate"]
+    settings = load_rendered_settings(docs, tmp_path, monkeypatch)
+    assert str(settings.jobs.template_path) == f"{config_mount(docs)}/job.yaml.j2"
 
 
 # -- lint and schema -------------------------------------------------------------------
@@ -253,7 +283,10 @@ def test_rendered_settings_load_as_dispatcher_settings(
     # The files settings name are the files the Deployment mounts.
     env = {e["name"]: e for e in container["env"]}
     assert env["AUTOREDUCE_CONFIG_FILE"]["value"] == f"{mounts['config']}/settings.yaml"
-    assert str(settings.jobs.template_path) == f"{mounts['config']}/job.yaml.j2"
+    if "job.yaml.j2" in dispatcher_config_map(docs)["data"]:
+        assert str(settings.jobs.template_path) == f"{mounts['config']}/job.yaml.j2"
+    else:
+        assert settings.jobs.template_path == DEFAULT_TEMPLATE
     rendered = yaml.safe_load(dispatcher_config_map(docs)["data"]["settings.yaml"])
     assert rendered["broker"]["password_file"] == f"{mounts['broker']}/password"
     secret_volume = volumes["broker"]["secret"]
@@ -394,11 +427,9 @@ def rendered_job(
     priority: int = 9,
 ) -> dict[str, Any]:
     settings = load_rendered_settings(docs, tmp_path, monkeypatch)
-    template_file = tmp_path / "job.yaml.j2"
-    template_file.write_text(dispatcher_config_map(docs)["data"]["job.yaml.j2"])
     return render_job(
         settings=settings,
-        template=load_template(template_file),
+        template=load_template(job_template_file(docs, settings, tmp_path)),
         key=sample_key(instrument),
         arrival=Arrival(priority=priority, enqueued_ms=1, message_id="ID:1"),
     )
@@ -880,25 +911,3 @@ def test_every_value_in_values_yaml_has_a_comment() -> None:
         if (path in leaves or path in OPAQUE) and not documented:
             undocumented.append(path)
     assert not undocumented, f"values without a comment: {undocumented}"
-
-
-# -- the chart keeps up with the settings model ----------------------------------------
-
-
-def _snake(name: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
-
-
-def test_chart_renders_every_dispatcher_setting() -> None:
-    """A setting added to dispatcher/config.py fails here until the chart exposes it."""
-    docs = render(CHART / "ci" / "default-values.yaml")
-    rendered = yaml.safe_load(dispatcher_config_map(docs)["data"]["settings.yaml"])
-    # identity comes from the pod name (env); the password only ever as a file; the
-    # fault suite's fault points are never something a chart can switch on.
-    assert set(rendered) == set(DispatcherSettings.model_fields) - {"identity", "fault_point"}
-    assert set(rendered["broker"]) == set(BrokerSettings.model_fields) - {"password"}
-    assert set(rendered["jobs"]) == set(JobSettings.model_fields)
-    assert set(rendered["runner"]) == set(RunnerSpec.model_fields)
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    instrument_values = schema["definitions"]["instrument"]["properties"]
-    assert {_snake(k) for k in instrument_values} == set(InstrumentOverrides.model_fields)

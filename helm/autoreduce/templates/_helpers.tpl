@@ -217,7 +217,6 @@ Secrets never appear here: the password is a mounted file.
 }}
 {{- $jobs := dict
   "namespace" .Release.Namespace
-  "template_path" "/etc/autoreduce/dispatcher/job.yaml.j2"
   "label_prefix" $v.jobs.labelPrefix
   "ttl_seconds_after_finished" (int $v.jobs.ttlSecondsAfterFinished)
   "cancel_marker_ttl_seconds" (int $v.jobs.cancelMarkerTtlSeconds)
@@ -225,6 +224,11 @@ Secrets never appear here: the password is a mounted file.
   "broker_secret_key" $v.broker.secretKey
   "runner_config_map" (include "autoreduce.runnerConfigMapName" . | default nil)
 }}
+{{- /* Without a site template the dispatcher uses the one built into its image, so
+the chart carries no copy that could drift from it. */}}
+{{- if .Values.jobTemplate }}
+{{- $_ := set $jobs "template_path" (include "autoreduce.jobTemplatePath" .) }}
+{{- end }}
 {{- $runner := fromYaml (include "autoreduce.runnerFields" (list . $v.runner false)) }}
 {{- $_ := set $runner "image_pull_policy" $v.runner.image.pullPolicy }}
 {{- $_ := set $runner "command" $v.runner.command }}
@@ -257,14 +261,14 @@ Secrets never appear here: the password is a mounted file.
 {{- end }}
 
 {{/*
-The Job template text: the operator's own, or the chart's copy of the default.
+Where the dispatcher finds the site's own Job template (jobTemplate): its key in the
+dispatcher ConfigMap, which the Deployment mounts at /etc/autoreduce/dispatcher.
 */}}
-{{- define "autoreduce.jobTemplate" -}}
-{{- if .Values.jobTemplate }}
-{{- .Values.jobTemplate }}
-{{- else }}
-{{- .Files.Get "files/job.yaml.j2" }}
+{{- define "autoreduce.jobTemplateKey" -}}
+job.yaml.j2
 {{- end }}
+{{- define "autoreduce.jobTemplatePath" -}}
+{{- printf "/etc/autoreduce/dispatcher/%s" (include "autoreduce.jobTemplateKey" .) }}
 {{- end }}
 
 {{/*
