@@ -27,7 +27,8 @@ WATCHED = {
     "render_job": "rendering the Job (Jinja2)",
     "StompClient._await_receipt": "waiting for broker receipts",
     "Dispatcher._handle": "handling one pending message (accept or cancel)",
-    "Controller.reconcile": "admission: one RB reconciled",
+    "Admitter.reconcile": "admission: one RB reconciled",
+    "Outcomes.reconcile": "outcome: one Job reconciled",
 }
 
 

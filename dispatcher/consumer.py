@@ -12,7 +12,8 @@ import queue
 import threading
 import time
 
-from autoreduce_common.stomp_client import Delivery, StompClient
+from autoreduce_common.stomp_client import Delivery
+from autoreduce_common.transport import Transport
 
 from dispatcher.dispatch import Dispatcher, Received, TryLater, Verdict
 
@@ -23,7 +24,7 @@ class Consumer:
     def __init__(
         self,
         *,
-        client: StompClient,
+        client: Transport,
         dispatcher: Dispatcher,
         destination: str,
         workers: int,
