@@ -1,0 +1,129 @@
+"""``StompClient``: the connection (connect, reconnect with backoff, teardown).
+
+The class is assembled from its parts: it inherits sending and receipts
+(``_Receipts``) and subscriptions and acks (``_Subscriptions``), which share the
+fields of ``_ClientState``. Reconnecting lives here because it touches both: a new
+connection gets a new generation (old deliveries can no longer be acked) and every
+remembered subscription is sent again; a lost one fails every pending receipt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+import stomp
+import stomp.exception
+
+from autoreduce_common.stomp_client.listener import _Listener
+from autoreduce_common.stomp_client.receipts import _Receipts
+from autoreduce_common.stomp_client.subscriptions import _Subscriptions
+from autoreduce_common.stomp_client.types import BrokerError
+
+log = logging.getLogger(__package__)
+
+
+class StompClient(_Receipts, _Subscriptions):
+    """A reconnecting STOMP 1.2 client; safe to call from several threads.
+
+    Its keyword-only constructor is ``_ClientState.__init__``, where the fields
+    every part shares are set.
+    """
+
+    @property
+    def generation(self) -> int:
+        """Changes on every (re)connect: deliveries of older generations cannot be acked."""
+        return self._generation
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def connect(self) -> None:
+        """Connect once, trying each host in order; raise BrokerError if none answers."""
+        with self._lock:
+            self._teardown()
+            errors = []
+            for host_port in self._settings.host_and_ports():
+                try:
+                    self._open(host_port)
+                    return
+                except (stomp.exception.StompException, OSError) as error:
+                    errors.append(f"{host_port[0]}:{host_port[1]}: {error or type(error).__name__}")
+            raise BrokerError("no broker reachable: " + "; ".join(errors))
+
+    def _open(self, host_port: tuple[str, int]) -> None:
+        heartbeat = self._settings.heartbeat_ms if self._heartbeats else 0
+        conn = stomp.Connection12(
+            host_and_ports=[host_port],
+            heartbeats=(heartbeat, heartbeat),
+            reconnect_attempts_max=1,
+            auto_decode=False,
+            timeout=10,
+        )
+        self._generation += 1
+        conn.set_listener("autoreduce", _Listener(self, self._generation))
+        conn.connect(
+            username=self._settings.username,
+            passcode=self._settings.password.get_secret_value(),
+            wait=True,
+            headers={"client-id": f"{self._client_name}-{uuid.uuid4().hex[:8]}"},
+        )
+        if not conn.is_connected():
+            raise BrokerError(f"broker at {host_port[0]}:{host_port[1]} refused the connection")
+        self._conn = conn
+        self._connected.set()
+        for sub in self._subscriptions:
+            self._subscribe_on_wire(sub)
+        log.info("connected to broker %s:%s", *host_port)
+
+    def ensure_connected(self, *, stop: threading.Event | None = None) -> bool:
+        """Reconnect with exponential backoff until connected or ``stop`` is set."""
+        delay = self._settings.reconnect_initial_s
+        while not self.connected:
+            if stop is not None and stop.is_set():
+                return False
+            try:
+                self.connect()
+                self.reconnects += 1
+                return True
+            except BrokerError as error:
+                log.warning("broker unavailable, retrying in %.1fs: %s", delay, error)
+                if stop is not None:
+                    stop.wait(delay)
+                else:
+                    time.sleep(delay)
+                delay = min(delay * 2, self._settings.reconnect_max_s)
+        return True
+
+    def disconnect(self) -> None:
+        with self._lock:
+            self._subscriptions.clear()
+            self._teardown()
+
+    def _teardown(self) -> None:
+        conn, self._conn = self._conn, None
+        self._connected.clear()
+        # A deliberate disconnect: the listener's on_disconnected must not cry wolf,
+        # and acks for deliveries of the old connection become no-ops.
+        self._generation += 1
+        if conn is None:
+            return
+        try:
+            conn.disconnect()
+        except (stomp.exception.StompException, OSError) as error:
+            log.debug("disconnect: %s", error)
+
+    # -- callbacks from the listener thread ------------------------------------------
+
+    def _on_disconnected(self, generation: int) -> None:
+        if generation != self._generation:
+            return
+        self._connected.clear()
+        # Wake every sender waiting on a receipt that will never come.
+        for receipt, waiter in list(self._receipts.items()):
+            self._failed_receipts.add(receipt)
+            waiter.set()
+        log.warning("lost the broker connection")

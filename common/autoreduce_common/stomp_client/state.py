@@ -1,0 +1,45 @@
+"""The fields every part of ``StompClient`` shares, set by its one constructor.
+
+``StompClient`` holds the connection code and inherits the receipt and subscription
+parts; all three read and write the same lock, connection and generation. Putting
+the constructor here, in the class every part inherits, states each field and its
+type once (mypy infers them) instead of re-declaring them in every part.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+from autoreduce_common.broker_settings import BrokerSettings
+from autoreduce_common.stomp_client.types import _Subscription
+
+
+class _ClientState:
+    def __init__(
+        self,
+        *,
+        settings: BrokerSettings,
+        client_name: str,
+        heartbeats: bool = True,
+        receipt_timeout_s: float | None = None,
+    ) -> None:
+        self._settings = settings
+        self._client_name = client_name
+        # Off for connections that only send: a missed heartbeat makes stomp.py drop
+        # the socket, and a SEND whose RECEIPT a frozen broker still owes would then be
+        # resent on a new connection and delivered twice. Without heartbeats the frame
+        # waits in the socket until the broker thaws and confirms it on the same
+        # connection; a broker that really goes away closes the socket.
+        self._heartbeats = heartbeats
+        self._receipt_timeout_s = receipt_timeout_s or settings.receipt_timeout_s
+        self._lock = threading.RLock()
+        self._conn: Any = None
+        self._generation = 0
+        self._connected = threading.Event()
+        self._receipts: dict[str, threading.Event] = {}
+        self._failed_receipts: set[str] = set()
+        self._subscriptions: list[_Subscription] = []
+        self._receipt_ids = itertools.count()
+        self.reconnects = 0  # read by metrics

@@ -1,0 +1,41 @@
+"""The values the client hands out and keeps: plain data, no stomp and no I/O.
+
+``BrokerError`` and ``Delivery`` are what callers catch and ack; ``_Subscription`` is
+what the client remembers so that a reconnect can subscribe again.
+"""
+
+from __future__ import annotations
+
+import queue
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class BrokerError(Exception):
+    """The broker could not be reached or refused an operation."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message handed to the consumer; ack it with the client that made it."""
+
+    body: bytes
+    headers: Mapping[str, str]
+    ack_id: str
+    generation: int  # connection generation: acks from a dead connection are moot
+    destination: str = ""
+
+    @property
+    def redelivered(self) -> bool:
+        return self.headers.get("redelivered", "false") == "true"
+
+
+@dataclass
+class _Subscription:
+    destination: str
+    sink: queue.Queue[Delivery]
+    prefetch: int
+    sub_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Extra SUBSCRIBE headers, e.g. ``browser: true`` or a ``selector``.
+    headers: dict[str, str] = field(default_factory=dict)
