@@ -27,8 +27,7 @@ WATCHED = {
     "render_job": "rendering the Job (Jinja2)",
     "StompClient._await_receipt": "waiting for broker receipts",
     "Dispatcher._handle": "handling one pending message (accept or cancel)",
-    "Admitter.reconcile": "admission: one RB reconciled",
-    "Outcomes.reconcile": "outcome: one Job reconciled",
+    "Controller.reconcile": "admission: one RB reconciled",
 }
 
 

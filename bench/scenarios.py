@@ -29,7 +29,7 @@ DISPATCHER_WRITES = (
     "POST events.k8s.io/events",
 )  # fmt: skip
 EVENTS_POST = "POST events.k8s.io/events"
-EVENT_REPORTER = "autoreduce.io/dispatcher"  # dispatcher/kube/'s reportingController
+EVENT_REPORTER = "autoreduce.io/dispatcher"  # dispatcher/kube.py's reportingController
 DISPATCHER_READS = (
     "GET coordination.k8s.io/leases", "GET batch/jobs", "LIST pods", "GET configmaps",
 )  # fmt: skip

@@ -12,8 +12,7 @@ import queue
 import threading
 import time
 
-from autoreduce_common.stomp_client import Delivery
-from autoreduce_common.transport import Transport
+from autoreduce_common.stomp_client import Delivery, StompClient
 
 from dispatcher.dispatch import Dispatcher, Received, TryLater, Verdict
 
@@ -24,7 +23,7 @@ class Consumer:
     def __init__(
         self,
         *,
-        client: Transport,
+        client: StompClient,
         dispatcher: Dispatcher,
         destination: str,
         workers: int,

@@ -17,27 +17,26 @@ from typing import Any
 
 import jinja2
 from autoreduce_common.messages import MessageError, Outcome, ReductionMessage, parse_run
-from autoreduce_common.pod_contract import ATTEMPT_HEADER
 from autoreduce_common.stomp_client import BrokerError
 
-from dispatcher.caches import JobCache, PodCache
-from dispatcher.cancels import Cancels
+from dispatcher import admission, failures
 from dispatcher.config import DispatcherSettings
+from dispatcher.controller import Controller
 from dispatcher.identity import Labels, RunKey, job_name, run_key
-from dispatcher.keys import Key, Kind
 from dispatcher.kube import AlreadyExists, Forbidden, Invalid, Kube, KubeError, Unavailable
 from dispatcher.logs import run_logger
 from dispatcher.manifests import (
     Arrival,
     TemplateError,
+    message_of,
     message_size,
     owned_by,
     render_config_map,
     render_job,
 )
 from dispatcher.metrics import Metrics
+from dispatcher.outcome_state import OUTCOME_KEY, VERDICT_KEY, OutcomeState, state_of
 from dispatcher.reporting import Reporter, error_body
-from dispatcher.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def arrival_of(headers: Mapping[str, str]) -> Arrival:
         priority=min(max(number("priority", 4), 0), 9),
         enqueued_ms=number("timestamp", int(time.time() * 1000)),
         message_id=str(headers.get("message-id", "")),
-        attempt=max(number(ATTEMPT_HEADER, 1), 1),
+        attempt=max(number("autoreduce-attempt", 1), 1),
     )
 
 
@@ -77,24 +76,18 @@ class Dispatcher:
         *,
         settings: DispatcherSettings,
         kube: Kube,
-        jobs: JobCache,
-        pods: PodCache,
-        queue: WorkQueue,
+        controller: Controller,
         reporter: Reporter,
         template: jinja2.Template,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.kube = kube
-        self.jobs = jobs
-        self.pods = pods
-        self.queue = queue
+        self.controller = controller
         self.reporter = reporter
         self.template = template
         self.labels = Labels(settings.jobs.label_prefix)
         self.metrics = metrics if metrics is not None else Metrics()
-        self.cancels = Cancels(settings=settings, kube=kube, jobs=jobs, pods=pods, queue=queue,
-                               reporter=reporter, template=template, metrics=self.metrics)
 
     # -- entry point ---------------------------------------------------------------
 
@@ -120,8 +113,7 @@ class Dispatcher:
             )
         try:
             if message.cancel:
-                self.cancels.cancel(raw, message)
-                return Verdict.ACK
+                return self._cancel(raw, message)
             return self._accept(received, raw, message)
         except (Unavailable, Forbidden, BrokerError) as error:
             # Forbidden is an RBAC fault of the deployment, not of the message:
@@ -147,12 +139,12 @@ class Dispatcher:
             )
         started = time.monotonic()
         job = self._ensure_job(key, arrival_of(received.headers))
-        if self.cancels.is_marker(job):
-            self.cancels.drop_arrived(key, raw, job)
+        if self._is_cancel_marker(job):
+            self._drop_cancelled(key, raw, job)
             return Verdict.ACK
         self._ensure_config_map(key, raw, job)
-        self.jobs.upsert(job)  # our own write, seen before the watch delivers it
-        self.queue.add(Key(Kind.RB, key.rb_number))
+        self.controller.observe(job)
+        self.controller.enqueue(key.rb_number)
         self.metrics.dispatch_latency.observe(time.monotonic() - started)
         run_logger(log, key).info("accepted %s as Job %s", key.describe(), job_name(key))
         return Verdict.ACK
@@ -170,7 +162,7 @@ class Dispatcher:
             existing = self.kube.get_job(job_name(key))
             if existing is None:
                 raise TryLater(f"Job {job_name(key)} exists and vanished; retrying") from None
-            if not self.cancels.is_marker(existing):
+            if not self._is_cancel_marker(existing):
                 self.metrics.duplicates.inc()
             return existing
 
@@ -182,6 +174,135 @@ class Dispatcher:
         )
         with contextlib.suppress(AlreadyExists):
             self.kube.create_config_map(config_map)
+
+    # -- cancellations -------------------------------------------------------------
+
+    def _is_cancel_marker(self, job: dict[str, Any]) -> bool:
+        labels = (job.get("metadata") or {}).get("labels") or {}
+        return labels.get(self.labels.key("cancel")) == "true"
+
+    def _drop_cancelled(self, key: RunKey, raw: dict[str, Any], marker: dict[str, Any]) -> None:
+        """The run arrived after its cancellation: report it once, never run it.
+
+        The marker stays (annotated) so a redelivery or a resend of the run is
+        dropped too instead of running; it is a suspended Job, so it costs nothing.
+        """
+        outcome_key = self.labels.key(OUTCOME_KEY)
+        annotations = (marker.get("metadata") or {}).get("annotations") or {}
+        if annotations.get(outcome_key) == OutcomeState.CANCELLED:
+            run_logger(log, key).info("dropped %s again: it was cancelled", key.describe())
+            return
+        self.reporter.post(
+            Outcome.ERROR, error_body(raw, message="Run cancelled before it was dispatched"),
+            outcome_id=job_name(key), possible_repeat=annotations.get(outcome_key) is not None,
+        )
+        self.kube.annotate_job(job_name(key), {outcome_key: OutcomeState.CANCELLED})
+        self.metrics.dropped.inc()
+        self._count_outcome("CancelledBeforeDispatch")
+        run_logger(log, key).info("dropped %s: it was cancelled before it arrived", key.describe())
+
+    def _cancel(self, raw: dict[str, Any], message: ReductionMessage) -> Verdict:
+        key = run_key(message)
+        job = self.kube.get_job(job_name(key))
+        self.metrics.cancels.inc()
+        if job is None:
+            self._remember_cancel(key)
+            return Verdict.ACK
+        if self._is_cancel_marker(job):
+            run_logger(log, key).info("cancel for %s already remembered", key.describe())
+            return Verdict.ACK
+        if admission.is_finished(job) or admission.is_deleting(job):
+            run_logger(log, key).info("cancel for %s ignored: it already finished", key.describe())
+            return Verdict.ACK
+        running = not admission.is_suspended(job)
+        name = job_name(key)
+        state = state_of(((job.get("metadata") or {}).get("annotations") or {}).get(
+            self.labels.key(OUTCOME_KEY)))
+        if running and self.controller.pods.of_job(name):
+            # Its runner may be about to post (or posting) its own outcome: stop the
+            # pods first; the outcome path settles it from the runner's record once they
+            # have stopped, so a run never gets both a Complete and "cancelled".
+            if state is None:
+                self.kube.annotate_job(name, {self.labels.key(OUTCOME_KEY):
+                                              OutcomeState.CANCELLING})
+                self.kube.record_event(job=job, reason="Cancelled",
+                                       note="Run cancelled while reducing: stopping its pod")
+        elif state not in (OutcomeState.CANCELLED, OutcomeState.CANCELLING):
+            self._post_cancelled(key, job, raw, state=state, running=running)
+        self.kube.delete_job(name, propagation="Foreground" if running else "Background",
+                             grace_s=30)
+        self.controller.enqueue(key.rb_number)
+        run_logger(log, key).info(
+            "cancelled %s (%s)", key.describe(), "running" if running else "waiting"
+        )
+        return Verdict.ACK
+
+    def _post_cancelled(self, key: RunKey, job: dict[str, Any], raw: dict[str, Any], *,
+                        state: OutcomeState | None, running: bool) -> None:
+        """A waiting run (or a running one whose pod does not exist yet): no runner can
+        have posted, so the cancellation's error is the outcome."""
+        note = "Run cancelled while reducing" if running else "Run cancelled while waiting"
+        stored = message_of(self.kube.get_config_map(job_name(key)))
+        run_raw = stored or {k: v for k, v in raw.items() if k != "cancel"}
+        name, outcome_key = job_name(key), self.labels.key(OUTCOME_KEY)
+        # Claim first so the outcome path never posts a second one; mark it posted only
+        # after the broker confirmed the send.
+        verdict = failures.Verdict(False, "Cancelled", note, transient=False)
+        recorded = failures.render_verdict(verdict)
+        self.kube.annotate_job(name, {outcome_key: OutcomeState.HANDLING,
+                                      self.labels.key(VERDICT_KEY): recorded})
+        self.reporter.post(Outcome.ERROR, error_body(run_raw, message=note), outcome_id=name,
+                           possible_repeat=state is OutcomeState.HANDLING)
+        self._count_outcome("Cancelled")
+        self.kube.annotate_job(name, {outcome_key: OutcomeState.CANCELLED})
+        self.kube.record_event(job=job, reason="Cancelled", note=note)
+
+    def _remember_cancel(self, key: RunKey) -> None:
+        """Park a cancellation for a run we have not seen, as a Job under the run's name.
+
+        When the run arrives, its create answers 409 and the read that follows finds
+        the marker: the happy path pays no extra read for cancellations that are rare.
+        The marker has no managed label, so the controller never sees it as a run.
+        """
+        marker = render_job(
+            settings=self.settings,
+            template=self.template,
+            key=key,
+            arrival=Arrival(priority=0, enqueued_ms=int(time.time() * 1000), message_id=""),
+        )
+        metadata = marker["metadata"]
+        metadata["labels"] = {
+            **{k: v for k, v in metadata["labels"].items() if k != self.labels.managed},
+            self.labels.key("cancel"): "true",
+        }
+        marker["spec"]["suspend"] = True  # never runs, whatever the template says
+        with contextlib.suppress(AlreadyExists):
+            self.kube.create_job(marker)
+        log.info("cancel for unknown %s remembered", key.describe())
+
+    def sweep_cancel_markers(self, *, now: float) -> int:
+        """Delete cancel markers older than ``jobs.cancel_marker_ttl_seconds``.
+
+        Markers are suspended, so the TTL controller never takes them; without this
+        they pile up for ever. Each replica may sweep: the uid precondition and a
+        404 make a second delete harmless. Returns how many were deleted.
+        """
+        ttl = self.settings.jobs.cancel_marker_ttl_seconds
+        if ttl <= 0:
+            return 0
+        markers, _ = self.kube.list_jobs(selector=f"{self.labels.key('cancel')}=true")
+        deleted = 0
+        for marker in admission.expired(markers, now=now, ttl_s=ttl):
+            name = admission.name_of(marker)
+            uid = str((marker.get("metadata") or {}).get("uid") or "") or None
+            try:
+                self.kube.delete_job(name, uid=uid)
+            except KubeError as error:
+                log.warning("cancel marker %s not deleted (%s); next sweep retries", name, error)
+                continue
+            deleted += 1
+            log.info("cancel marker %s expired after %d s: deleted", name, ttl)
+        return deleted
 
     def park(self, received: Received, reason: str) -> Verdict:
         """Dead-letter a message we failed on repeatedly (TryLater if the broker is away)."""

@@ -62,7 +62,7 @@ class WaitingEvents:
     ) -> None:
         self._kube = kube
         self._queue: queue.Queue[_Note | None] = queue.Queue(maxsize=capacity)
-        self._noted: dict[str, set[str]] = {}  # RB -> its Jobs told they wait
+        self._noted: set[str] = set()
         self._lock = threading.Lock()
         self._on_drop = on_drop
         self._thread: threading.Thread | None = None
@@ -77,14 +77,13 @@ class WaitingEvents:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def waiting(self, job: Job, note: str, *, rb: str) -> None:
-        """Note that ``job`` of ``rb`` waits (no-op if it was noted already)."""
+    def waiting(self, job: Job, note: str) -> None:
+        """Note that ``job`` waits (no-op if it was noted already)."""
         name = admission.name_of(job)
         with self._lock:
-            noted = self._noted.setdefault(rb, set())
-            if name in noted:
+            if name in self._noted:
                 return
-            noted.add(name)
+            self._noted.add(name)
         try:
             self._queue.put_nowait(_Note(job=job, reason="Waiting", note=note))
         except queue.Full:
@@ -99,16 +98,9 @@ class WaitingEvents:
             if self._on_drop is not None:
                 self._on_drop()
 
-    def retain(self, rb: str, names: set[str]) -> None:
-        """Forget the Jobs of ``rb`` that are gone (a Job made again under the same name
-        is told again), so the memory is bounded by the Jobs that exist."""
+    def forget(self, name: str) -> None:
         with self._lock:
-            noted = self._noted.get(rb)
-            if noted is None:
-                return
-            noted &= names
-            if not noted:
-                del self._noted[rb]
+            self._noted.discard(name)
 
     def _run(self) -> None:
         while True:

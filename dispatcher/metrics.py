@@ -72,6 +72,8 @@ class Metrics:
             "autoreduce_events_dropped", "Waiting Events not recorded (queue full)", registry=r
         )
         self._gauge_lock = threading.Lock()
+        # Called before every scrape: fills the gauges from the process's live state.
+        self.refresh: Callable[[], None] | None = None
 
     def set_runs(self, *, waiting: Mapping[str, int], running: Mapping[str, int]) -> None:
         """Replace the waiting/running gauges (instruments at zero disappear)."""
@@ -86,17 +88,15 @@ HealthCheck = Callable[[], bool]
 
 
 def serve(
-    *, port: int, metrics: Metrics, live: HealthCheck, ready: HealthCheck,
-    collect: Callable[[], None] = lambda: None,
+    *, port: int, metrics: Metrics, live: HealthCheck, ready: HealthCheck
 ) -> ThreadingHTTPServer:
-    """Start the HTTP endpoints on a daemon thread; returns the server to shut down.
-
-    ``collect`` runs before every scrape: it fills the gauges from the live state."""
+    """Start the HTTP endpoints on a daemon thread; returns the server to shut down."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/metrics":
-                collect()
+                if metrics.refresh is not None:
+                    metrics.refresh()
                 self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
                 ok = live()

@@ -8,11 +8,12 @@ from typing import Any
 
 from autoreduce_common.broker_settings import QueueNames
 from autoreduce_common.messages import Outcome, bound_text, echo, encode
-from autoreduce_common.pod_contract import REASON_HEADER, outcome_headers
-from autoreduce_common.transport import Transport
+from autoreduce_common.pod_contract import outcome_headers
+from autoreduce_common.stomp_client import StompClient
 
 log = logging.getLogger(__name__)
 
+REASON_HEADER = "autoreduce-reason"
 # A DLQ header must stay small: brokers and consoles choke on huge headers.
 MAX_REASON = 900
 
@@ -33,7 +34,7 @@ class Reporter:
     caller, and a retry after a RECEIPT lost in a stall is a duplicate outcome.
     """
 
-    client: Transport
+    client: StompClient
     queues: QueueNames
 
     def send(self, *, destination: str, body: bytes, **options: Any) -> None:

@@ -74,10 +74,6 @@ class PodEnv(StrEnum):
 # sends it; "true" in the second when this copy may repeat one sent before.
 OUTCOME_ID_HEADER = "autoreduce-outcome-id"
 POSSIBLE_REPEAT_HEADER = "autoreduce-possible-repeat"
-# On a retry the dispatcher schedules on the pending queue: which attempt it is.
-ATTEMPT_HEADER = "autoreduce-attempt"
-# On a dead-lettered message: why it was parked (read by `autoreduce dead-letters`).
-REASON_HEADER = "autoreduce-reason"
 
 
 class ExitCode(IntEnum):

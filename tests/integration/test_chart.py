@@ -8,7 +8,7 @@ node running the chart's images, and the real broker).
   ServiceAccount (ready = broker connected and Jobs listed with that account),
   dispatches a run into a Job, rolls on `helm upgrade`, and `helm uninstall` removes it
   while keeping the runs (README "Uninstalling"), which the documented commands remove;
-- that ServiceAccount may do exactly what dispatcher/kube/ calls, nothing more, and
+- that ServiceAccount may do exactly what dispatcher/kube.py calls, nothing more, and
   the operator Role gives its subjects exactly what the CLI calls;
 - bad values fail `helm install` naming the value, and nothing is created.
 """
@@ -599,7 +599,7 @@ def test_helm_test_fails_clearly_when_no_outcome_can_come_back(
 
 # -- RBAC: the dispatcher's ServiceAccount ---------------------------------------------
 
-# (verb, resource, subresource): every call dispatcher/kube/ makes from the dispatcher,
+# (verb, resource, subresource): every call dispatcher/kube.py makes from the dispatcher,
 # with the Kube method that makes it (the operator CLI has a Role of its own, below).
 ALLOWED = [
     ("create", "jobs.batch", ""),  # create_job (and the cancel markers), dry_run_job
@@ -757,7 +757,7 @@ def test_dispatcher_account_can_do_exactly_what_it_needs(kube: Any, namespace: s
 
 # -- RBAC: the operator Role ----------------------------------------------------------
 
-# Every call autoreduce_cli/cli.py makes through dispatcher/kube/ (without
+# Every call autoreduce_cli/cli.py makes through dispatcher/kube.py (without
 # operatorRole.serverDryRun), with the Kube method.
 OPERATOR_ALLOWED = [
     ("get", "jobs.batch", ""),  # get_job: following a run

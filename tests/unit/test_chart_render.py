@@ -4,7 +4,7 @@ What rendering alone can prove: every ci values file lints and renders; the sche
 rejects typos and wrong types; the rendered settings.yaml is a valid
 ``DispatcherSettings`` that points at the files the Deployment mounts; the Job
 template the dispatcher would use (its built-in one, or the site's from the
-ConfigMap) turns a run into a Job; RBAC is exactly what dispatcher/kube/ uses, for
+ConfigMap) turns a run into a Job; RBAC is exactly what dispatcher/kube.py uses, for
 the dispatcher and, in a Role of its own, for the operator CLI.
 That the chart's values and settings agree with dispatcher/config.py is in
 test_settings_schema.py; server-side validation of the same manifests is in

@@ -1,8 +1,8 @@
 """A 401 from the API keeps the message: never acked away, dead-lettered or reported.
 
-The real ``Consumer`` and ``Dispatcher`` (with real caches and work queue) run over a
+The real ``Consumer`` and ``Dispatcher`` (and ``Controller``, not started) run over a
 fake of our own ``Kube`` boundary that answers a 401 the way ``dispatcher.kube`` maps
-it, and over the in-memory transport (``memory_transport``) that records what it is
+it, and over an in-memory stand-in for our ``StompClient`` that records what it is
 asked to ack and send. Before 401 was mapped, such a run was dead-lettered with a
 ReductionError after three tries.
 """
@@ -10,23 +10,25 @@ ReductionError after three tries.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from autoreduce_common.broker_settings import QueueNames
+from autoreduce_common.stomp_client import Delivery
 
-from dispatcher.caches import JobCache, PodCache
+from dispatcher.admission import Caps
 from dispatcher.config import DispatcherSettings
 from dispatcher.consumer import Consumer
+from dispatcher.controller import Controller
 from dispatcher.dispatch import Dispatcher
 from dispatcher.identity import Labels
 from dispatcher.kube import AlreadyExists
 from dispatcher.kube.errors import _map_status
 from dispatcher.manifests import load_template
 from dispatcher.reporting import Reporter
-from dispatcher.workqueue import WorkQueue
-from tests.unit.memory_transport import MemoryTransport
 
 Obj = dict[str, Any]
 QUEUES = QueueNames()
@@ -67,12 +69,44 @@ class RejectingKube:
         return stored
 
 
-def consumer_over(kube: RejectingKube, broker: MemoryTransport) -> Consumer:
+class MemoryBroker:
+    """What the consumer and the reporter ask of a ``StompClient``, in memory."""
+
+    connected = True
+    generation = 1
+    reconnects = 1
+
+    def __init__(self, pending: list[bytes]) -> None:
+        self.pending = pending
+        self.acked: list[str] = []
+        self.sent: list[tuple[str, bytes]] = []
+
+    def subscribe(self, *, destination: str, sink: queue.Queue[Delivery], prefetch: int) -> None:
+        for index, body in enumerate(self.pending):
+            sink.put(Delivery(body=body, headers={"message-id": f"ID:{index}"},
+                              ack_id=f"ack-{index}", generation=self.generation))  # fmt: skip
+
+    def ensure_connected(self, *, stop: threading.Event | None = None) -> bool:
+        return True
+
+    def ack(self, delivery: Delivery) -> bool:
+        self.acked.append(delivery.ack_id)
+        return True
+
+    def send(self, *, destination: str, body: bytes, **_: Any) -> None:
+        self.sent.append((destination, body))
+
+    def disconnect(self) -> None:
+        pass
+
+
+def consumer_over(kube: RejectingKube, broker: MemoryBroker) -> Consumer:
     settings = DispatcherSettings.model_validate({})
     labels = Labels(settings.jobs.label_prefix)
+    controller = Controller(kube=kube, labels=labels, identity="test", caps=Caps(None, {}),  # type: ignore[arg-type]
+                            resync_seconds=300)  # fmt: skip
     dispatcher = Dispatcher(
-        settings=settings, kube=kube, jobs=JobCache(labels), pods=PodCache(),  # type: ignore[arg-type]
-        queue=WorkQueue(),
+        settings=settings, kube=kube, controller=controller,  # type: ignore[arg-type]
         reporter=Reporter(client=broker, queues=QUEUES),  # type: ignore[arg-type]
         template=load_template(settings.jobs.template_path),
     )  # fmt: skip
@@ -89,7 +123,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def test_a_401_outlasting_the_bug_retries_still_dispatches_the_run_once() -> None:
     kube = RejectingKube(rejections=10)  # far more than the three tries a bug gets
-    broker = MemoryTransport(pending=[json.dumps(RUN).encode()])
+    broker = MemoryBroker([json.dumps(RUN).encode()])
     consumer = consumer_over(kube, broker)
     consumer.start()
     try:
@@ -104,7 +138,7 @@ def test_a_401_outlasting_the_bug_retries_still_dispatches_the_run_once() -> Non
 
 def test_a_persisting_401_leaves_the_message_unacked_and_never_dead_letters_it() -> None:
     kube = RejectingKube(rejections=10**9)
-    broker = MemoryTransport(pending=[json.dumps(RUN).encode()])
+    broker = MemoryBroker([json.dumps(RUN).encode()])
     consumer = consumer_over(kube, broker)
     consumer.start()
     try:

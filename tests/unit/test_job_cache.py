@@ -1,4 +1,4 @@
-"""The daemon's Job cache: its RB index stays consistent with the Jobs it holds."""
+"""The controller's Job cache: its RB index stays consistent with the Jobs it holds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.caches import JobCache
+from dispatcher.controller import JobCache
 from dispatcher.identity import Labels
 
 LABELS = Labels("autoreduce.io")
