@@ -50,7 +50,8 @@ class RunnerSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    # Seconds a reduction may run before Kubernetes kills it (legacy timeout: 3600).
+    # Seconds a reduction's pod may run before the kubelet ends it (legacy timeout:
+    # 3600), counted from when the pod reaches a node: waiting for capacity is free.
     active_deadline_seconds: int = Field(default=4 * 3600, gt=0)
     # Archive volumes are mounted read-only, the output volume read-write.
     archive_volumes: list[Volume] = Field(default_factory=list)

@@ -187,7 +187,11 @@ def _with_unposted(verdict: Verdict, reports: list[TerminationReport]) -> Verdic
 
 
 def _deadline(job: Obj) -> Verdict:
-    deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
+    """The time limit was reached: the pod's own (``spec.template.spec``, where our
+    Jobs set it), or the Job's (Jobs made by an earlier version, or a site template)."""
+    spec = job.get("spec") or {}
+    pod_spec = (spec.get("template") or {}).get("spec") or {}
+    deadline = pod_spec.get("activeDeadlineSeconds") or spec.get("activeDeadlineSeconds")
     return Verdict(
         False,
         "DeadlineExceeded",

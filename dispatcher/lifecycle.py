@@ -171,7 +171,12 @@ class Lifecycle:
             return
         verdict = failures.classify(job=job, pods=pods, log_tail="")
         if verdict.posted_by_runner and not (verdict.transient and self.retry.by_dispatcher):
-            self.release_pods(name)  # the runner reported and nothing is to be retried
+            # The runner's own outcome stands and nothing is to be retried. Say so on the
+            # Job before the pods go: they are the only other record of it, and a
+            # dispatcher that judges this Job again (every restart re-lists finished
+            # Jobs) would find no pods and post a second, contrary outcome.
+            self.kube.annotate_job(name, {self.labels.key(OUTCOME_KEY): OutcomeState.DONE})
+            self.release_pods(name)
             return
         if not verdict.posted_by_runner and verdict.outcome is Outcome.ERROR:
             verdict = failures.classify(job=job, pods=pods, log_tail=self._log_tail(pods))

@@ -179,6 +179,28 @@ def test_job_active_deadline_kills_pod(
     )
 
 
+def test_a_pods_deadline_in_a_job_keeps_the_pod_and_its_termination_message(
+    namespace: str, batch: client.BatchV1Api, core: client.CoreV1Api
+) -> None:
+    # How our Jobs set their time limit (dispatcher/templates/job.yaml.j2): the kubelet
+    # ends the pod but does not delete it, so the report the runner writes on SIGTERM
+    # survives (a Job deadline deletes the pod, and a deleted pod's report can be lost
+    # to ContainerStatusUnknown); the Job then fails for its backoff limit.
+    script = ("trap 'echo stopped-report > /dev/termination-log; exit 4' TERM; "
+              "while :; do sleep 0.2; done")
+    body = job_body("podlimit", ["sh", "-c", script],
+                    pod={"activeDeadlineSeconds": 2, "terminationGracePeriodSeconds": 10})
+    batch.create_namespaced_job(namespace, body)
+    cond = wait_for("Failed", lambda: job_condition(batch, namespace, "podlimit", "Failed"),
+                    timeout=60)
+    assert cond.reason == "BackoffLimitExceeded"
+    (pod,) = job_pods(core, namespace, "podlimit")
+    assert (pod.status.phase, pod.status.reason) == ("Failed", "DeadlineExceeded")
+    assert pod.metadata.deletion_timestamp is None
+    term = pod.status.container_statuses[0].state.terminated
+    assert (term.exit_code, (term.message or "").strip()) == (4, "stopped-report")
+
+
 def test_termination_message_from_file(namespace: str, core: client.CoreV1Api) -> None:
     script = "echo done-message > /dev/termination-log; exit 1"
     core.create_namespaced_pod(

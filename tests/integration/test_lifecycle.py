@@ -147,6 +147,88 @@ def test_silent_deaths_each_get_one_error_with_the_reason_and_free_the_rb(
     assert complete == [20, 21, 22]
 
 
+RAISING_SCRIPT = """
+def main(input_file, output_dir):
+    raise ValueError("this input is bad on purpose")
+"""
+
+
+def test_a_restarted_dispatcher_does_not_judge_again_a_run_whose_runner_posted(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str,
+) -> None:
+    # The script raises: the runner posts its own ReductionError and exits 1, so the
+    # Job fails, and the dispatcher lets the pod go once it has read that the runner
+    # posted. Then the pod is deleted (a drain, an API eviction, a Job deadline, an
+    # operator). A dispatcher started later re-lists every finished Job: it must find
+    # this one settled on the Job itself, not judge a Job without pods and post a
+    # second outcome (it did: the fault suite saw Complete + Error).
+    retries = {"mode": "dispatcher", "max_attempts": 2, "delay_s": 1}
+    first = start_dispatcher(retries=retries)
+    send(stomp, broker_settings, run_message(facility=facility, instrument="WISH",
+                                             rb=2400001, run=61, script=RAISING_SCRIPT))
+    reader.wait_for(count_outcomes(broker_settings, 1), timeout=120)
+    core = k8s.CoreV1Api(kube.api_client())
+    pod = wait_until(lambda: next((p for p in core.list_namespaced_pod(
+        namespace, label_selector=SELECTOR).items if not p.metadata.finalizers), None),
+        timeout=60, what="the dispatcher to let the run's pod go")
+    core.delete_namespaced_pod(pod.metadata.name, namespace)
+    wait_until(lambda: not core.list_namespaced_pod(namespace, label_selector=SELECTOR).items,
+               timeout=60, what="the deleted pod to go")
+    job = k8s.BatchV1Api(kube.api_client()).read_namespaced_job(
+        name_of("WISH", 2400001, 61), namespace)
+    assert job.metadata.annotations["autoreduce.io/outcome"] == "Done", job.metadata
+    first.kill()
+    successor = start_dispatcher(name="successor", retries=retries)
+    wait_until(lambda: "consuming" in successor.log(), timeout=60,
+               what="the successor to start")
+    reader.settle(10)
+    (error,) = errors_for(reader, broker_settings, 61)
+    assert "this input is bad on purpose" in error["message"], error
+    assert not outcomes(reader, broker_settings, "complete")
+
+
+def unschedulable_pod(core: k8s.CoreV1Api, namespace: str) -> str | None:
+    """A runner pod the scheduler has marked Unschedulable (the autoscaler's signal)."""
+    for pod in core.list_namespaced_pod(namespace, label_selector=SELECTOR).items:
+        for condition in pod.status.conditions or []:
+            if (condition.type, condition.status, condition.reason) == (
+                    "PodScheduled", "False", "Unschedulable"):
+                return str(pod.metadata.name)
+    return None
+
+
+def test_time_waiting_for_a_node_does_not_count_against_the_time_limit(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str,
+) -> None:
+    # The run's pod waits Unschedulable (its node selector matches no node yet) for
+    # longer than its 8 s limit, as pods do in a busy cycle until the autoscaler adds
+    # a node; once a node fits it, the reduction runs whole. The limit is the pod's,
+    # counted from when it reaches a node; a Job-level deadline would have failed it.
+    label = "autoreduce.io/test-late-node"
+    start_dispatcher(instruments={"LATE": {"node_selector": {label: "yes"},
+                                           "active_deadline_seconds": 8}},
+                     retries={"mode": "dispatcher", "max_attempts": 1})
+    send(stomp, broker_settings, run_message(facility=facility, instrument="LATE",
+                                             rb=2300001, run=41, script=SLEEPY_SCRIPT))
+    core = k8s.CoreV1Api(kube.api_client())
+    wait_until(lambda: unschedulable_pod(core, namespace), timeout=60,
+               what="the run's pod to wait Unschedulable")
+    time.sleep(12)  # past its time limit, still waiting for a node
+    node = core.list_node().items[0].metadata.name
+    core.patch_node(node, {"metadata": {"labels": {label: "yes"}}})
+    try:
+        reader.wait_for(count_outcomes(broker_settings, 1), timeout=120)
+        reader.settle(3)
+    finally:
+        core.patch_node(node, {"metadata": {"labels": {label: None}}})
+    assert [m["run_number"] for m in outcomes(reader, broker_settings, "complete")] == [41]
+    assert not errors_for(reader, broker_settings, 41)
+
+
 # The first version outlives the kubelet's eviction (within 15 s); the retry, a new
 # version with its own output folder, ends at once.
 EVICTED_THEN_QUICK = SLEEPY_SCRIPT.replace(

@@ -457,7 +457,7 @@ def test_job_for_an_overridden_instrument(tmp_path: Path, monkeypatch: pytest.Mo
     assert pod["containers"][0]["image"] == "registry.example/autoreduce-runner-mantid:6.11"
     assert pod["nodeSelector"] == {"autoreduce.io/pool": "large"}
     assert pod["priorityClassName"] == find(docs, "PriorityClass")["metadata"]["name"]
-    assert job["spec"]["activeDeadlineSeconds"] == 28800
+    assert pod["activeDeadlineSeconds"] == 28800  # the pod's limit, not the Job's
 
 
 def test_reruns_get_their_own_priority_class(

@@ -29,16 +29,19 @@ EVICTED = "The node was low on resource: memory. "
 SIGTERM_NOTE = "not posted: stopped by SIGTERM; Reduction cancelled"
 
 
-def job(*, failed: str | None = None, deadline: int = 300, memory: str = "200Mi") -> Obj:
-    """A Failed Job as the Job controller leaves it (``failed``: the condition's reason)."""
+def job(*, failed: str | None = None, deadline: int = 300, memory: str = "200Mi",
+        job_deadline: bool = False) -> Obj:
+    """A Failed Job as the Job controller leaves it (``failed``: the condition's reason).
+    The time limit is the pod template's, as our Jobs set it, or (``job_deadline``) the
+    Job's own, as Jobs of earlier versions did."""
     conditions = [{"type": "Failed", "status": "True", "reason": failed,
                    "message": f"Job failed: {failed}"}] if failed else []
-    return {
-        "metadata": {"name": "red-wish-1-v0-abc"},
-        "spec": {"activeDeadlineSeconds": deadline, "template": {"spec": {"containers": [
-            {"name": "runner", "resources": {"limits": {"memory": memory}}}]}}},
-        "status": {"conditions": conditions},
-    }  # fmt: skip
+    pod_spec: Obj = {"containers": [
+        {"name": "runner", "resources": {"limits": {"memory": memory}}}]}
+    spec: Obj = {"template": {"spec": pod_spec}}
+    (spec if job_deadline else pod_spec)["activeDeadlineSeconds"] = deadline
+    return {"metadata": {"name": "red-wish-1-v0-abc"}, "spec": spec,
+            "status": {"conditions": conditions}}  # fmt: skip
 
 
 def pod(*, code: int | None = None, reason: str = "Error", message: str | None = None,
@@ -87,8 +90,8 @@ def test_deadline_from_the_job_condition_wins_over_what_the_runner_said() -> Non
     # the deadline, not an infrastructure failure worth retrying.
     stopped = pod(code=int(ExitCode.NOT_POSTED),
                   message=said(outcome=Outcome.ERROR, posted=False, message=SIGTERM_NOTE))
-    verdict = classify(job=job(failed="DeadlineExceeded", deadline=4), pods=[stopped],
-                       log_tail="tick\n")
+    verdict = classify(job=job(failed="DeadlineExceeded", deadline=4, job_deadline=True),
+                       pods=[stopped], log_tail="tick\n")
     assert verdict == Verdict(False, "DeadlineExceeded",
                               "Reduction exceeded its time limit of 4 s and was stopped",
                               transient=False)
@@ -99,6 +102,18 @@ def test_deadline_from_the_pod_status() -> None:
                        log_tail="")
     assert (verdict.reason, verdict.transient) == ("DeadlineExceeded", False)
     assert "time limit of 60 s" in verdict.message
+
+
+def test_the_pods_deadline_wins_over_what_the_runner_said() -> None:
+    # Our Jobs' limit is the pod's: the kubelet ends the pod (status.reason), the Job
+    # then fails for its backoff limit, and the runner's SIGTERM note is not the reason.
+    stopped = pod(code=int(ExitCode.NOT_POSTED), phase_reason="DeadlineExceeded",
+                  message=said(outcome=Outcome.ERROR, posted=False, message=SIGTERM_NOTE))
+    verdict = classify(job=job(failed="BackoffLimitExceeded", deadline=4), pods=[stopped],
+                       log_tail="tick\n")
+    assert verdict == Verdict(False, "DeadlineExceeded",
+                              "Reduction exceeded its time limit of 4 s and was stopped",
+                              transient=False)
 
 
 def test_eviction_is_transient_and_quotes_the_kubelet() -> None:

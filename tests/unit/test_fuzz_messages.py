@@ -155,8 +155,9 @@ def test_render_never_injects_even_from_unvalidated_keys(
     assert annotations["autoreduce.io/enqueued-at"] == str(enqueued)
     assert set(job) == {"apiVersion", "kind", "metadata", "spec"}
     assert set(job["spec"]["template"]["spec"]) == {
-        "restartPolicy", "automountServiceAccountToken", "enableServiceLinks", "securityContext",
-        "nodeSelector", "tolerations", "containers", "volumes"}
+        "restartPolicy", "activeDeadlineSeconds", "automountServiceAccountToken",
+        "enableServiceLinks", "securityContext", "nodeSelector", "tolerations", "containers",
+        "volumes"}
     name = job_name(key)
     assert len(name) <= 63 and DNS_LABEL.match(name), name
 
