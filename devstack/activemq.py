@@ -1,7 +1,8 @@
 """A real ActiveMQ Classic broker (Debian's package) run as a plain Java process.
 
 The Debian wrapper forces a 512 MB heap and a fixed base dir, so we start the
-broker's own launcher jar with our config: STOMP on a free loopback port,
+broker's own launcher jar with our config: STOMP (stomp+ssl when given TLS
+material: the suite's default) on a free port of the host's address,
 ``schedulerSupport`` (so AMQ_SCHEDULED_DELAY works), simple authentication, and
 KahaDB in the given directory so a restart keeps persistent messages.
 """
@@ -12,12 +13,16 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from autoreduce_common.broker_settings import TlsSettings
+
+from devstack.broker_tls import BrokerTls
 from devstack.errors import StackStartError
 from devstack.node import host_address
 from devstack.process import die_with_parent
@@ -62,12 +67,19 @@ _CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
         <tempUsage><tempUsage limit="512 mb"/></tempUsage>
       </systemUsage>
     </systemUsage>
-    <transportConnectors>
+{ssl_context}    <transportConnectors>
       <transportConnector name="stomp"
-          uri="stomp://{address}:{port}?transport.closeAsync=false"/>
+          uri="{scheme}://{address}:{port}?transport.closeAsync=false"/>
     </transportConnectors>
   </broker>
 </beans>
+"""
+
+
+_SSL_CONTEXT = """    <sslContext>
+      <sslContext keyStore="file:{keystore}" keyStorePassword="{password}"
+                  keyStoreType="pkcs12"/>
+    </sslContext>
 """
 
 
@@ -81,10 +93,19 @@ def free_port(address: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def stomp_answers(address: str, port: int, *, user: str, password: str) -> bool:
+def stomp_answers(address: str, port: int, *, user: str, password: str,
+                  tls: BrokerTls | None = None) -> bool:  # fmt: skip
     """True when a STOMP CONNECT on ``address:port`` gets CONNECTED back."""
     try:
-        with socket.create_connection((address, port), timeout=2) as sock:
+        with socket.create_connection((address, port), timeout=2) as raw:
+            sock = raw
+            if tls is not None:
+                # Whether the JVM answers, not whether its certificate is good: the
+                # tests of bad certificates start brokers that serve one on purpose.
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                sock = ctx.wrap_socket(raw, server_hostname=address)
             frame = (
                 f"CONNECT\naccept-version:1.2\nhost:localhost\nlogin:{user}\n"
                 f"passcode:{password}\n\n\x00"
@@ -109,11 +130,20 @@ class ActiveMQ:
     # The host's own address, not loopback: pods on the stack's nodes reach it there
     # through a relay (devstack.node), and host processes use the same broker URL.
     address: str = field(default_factory=host_address)
+    # The connector is stomp+ssl with this keystore when set (the suite's default),
+    # plain STOMP otherwise.
+    tls: BrokerTls | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def host(self) -> str:
         return f"{self.address}:{self.port}"
+
+    def client_tls(self) -> TlsSettings:
+        """What a client of this broker sets: TLS on, trusting the broker's own CA."""
+        if self.tls is None:
+            return TlsSettings()
+        return TlsSettings(enabled=True, ca_file=self.tls.ca.cert)
 
     @property
     def log_path(self) -> Path:
@@ -128,6 +158,10 @@ class ActiveMQ:
             user=escape(self.user),
             password=escape(self.password),
             address=self.address, port=self.port,
+            scheme="stomp+ssl" if self.tls else "stomp",
+            ssl_context=_SSL_CONTEXT.format(
+                keystore=escape(str(self.tls.keystore)),
+                password=escape(self.tls.keystore_password)) if self.tls else "",
         )
         (conf / "activemq.xml").write_text(text)
         if LOG4J_CONF.exists():
@@ -176,7 +210,8 @@ class ActiveMQ:
                     f"ActiveMQ exited with {self.process.returncode} while starting; "
                     f"see {self.log_path}:\n{self._log_tail()}"
                 )
-            if stomp_answers(self.address, self.port, user=self.user, password=self.password):
+            if stomp_answers(self.address, self.port, user=self.user, password=self.password,
+                             tls=self.tls):
                 return
             time.sleep(0.3)
         self.stop()

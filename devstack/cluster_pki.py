@@ -32,7 +32,7 @@ class ClusterPKI:
     sa_pub: Path  # public: verifies them
 
 
-def _openssl(*args: str) -> None:
+def openssl(*args: str) -> None:
     proc = subprocess.run(["openssl", *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"openssl {' '.join(args[:2])} failed: {proc.stderr.strip()}")
@@ -41,7 +41,7 @@ def _openssl(*args: str) -> None:
 def make_ca(directory: Path, *, name: str = "autoreduce-test-ca") -> CertPair:
     directory.mkdir(parents=True, exist_ok=True)
     pair = CertPair(directory / "ca.crt", directory / "ca.key")
-    _openssl(
+    openssl(
         "req", "-x509", "-new", "-nodes", "-sha256",
         "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
         "-keyout", str(pair.key), "-out", str(pair.cert), "-days", "3650",
@@ -67,7 +67,7 @@ def issue(
     pair = CertPair(directory / f"{stem}.crt", directory / f"{stem}.key")
     csr = directory / f"{stem}.csr"
     subject = f"/CN={common_name}" + (f"/O={organisation}" if organisation else "")
-    _openssl(
+    openssl(
         "req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
         "-keyout", str(pair.key),
         "-out", str(csr), "-subj", subject,
@@ -79,10 +79,10 @@ def issue(
         f"extendedKeyUsage={','.join(usages)}",
     ]
     if sans:
-        ext_lines.append("subjectAltName=" + ",".join(_san(s) for s in sans))
+        ext_lines.append("subjectAltName=" + ",".join(san_entry(s) for s in sans))
     ext = directory / f"{stem}.ext"
     ext.write_text("\n".join(ext_lines) + "\n")
-    _openssl(
+    openssl(
         "x509", "-req", "-in", str(csr), "-CA", str(ca.cert), "-CAkey", str(ca.key),
         "-CAcreateserial", "-out", str(pair.cert), "-days", "3650", "-sha256",
         "-extfile", str(ext),
@@ -92,15 +92,15 @@ def issue(
     return pair
 
 
-def _san(value: str) -> str:
+def san_entry(value: str) -> str:
     is_ip = value.replace(".", "").isdigit() or ":" in value
     return f"IP:{value}" if is_ip else f"DNS:{value}"
 
 
 def make_service_account_keys(directory: Path) -> tuple[Path, Path]:
     key, pub = directory / "sa.key", directory / "sa.pub"
-    _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key))
-    _openssl("pkey", "-in", str(key), "-pubout", "-out", str(pub))
+    openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key))
+    openssl("pkey", "-in", str(key), "-pubout", "-out", str(pub))
     return key, pub
 
 

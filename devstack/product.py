@@ -60,6 +60,18 @@ class Facility:
         return f"/isis/{relative}"
 
 
+BROKER_CA_CONFIG_MAP = "autoreduce-broker-ca"
+
+
+def broker_ca_bundle(broker: BrokerSettings) -> dict[str, Any] | None:
+    """The ConfigMap (a manifest) that gives runner pods the broker's CA, or None when
+    the broker is plain STOMP. The caller creates it in the dispatcher's namespace."""
+    if not broker.tls.enabled or broker.tls.ca_file is None:
+        return None
+    return {"metadata": {"name": BROKER_CA_CONFIG_MAP},
+            "data": {"ca.crt": broker.tls.ca_file.read_text()}}
+
+
 def dispatcher_settings(
     *,
     broker: BrokerSettings,
@@ -80,8 +92,11 @@ def dispatcher_settings(
             "heartbeat_ms": 5000,
             "reconnect_initial_s": 0.2,
             "reconnect_max_s": 2.0,
+            "tls": broker.tls.model_dump(mode="json"),
         },
-        "jobs": {"namespace": namespace, "ttl_seconds_after_finished": 3600},
+        "jobs": {"namespace": namespace, "ttl_seconds_after_finished": 3600,
+                 # The runner pods' copy of the broker's CA (broker_ca_bundle).
+                 "broker_ca_config_map": BROKER_CA_CONFIG_MAP if broker.tls.enabled else None},
         "runner": {
             "image": runner_image,
             # The chart's default: the nodes have the image, so nothing is pulled, and

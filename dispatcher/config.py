@@ -97,6 +97,13 @@ class JobSettings(BaseModel):
     broker_secret_key: str = "password"  # noqa: S105 - a key name
     # ConfigMap with the runner's own config file (directory templates, roots).
     runner_config_map: str | None = None
+    # TLS from runner pods, when broker.tls is on: a ConfigMap holding the broker's CA
+    # bundle under broker_ca_key (None: the runner image's system trust store), and a
+    # kubernetes.io/tls Secret (tls.crt, tls.key) when the broker asks for a client
+    # certificate.
+    broker_ca_config_map: str | None = None
+    broker_ca_key: str = "ca.crt"
+    broker_client_cert_secret: str | None = None
 
     @field_validator("label_prefix")
     @classmethod

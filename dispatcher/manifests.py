@@ -106,6 +106,12 @@ def _pod_values() -> dict[str, dict[str, str]]:
         "runner_config_file": pod_contract.RUNNER_CONFIG_FILE,
         "scratch_dir": pod_contract.SCRATCH_DIR,
         "termination_log": pod_contract.TERMINATION_LOG,
+        "broker_ca_dir": pod_contract.BROKER_CA_DIR,
+        "broker_ca_key": pod_contract.BROKER_CA_KEY,
+        "broker_ca_file": pod_contract.BROKER_CA_FILE,
+        "broker_client_cert_dir": pod_contract.BROKER_CLIENT_CERT_DIR,
+        "broker_client_cert_file": pod_contract.BROKER_CLIENT_CERT_FILE,
+        "broker_client_key_file": pod_contract.BROKER_CLIENT_KEY_FILE,
     }
     return {"env": {env.name.lower(): env.value for env in PodEnv}, "paths": paths}
 
@@ -151,6 +157,7 @@ def render_job(
             "username": settings.broker.username,
             "outcome_receipt_timeout_s": settings.broker.outcome_receipt_timeout_s,
             "queues": settings.broker.queues.model_dump(),
+            "tls_enabled": settings.broker.tls.enabled,
         },
         "pod": _pod_values(),
     }

@@ -17,13 +17,21 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
-from autoreduce_common.broker_settings import BrokerSettings, QueueNames
+from autoreduce_common.broker_settings import BrokerSettings, QueueNames, TlsSettings
 from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
 
 from devstack.activemq import ActiveMQ, free_port
+from devstack.broker_tls import make_broker_tls
 from devstack.controlplane import start_local_stack
-from devstack.product import RUNNER_UID, DispatcherProcess, Facility, dispatcher_settings
+from devstack.node import host_address
+from devstack.product import (
+    RUNNER_UID,
+    DispatcherProcess,
+    Facility,
+    broker_ca_bundle,
+    dispatcher_settings,
+)
 from devstack.queues import QueueReader
 from devstack.stack import stop_on_signals
 
@@ -80,8 +88,13 @@ def needs_own_component(reason: str) -> NoReturn:
 class ExistingBroker:
     """A broker we did not start: no restart support."""
 
-    def __init__(self, host: str, user: str, password: str) -> None:
+    def __init__(self, host: str, user: str, password: str, ca_file: str | None) -> None:
         self.host, self.user, self.password = host, user, password
+        self.ca_file = Path(ca_file) if ca_file else None
+
+    def client_tls(self) -> TlsSettings:
+        """TLS when AUTOREDUCE_TEST_BROKER_CA names the broker's CA bundle."""
+        return TlsSettings(enabled=self.ca_file is not None, ca_file=self.ca_file)
 
     def restart(self, **_: Any) -> None:
         needs_own_component("cannot restart a broker this suite did not start")
@@ -95,9 +108,12 @@ def broker(session_dir: Path) -> Iterator[ActiveMQ | ExistingBroker]:
             existing,
             os.environ.get("AUTOREDUCE_TEST_BROKER_USER", "admin"),
             os.environ.get("AUTOREDUCE_TEST_BROKER_PASSWORD", "admin"),
+            os.environ.get("AUTOREDUCE_TEST_BROKER_CA"),
         )
         return
-    amq = ActiveMQ(workdir=session_dir / "activemq", port=free_port())
+    # stomp+ssl, as facilities run it: every client of the suite verifies the broker.
+    tls = make_broker_tls(session_dir / "broker-tls", sans=(host_address(),))
+    amq = ActiveMQ(workdir=session_dir / "activemq", port=free_port(), tls=tls)
     amq.workdir.mkdir(parents=True, exist_ok=True)
     amq.start()  # raises BrokerStartError with the reason: never a silent skip
     yield amq
@@ -124,6 +140,7 @@ def broker_settings(broker: ActiveMQ | ExistingBroker, queues: QueueNames) -> Br
         reconnect_initial_s=0.2,
         reconnect_max_s=2.0,
         queues=queues,
+        tls=broker.client_tls(),
     )
 
 
@@ -204,14 +221,19 @@ def start_dispatcher(
         "metadata": {"name": "autoreduce-broker"},
         "stringData": {"password": broker_settings.password.get_secret_value()},
     })
+    ca_bundle = broker_ca_bundle(broker_settings)
+    if ca_bundle is not None:
+        core.create_namespaced_config_map(namespace, ca_bundle)
     started: list[DispatcherProcess] = []
 
     def start(
-        name: str = "dispatcher", *, kubeconfig: Path | None = None, **overrides: Any
+        name: str = "dispatcher", *, kubeconfig: Path | None = None,
+        broker: BrokerSettings | None = None, **overrides: Any
     ) -> DispatcherProcess:
-        """``kubeconfig``: the dispatcher's credentials (the admin's by default)."""
+        """``kubeconfig``: the dispatcher's credentials (the admin's by default);
+        ``broker``: how it reaches the broker (the test's own settings by default)."""
         settings = dispatcher_settings(
-            broker=broker_settings, password_file=password, namespace=namespace,
+            broker=broker or broker_settings, password_file=password, namespace=namespace,
             facility=facility, run_as_user=runner_uid,
             runner_image=kube.image("autoreduce-runner"), **overrides,
         )

@@ -34,6 +34,26 @@ class QueueNames(BaseModel):
         }[outcome]
 
 
+class TlsSettings(BaseModel):
+    """TLS to the broker (ActiveMQ's ``stomp+ssl`` connector). The broker's certificate
+    is always verified, hostname included: it must name each host as ``hosts`` writes
+    it (a DNS or IP subjectAltName)."""
+
+    enabled: bool = False
+    # PEM bundle of the CA(s) that sign the broker's certificate; None: the system's.
+    ca_file: Path | None = None
+    # A client certificate (PEM) and its key, for a broker that asks for one
+    # (``transport.needClientAuth=true``). A cert_file holding both needs no key_file.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> TlsSettings:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("tls.key_file is set but tls.cert_file is not")
+        return self
+
+
 class BrokerSettings(BaseModel):
     """How to reach ActiveMQ over STOMP."""
 
@@ -56,6 +76,7 @@ class BrokerSettings(BaseModel):
     reconnect_initial_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
     queues: QueueNames = Field(default_factory=QueueNames)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("hosts", mode="before")
     @classmethod

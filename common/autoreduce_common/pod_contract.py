@@ -42,6 +42,14 @@ MESSAGE_FILE = f"{MESSAGE_DIR}/{MESSAGE_KEY}"
 BROKER_DIR = "/etc/autoreduce/broker"
 BROKER_PASSWORD_KEY = "password"  # noqa: S105 - a file name
 BROKER_PASSWORD_FILE = f"{BROKER_DIR}/{BROKER_PASSWORD_KEY}"
+# TLS to the broker, when on: the CA bundle (a ConfigMap's item, mounted under this
+# file name) and the runners' client certificate (a kubernetes.io/tls Secret).
+BROKER_CA_DIR = "/etc/autoreduce/broker-ca"
+BROKER_CA_KEY = "ca.crt"
+BROKER_CA_FILE = f"{BROKER_CA_DIR}/{BROKER_CA_KEY}"
+BROKER_CLIENT_CERT_DIR = "/etc/autoreduce/broker-client"
+BROKER_CLIENT_CERT_FILE = f"{BROKER_CLIENT_CERT_DIR}/tls.crt"
+BROKER_CLIENT_KEY_FILE = f"{BROKER_CLIENT_CERT_DIR}/tls.key"
 # The site's runner config (the chart's runner ConfigMap, key runner.yaml), when it has one.
 RUNNER_CONFIG_DIR = "/etc/autoreduce/runner"
 RUNNER_CONFIG_FILE = f"{RUNNER_CONFIG_DIR}/runner.yaml"
@@ -67,6 +75,10 @@ class PodEnv(StrEnum):
     BROKER_OUTCOME_RECEIPT_TIMEOUT_S = "AUTOREDUCE_BROKER__OUTCOME_RECEIPT_TIMEOUT_S"
     # Followed by a queue's field name in upper case (..._QUEUES__ERROR).
     BROKER_QUEUE_PREFIX = "AUTOREDUCE_BROKER__QUEUES__"
+    BROKER_TLS_ENABLED = "AUTOREDUCE_BROKER__TLS__ENABLED"
+    BROKER_TLS_CA_FILE = "AUTOREDUCE_BROKER__TLS__CA_FILE"
+    BROKER_TLS_CERT_FILE = "AUTOREDUCE_BROKER__TLS__CERT_FILE"
+    BROKER_TLS_KEY_FILE = "AUTOREDUCE_BROKER__TLS__KEY_FILE"
 
 
 # Every ReductionStarted/Complete/Error/Skipped carries these (message-contract notes

@@ -10,7 +10,7 @@ from typing import Any
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.messages import encode
 from autoreduce_common.pod_contract import POSSIBLE_REPEAT_HEADER
-from autoreduce_common.stomp_client import BrokerError, StompClient
+from autoreduce_common.stomp_client import BrokerError, BrokerTlsError, StompClient
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class Poster:
             try:
                 self._client.connect()
                 return
+            except BrokerTlsError:
+                raise  # a certificate or a setting to fix: waiting will not help
             except BrokerError as error:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -170,6 +170,9 @@ def install_values(
                 "skipped": q.skipped,
                 "deadLetter": q.dead_letter,
             },
+            # The suite's broker is stomp+ssl: the chart carries its CA as a bundle.
+            **({"tls": {"enabled": True, "caBundle": broker.tls.ca_file.read_text()}}
+               if broker.tls.enabled and broker.tls.ca_file is not None else {}),
         },
         "jobs": {"ttlSecondsAfterFinished": 3600},
         "runner": {
@@ -394,11 +397,16 @@ def test_install_dispatch_upgrade_uninstall(
     busy = run_message(facility=facility, instrument="MARI", rb=1920323, run=25600, script=long)
     queued = run_message(facility=facility, instrument="MARI", rb=1920323, run=25601, script=script)
     early = run_message(facility=facility, instrument="MARI", rb=1920324, run=25610, script=script)
-    for body in (busy, queued, {**early, "cancel": True}):
-        stomp.send(destination=broker_settings.queues.pending, body=json.dumps(body).encode())
     busy_name = run_job_name(rb=1920323, run=25600)
     queued_name = run_job_name(rb=1920323, run=25601)
     marker_name = run_job_name(rb=1920324, run=25610)
+    # The busy run first, on its own: with two consumer workers, two messages sent
+    # together may be stored in either order, and then the quick one would hold the RB.
+    stomp.send(destination=broker_settings.queues.pending, body=json.dumps(busy).encode())
+    wait_for(f"{busy_name} to be stored", lambda: busy_name in {
+        j.metadata.name for j in batch.list_namespaced_job(namespace).items}, timeout=60)
+    for body in (queued, {**early, "cancel": True}):
+        stomp.send(destination=broker_settings.queues.pending, body=json.dumps(body).encode())
 
     def held_waiting_and_marked() -> bool:
         jobs = {j.metadata.name: j for j in batch.list_namespaced_job(namespace).items}

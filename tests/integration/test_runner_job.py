@@ -156,16 +156,26 @@ def _env(settings: BrokerSettings, extra: dict[str, str]) -> list[dict[str, str]
     ]
     for name, queue in settings.queues.model_dump().items():
         env.append({"name": f"AUTOREDUCE_BROKER__QUEUES__{name.upper()}", "value": queue})
+    if settings.tls.enabled:  # the broker's CA rides in the password's Secret here
+        env.extend([{"name": "AUTOREDUCE_BROKER__TLS__ENABLED", "value": "true"},
+                    {"name": "AUTOREDUCE_BROKER__TLS__CA_FILE",
+                     "value": "/etc/autoreduce/broker/ca.crt"}])
     env.extend({"name": name, "value": value} for name, value in extra.items())
     return env
+
+
+def _ca(settings: BrokerSettings) -> dict[str, str]:
+    ca = settings.tls.ca_file
+    return {"ca.crt": ca.read_text()} if settings.tls.enabled and ca is not None else {}
 
 
 def _job(name: str, *, settings: BrokerSettings, site: Site,
          env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     volumes = [
         {"name": "message", "configMap": {"name": name}},
-        {"name": "broker", "secret": {"secretName": name,
-                                      "items": [{"key": "password", "path": "password"}]}},
+        {"name": "broker", "secret": {"secretName": name, "items": [
+            {"key": key, "path": key} for key in ("password", "ca.crt")
+            if key == "password" or settings.tls.enabled]}},
         {"name": "tmp", "emptyDir": {}},
         {"name": "archive", "hostPath": {"path": str(site.archive), "type": "Directory"}},
         {"name": "output", "hostPath": {"path": str(site.output), "type": "Directory"}},
@@ -217,7 +227,8 @@ def run_job(
             data={"message.json": json.dumps(message)}))  # fmt: skip
         core.create_namespaced_secret(namespace, client.V1Secret(
             metadata=client.V1ObjectMeta(name=name),
-            string_data={"password": broker_settings.password.get_secret_value()}))  # fmt: skip
+            string_data={"password": broker_settings.password.get_secret_value(),
+                         **_ca(broker_settings)}))  # fmt: skip
         batch.create_namespaced_job(namespace, _job(name, settings=broker_settings, site=site,
                                                     env=env or {}))  # fmt: skip
 

@@ -170,6 +170,10 @@ def runner_env(site: Site, settings: BrokerSettings, message_file: Path) -> dict
     }
     for name, queue in settings.queues.model_dump().items():
         env[f"AUTOREDUCE_BROKER__QUEUES__{name.upper()}"] = queue
+    if settings.tls.enabled:
+        env["AUTOREDUCE_BROKER__TLS__ENABLED"] = "true"
+        if settings.tls.ca_file is not None:
+            env["AUTOREDUCE_BROKER__TLS__CA_FILE"] = str(settings.tls.ca_file)
     return env
 
 

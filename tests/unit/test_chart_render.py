@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
+from autoreduce_common import pod_contract
+from autoreduce_common.broker_settings import TlsSettings
 
 from dispatcher.config import DEFAULT_TEMPLATE, DispatcherSettings, load_settings
 from dispatcher.identity import Labels, RunKey
@@ -168,6 +170,7 @@ def test_ci_files_cover_every_feature() -> None:
         "network-policy",
         "custom-job-template",
         "operator-role",
+        "broker-tls",
     }
 
 
@@ -193,6 +196,8 @@ def test_ci_files_cover_every_feature() -> None:
             "persistentVolumeclaim",
         ),
         (("runnerConfig.timeout=5",), "timeout"),
+        (("broker.tls.enable=true",), "enable"),
+        (("broker.tls.caBundle=/etc/ssl/certs/ca.pem",), "caBundle"),  # a path, not the PEM
     ],
 )
 def test_schema_rejects_bad_values(sets: tuple[str, ...], complaint: str) -> None:
@@ -609,6 +614,7 @@ def test_every_object_has_standard_labels_and_fitting_names() -> None:
         CHART / "ci" / "default-values.yaml",
         CHART / "ci" / "network-policy-values.yaml",
         CHART / "ci" / "volumes-values.yaml",
+        CHART / "ci" / "broker-tls-values.yaml",
         sets=("priorityClass.create=true",),
         release=long_release,
     )
@@ -852,6 +858,151 @@ def test_broker_ports_come_from_the_hosts() -> None:
     )
     runner = find(docs, "NetworkPolicy", f"{RELEASE}-autoreduce-runner")
     assert [p["port"] for p in runner["spec"]["egress"][0]["ports"]] == [61613, 61614]
+
+
+# -- TLS to the broker -------------------------------------------------------------------
+
+
+TLS_VALUES = CHART / "ci" / "broker-tls-values.yaml"
+BROKER_CA = f"{RELEASE}-autoreduce-broker-ca"
+
+
+def mounted_files(pod: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+    """Each file a pod's (first) container sees from a ConfigMap or Secret item:
+    path -> (volume kind, object name, key)."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    files = {}
+    for mount in pod["containers"][0]["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        for kind, name_key in (("configMap", "name"), ("secret", "secretName")):
+            if kind in volume:
+                source = volume[kind]
+                for item in source.get("items", []):
+                    path = f"{mount['mountPath']}/{item['path']}"
+                    files[path] = (kind, source[name_key], item["key"])
+    return files
+
+
+def client_pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The pods that connect to the broker with the dispatcher's settings."""
+    return {
+        "dispatcher": find(docs, "Deployment")["spec"]["template"]["spec"],
+        "canary": find(docs, "Job", f"{RELEASE}-autoreduce-canary")["spec"]["template"]["spec"],
+    }
+
+
+def test_broker_tls_gives_the_dispatcher_and_canary_the_files_their_settings_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = render(TLS_VALUES)
+    tls_values = yaml.safe_load(TLS_VALUES.read_text())["broker"]["tls"]
+    ca = find(docs, "ConfigMap", BROKER_CA)
+    assert ca["data"] == {"ca.crt": tls_values["caBundle"]}
+    settings = load_rendered_settings(docs, tmp_path, monkeypatch)
+    tls = settings.broker.tls
+    # The runner pods' paths (pod_contract) for the dispatcher's own files too.
+    assert tls == TlsSettings(
+        enabled=True,
+        ca_file=Path(pod_contract.BROKER_CA_FILE),
+        cert_file=Path(pod_contract.BROKER_CLIENT_CERT_FILE),
+        key_file=Path(pod_contract.BROKER_CLIENT_KEY_FILE),
+    )
+    client_cert = tls_values["clientCertSecret"]
+    for name, pod in client_pods(docs).items():
+        files = mounted_files(pod)
+        assert files[str(tls.ca_file)] == ("configMap", BROKER_CA, "ca.crt"), name
+        assert files[str(tls.cert_file)] == ("secret", client_cert, "tls.crt"), name
+        assert files[str(tls.key_file)] == ("secret", client_cert, "tls.key"), name
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["broker-ca"]["readOnly"] and mounts["broker-client-cert"]["readOnly"]
+
+
+def test_broker_tls_reaches_the_reduction_pods(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = render(TLS_VALUES)
+    settings = load_rendered_settings(docs, tmp_path, monkeypatch)
+    runner_cert = yaml.safe_load(TLS_VALUES.read_text())["broker"]["tls"]["runnerClientCertSecret"]
+    jobs = settings.jobs
+    assert (jobs.broker_ca_config_map, jobs.broker_ca_key) == (BROKER_CA, "ca.crt")
+    assert jobs.broker_client_cert_secret == runner_cert
+    pod = rendered_job(docs, tmp_path, monkeypatch)["spec"]["template"]["spec"]
+    files = mounted_files(pod)
+    assert files[pod_contract.BROKER_CA_FILE] == ("configMap", BROKER_CA, "ca.crt")
+    assert files[pod_contract.BROKER_CLIENT_CERT_FILE] == ("secret", runner_cert, "tls.crt")
+    assert files[pod_contract.BROKER_CLIENT_KEY_FILE] == ("secret", runner_cert, "tls.key")
+
+
+@pytest.mark.parametrize(
+    ("sets", "config_map", "key"),
+    [
+        (
+            ("broker.tls.existingCaConfigMap=site-ca", "broker.tls.caKey=bundle.pem"),
+            "site-ca",
+            "bundle.pem",
+        ),
+        ((), None, "ca.crt"),
+    ],
+    ids=["existing-config-map", "system-trust-store"],
+)
+def test_broker_tls_ca_from_the_sites_config_map_or_the_images_trust_store(
+    sets: tuple[str, ...],
+    config_map: str | None,
+    key: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    docs = render(CHART / "ci" / "default-values.yaml", sets=("broker.tls.enabled=true", *sets))
+    assert not [d for d in docs if d["metadata"]["name"] == BROKER_CA]
+    settings = load_rendered_settings(docs, tmp_path, monkeypatch)
+    assert (settings.jobs.broker_ca_config_map, settings.jobs.broker_ca_key) == (config_map, key)
+    # No client certificate asked for: none mounted, none named.
+    assert settings.broker.tls.cert_file is None and settings.broker.tls.key_file is None
+    assert settings.jobs.broker_client_cert_secret is None
+    for name, pod in client_pods(docs).items():
+        files = mounted_files(pod)
+        assert not [f for f in files if f.startswith(pod_contract.BROKER_CLIENT_CERT_DIR)], name
+        if config_map is None:
+            assert settings.broker.tls.ca_file is None
+            assert not [f for f in files if f.startswith(pod_contract.BROKER_CA_DIR)], name
+        else:
+            assert settings.broker.tls.ca_file == Path(pod_contract.BROKER_CA_FILE)
+            assert files[pod_contract.BROKER_CA_FILE] == ("configMap", config_map, key), name
+
+
+@pytest.mark.parametrize(
+    "tls",
+    [
+        yaml.safe_load(TLS_VALUES.read_text())["broker"]["tls"],
+        {"existingCaConfigMap": "site-ca", "caKey": "bundle.pem", "clientCertSecret": "c"},
+    ],
+    ids=["ca-bundle", "existing-config-map"],
+)
+def test_broker_tls_off_renders_nothing_of_it(tls: dict[str, Any], tmp_path: Path) -> None:
+    """TLS values with enabled false change no object at all."""
+    tls_off = tmp_path / "tls-off-values.yaml"
+    tls_off.write_text(yaml.safe_dump({"broker": {"tls": {**tls, "enabled": False}}}))
+    default = CHART / "ci" / "default-values.yaml"
+    docs = render(default)
+    assert render(default, tls_off) == docs
+    rendered = yaml.safe_load(dispatcher_config_map(docs)["data"]["settings.yaml"])
+    assert rendered["broker"]["tls"] == TlsSettings().model_dump(mode="json")
+    assert rendered["jobs"]["broker_ca_config_map"] is None
+    assert rendered["jobs"]["broker_client_cert_secret"] is None
+    for name, pod in client_pods(docs).items():
+        volumes = {v["name"] for v in pod["volumes"]}
+        assert volumes.isdisjoint({"broker-ca", "broker-client-cert"}), name
+
+
+def test_a_ca_bundle_and_an_existing_ca_config_map_together_are_refused() -> None:
+    result = helm(
+        "template", RELEASE, str(CHART), "-f", str(TLS_VALUES),
+        "--set", "broker.tls.existingCaConfigMap=site-ca",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "caBundle" in result.stderr and "existingCaConfigMap" in result.stderr
+    assert "not both" in result.stderr
 
 
 # -- documentation -----------------------------------------------------------------------

@@ -118,6 +118,10 @@ def test_the_jobs_env_names_are_the_runners_settings(
         PodEnv.BROKER_PASSWORD_FILE: str(password),
         PodEnv.BROKER_OUTCOME_RECEIPT_TIMEOUT_S: "7",
         PodEnv.BROKER_QUEUE_PREFIX: None,  # a prefix: set below for one queue
+        PodEnv.BROKER_TLS_ENABLED: "true",
+        PodEnv.BROKER_TLS_CA_FILE: "/tls/ca.crt",
+        PodEnv.BROKER_TLS_CERT_FILE: "/tls/tls.crt",
+        PodEnv.BROKER_TLS_KEY_FILE: "/tls/tls.key",
     }
     assert set(values) == set(PodEnv)
     for name, value in values.items():
@@ -133,6 +137,9 @@ def test_the_jobs_env_names_are_the_runners_settings(
     assert settings.broker.password.get_secret_value() == "s3cret"
     assert settings.broker.outcome_receipt_timeout_s == 7
     assert settings.broker.queues.error == "/queue/E"
+    tls = settings.broker.tls
+    assert tls.enabled and tls.ca_file == Path("/tls/ca.crt")
+    assert (tls.cert_file, tls.key_file) == (Path("/tls/tls.crt"), Path("/tls/tls.key"))
 
 
 def test_the_runner_defaults_to_the_pods_paths() -> None:

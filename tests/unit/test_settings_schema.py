@@ -26,6 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import pytest
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
+from autoreduce_common import pod_contract
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
@@ -61,6 +62,8 @@ SETTING_OF_VALUE = {
     "broker.queues.error": "broker.queues.error",
     "broker.queues.skipped": "broker.queues.skipped",
     "broker.queues.deadLetter": "broker.queues.dead_letter",
+    "broker.tls.enabled": "broker.tls.enabled",
+    "broker.tls.runnerClientCertSecret": "jobs.broker_client_cert_secret",  # null: TLS off
     "jobs.labelPrefix": "jobs.label_prefix",
     "jobs.ttlSecondsAfterFinished": "jobs.ttl_seconds_after_finished",
     "jobs.cancelMarkerTtlSeconds": "jobs.cancel_marker_ttl_seconds",
@@ -115,6 +118,12 @@ DERIVED = {
     "runnerConfig": "jobs.runner_config_map",  # non-empty: the runner ConfigMap's name
     "priorityClass.create": "runner.priority_class_name",  # unless runner.priorityClassName
     "priorityClass.name": "runner.priority_class_name",
+    # TLS on: the CA ConfigMap in effect (the site's, or the chart's made of caBundle),
+    # and the files the dispatcher's pod mounts from it and from clientCertSecret.
+    "broker.tls.existingCaConfigMap": "jobs.broker_ca_config_map",  # and broker.tls.ca_file
+    "broker.tls.caBundle": "jobs.broker_ca_config_map",  # <fullname>-broker-ca; and ca_file
+    "broker.tls.caKey": "jobs.broker_ca_key",  # with existingCaConfigMap; else ca.crt
+    "broker.tls.clientCertSecret": "broker.tls.cert_file",  # and key_file: the mounted pair
 }
 
 # Values in settings-backed sections that are no setting at all.
@@ -212,6 +221,14 @@ EVERY_VALUE: dict[str, Any] = {
             "error": "/queue/Site.Error",
             "skipped": "/queue/Site.Skipped",
             "deadLetter": "/queue/Site.Pending.DLQ",
+        },
+        # One CA source (the chart refuses both); test_chart_render.py renders caBundle.
+        "tls": {
+            "enabled": True,
+            "existingCaConfigMap": "site-broker-ca",
+            "caKey": "bundle.pem",
+            "clientCertSecret": "dispatcher-tls",
+            "runnerClientCertSecret": "runner-tls",
         },
     },
     "jobs": {
@@ -619,3 +636,13 @@ def test_every_value_lands_in_its_setting(tmp_path: Path, clean_env: pytest.Monk
     assert settings.instruments["WISH"].image == "registry.example/runner-wish:6.11"
     assert str(settings.jobs.template_path) == f"{config_mount(docs)}/job.yaml.j2"
     assert settings.jobs.runner_config_map == f"{RELEASE}-autoreduce-runner"
+    assert (settings.jobs.broker_ca_config_map, settings.jobs.broker_ca_key) == (
+        "site-broker-ca",
+        "bundle.pem",
+    )
+    tls = settings.broker.tls
+    assert tls.ca_file == Path(pod_contract.BROKER_CA_FILE)
+    assert (tls.cert_file, tls.key_file) == (
+        Path(pod_contract.BROKER_CLIENT_CERT_FILE),
+        Path(pod_contract.BROKER_CLIENT_KEY_FILE),
+    )

@@ -10,6 +10,7 @@ reconnects with backoff across a list of hosts and re-subscribes.
 A package, one concern a module; import from here, not from them:
 
 - ``types``: ``BrokerError``, ``Delivery`` and the remembered subscription (pure);
+- ``tls``: the TLS context, and the reason a handshake failed (no stomp);
 - ``state``: the fields all parts share, and the one constructor that sets them;
 - ``listener``: the hand-over from stomp.py's receiver thread;
 - ``receipts``: ``send`` and the RECEIPT bookkeeping;
@@ -25,6 +26,6 @@ it), and every module logs as ``autoreduce_common.stomp_client``.
 """
 
 from autoreduce_common.stomp_client.client import StompClient
-from autoreduce_common.stomp_client.types import BrokerError, Delivery
+from autoreduce_common.stomp_client.types import BrokerError, BrokerTlsError, Delivery
 
-__all__ = ["BrokerError", "Delivery", "StompClient"]
+__all__ = ["BrokerError", "BrokerTlsError", "Delivery", "StompClient"]

@@ -17,12 +17,16 @@ import uuid
 import stomp
 import stomp.exception
 
+from autoreduce_common.stomp_client import tls
 from autoreduce_common.stomp_client.listener import _Listener
 from autoreduce_common.stomp_client.receipts import _Receipts
 from autoreduce_common.stomp_client.subscriptions import _Subscriptions
-from autoreduce_common.stomp_client.types import BrokerError
+from autoreduce_common.stomp_client.types import BrokerError, BrokerTlsError
 
 log = logging.getLogger(__package__)
+
+# How long a deliberate disconnect waits for the broker to confirm it.
+DISCONNECT_RECEIPT_S = 5.0
 
 
 class StompClient(_Receipts, _Subscriptions):
@@ -45,14 +49,26 @@ class StompClient(_Receipts, _Subscriptions):
         """Connect once, trying each host in order; raise BrokerError if none answers."""
         with self._lock:
             self._teardown()
-            errors = []
+            errors, tls_errors = [], []
             for host_port in self._settings.host_and_ports():
                 try:
                     self._open(host_port)
                     return
                 except (stomp.exception.StompException, OSError) as error:
-                    errors.append(f"{host_port[0]}:{host_port[1]}: {error or type(error).__name__}")
+                    where = f"{host_port[0]}:{host_port[1]}"
+                    errors.append(f"{where}: {error or type(error).__name__}")
+                    reason = self._tls_reason(host_port)
+                    if reason is not None:
+                        tls_errors.append(f"TLS to {where}: {reason}")
+            if tls_errors:
+                raise BrokerTlsError("; ".join(tls_errors))
             raise BrokerError("no broker reachable: " + "; ".join(errors))
+
+    def _tls_reason(self, host_port: tuple[str, int]) -> str | None:
+        """Why TLS to this host fails for good, when that is why it failed."""
+        if not self._settings.tls.enabled:
+            return None
+        return tls.diagnose(host_port[0], host_port[1], self._settings.tls)
 
     def _open(self, host_port: tuple[str, int]) -> None:
         heartbeat = self._settings.heartbeat_ms if self._heartbeats else 0
@@ -63,6 +79,13 @@ class StompClient(_Receipts, _Subscriptions):
             auto_decode=False,
             timeout=10,
         )
+        if self._settings.tls.enabled:
+            # Load the files ourselves first: stomp.py, given one it cannot find, retries
+            # for ever without a word of which.
+            problem = tls.unloadable(self._settings.tls)
+            if problem is not None:
+                raise BrokerTlsError(problem)
+            conn.set_ssl(for_hosts=[host_port], **tls.stomp_params(self._settings.tls))
         self._generation += 1
         conn.set_listener("autoreduce", _Listener(self, self._generation))
         conn.connect(
@@ -90,7 +113,13 @@ class StompClient(_Receipts, _Subscriptions):
                 self.reconnects += 1
                 return True
             except BrokerError as error:
-                log.warning("broker unavailable, retrying in %.1fs: %s", delay, error)
+                if isinstance(error, BrokerTlsError):
+                    # Not an outage: it lasts until someone fixes a certificate or a
+                    # setting (the files are read again on every attempt).
+                    log.error("broker TLS fails, retrying in %.1fs until it is fixed: %s",
+                              delay, error)
+                else:
+                    log.warning("broker unavailable, retrying in %.1fs: %s", delay, error)
                 if stop is not None:
                     stop.wait(delay)
                 else:
@@ -111,10 +140,22 @@ class StompClient(_Receipts, _Subscriptions):
         self._generation += 1
         if conn is None:
             return
+        # Wait for the DISCONNECT's receipt: the broker has then processed every frame
+        # before it. Over TLS stomp.py only queues frames for its I/O thread, so an ack
+        # (sent without a receipt) followed by a quick exit was lost: the message stayed.
+        receipt = f"bye-{uuid.uuid4().hex[:8]}"
+        waiter = threading.Event()
+        live = conn.is_connected()
+        if live:
+            self._receipts[receipt] = waiter
         try:
-            conn.disconnect()
+            conn.disconnect(receipt=receipt)
+            if live and not waiter.wait(DISCONNECT_RECEIPT_S):
+                log.debug("no receipt for DISCONNECT within %.0f s", DISCONNECT_RECEIPT_S)
         except (stomp.exception.StompException, OSError) as error:
             log.debug("disconnect: %s", error)
+        finally:
+            self._receipts.pop(receipt, None)
 
     # -- callbacks from the listener thread ------------------------------------------
 

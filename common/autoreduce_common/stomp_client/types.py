@@ -1,6 +1,7 @@
 """The values the client hands out and keeps: plain data, no stomp and no I/O.
 
-``BrokerError`` and ``Delivery`` are what callers catch and ack; ``_Subscription`` is
+``BrokerError`` (and its ``BrokerTlsError``) and ``Delivery`` are what callers catch
+and ack; ``_Subscription`` is
 what the client remembers so that a reconnect can subscribe again.
 """
 
@@ -14,6 +15,11 @@ from dataclasses import dataclass, field
 
 class BrokerError(Exception):
     """The broker could not be reached or refused an operation."""
+
+
+class BrokerTlsError(BrokerError):
+    """TLS to the broker fails for a reason retrying cannot fix (an untrusted, expired
+    or misnamed certificate, unreadable TLS files): someone has to change a setting."""
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,91 @@ Broker password Secret name and key (created by the chart, or the operator's own
 {{- end }}
 
 {{/*
+TLS to the broker. Where the pods that connect with the dispatcher's settings (the
+dispatcher, the CLI in it, the canary) mount the CA bundle and the client certificate:
+the runner pods' paths too (autoreduce_common/pod_contract.py; a unit test keeps them
+equal), so one layout serves every client.
+*/}}
+{{- define "autoreduce.brokerCaDir" -}}
+/etc/autoreduce/broker-ca
+{{- end }}
+{{- define "autoreduce.brokerClientCertDir" -}}
+/etc/autoreduce/broker-client
+{{- end }}
+
+{{/*
+The CA bundle ConfigMap in effect: broker.tls.existingCaConfigMap, else the chart's own
+when caBundle is set; empty when TLS is off or neither is set (then the images' system
+trust store applies).
+*/}}
+{{- define "autoreduce.brokerCaConfigMapName" -}}
+{{- $tls := .Values.broker.tls }}
+{{- if and $tls.caBundle $tls.existingCaConfigMap }}
+{{- fail "broker.tls: set caBundle (the chart makes the ConfigMap) or existingCaConfigMap (your own), not both" }}
+{{- end }}
+{{- if $tls.enabled }}
+{{- if $tls.existingCaConfigMap }}
+{{- $tls.existingCaConfigMap }}
+{{- else if $tls.caBundle }}
+{{- include "autoreduce.suffixed" (list . "broker-ca") }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Key of the bundle in that ConfigMap: caKey in the site's own, ca.crt in the chart's
+(and the settings' default, with TLS off).
+*/}}
+{{- define "autoreduce.brokerCaKey" -}}
+{{- if and .Values.broker.tls.enabled .Values.broker.tls.existingCaConfigMap }}
+{{- .Values.broker.tls.caKey }}
+{{- else -}}
+ca.crt
+{{- end }}
+{{- end }}
+
+{{/*
+volumeMounts and volumes (YAML list items) of the broker's CA bundle and the client
+certificate, for a pod that connects with the dispatcher's settings; empty when TLS is
+off. Each mounts as its own directory, not by subPath, so a renewed certificate
+reaches the running pods (the client reads the files on every connect).
+*/}}
+{{- define "autoreduce.brokerTlsVolumeMounts" -}}
+{{- if include "autoreduce.brokerCaConfigMapName" . }}
+- name: broker-ca
+  mountPath: {{ include "autoreduce.brokerCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- if and .Values.broker.tls.enabled .Values.broker.tls.clientCertSecret }}
+- name: broker-client-cert
+  mountPath: {{ include "autoreduce.brokerClientCertDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- define "autoreduce.brokerTlsVolumes" -}}
+{{- with include "autoreduce.brokerCaConfigMapName" . }}
+- name: broker-ca
+  configMap:
+    name: {{ . }}
+    items:
+      - key: {{ include "autoreduce.brokerCaKey" $ }}
+        path: ca.crt
+{{- end }}
+{{- if and .Values.broker.tls.enabled .Values.broker.tls.clientCertSecret }}
+- name: broker-client-cert
+  secret:
+    secretName: {{ .Values.broker.tls.clientCertSecret }}
+    # As the broker Secret: readable whatever uid the operator picks.
+    defaultMode: 0444
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- end }}
+
+{{/*
 ConfigMap of the runner's config file; empty when runnerConfig is empty.
 */}}
 {{- define "autoreduce.runnerConfigMapName" -}}
@@ -198,6 +283,24 @@ so they inherit.
 {{- end }}
 
 {{/*
+The settings' broker.tls (autoreduce_common/broker_settings.py TlsSettings), as YAML:
+the files the pod mounts (autoreduce.brokerTlsVolumeMounts), null where none is.
+*/}}
+{{- define "autoreduce.brokerTlsSettings" -}}
+{{- $tls := .Values.broker.tls }}
+{{- $out := dict "enabled" $tls.enabled "ca_file" nil "cert_file" nil "key_file" nil }}
+{{- if include "autoreduce.brokerCaConfigMapName" . }}
+{{- $_ := set $out "ca_file" (printf "%s/ca.crt" (include "autoreduce.brokerCaDir" .)) }}
+{{- end }}
+{{- if and $tls.enabled $tls.clientCertSecret }}
+{{- $dir := include "autoreduce.brokerClientCertDir" . }}
+{{- $_ := set $out "cert_file" (printf "%s/tls.crt" $dir) }}
+{{- $_ := set $out "key_file" (printf "%s/tls.key" $dir) }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/*
 The dispatcher's settings file (dispatcher/config.py DispatcherSettings), as YAML.
 Secrets never appear here: the password is a mounted file.
 */}}
@@ -214,6 +317,7 @@ Secrets never appear here: the password is a mounted file.
   "reconnect_initial_s" $v.broker.reconnectInitialSeconds
   "reconnect_max_s" $v.broker.reconnectMaxSeconds
   "queues" (dict "pending" $q.pending "started" $q.started "complete" $q.complete "error" $q.error "skipped" $q.skipped "dead_letter" $q.deadLetter)
+  "tls" (include "autoreduce.brokerTlsSettings" . | fromYaml)
 }}
 {{- $jobs := dict
   "namespace" .Release.Namespace
@@ -223,6 +327,9 @@ Secrets never appear here: the password is a mounted file.
   "broker_secret_name" (include "autoreduce.brokerSecretName" .)
   "broker_secret_key" $v.broker.secretKey
   "runner_config_map" (include "autoreduce.runnerConfigMapName" . | default nil)
+  "broker_ca_config_map" (include "autoreduce.brokerCaConfigMapName" . | default nil)
+  "broker_ca_key" (include "autoreduce.brokerCaKey" .)
+  "broker_client_cert_secret" (and $v.broker.tls.enabled $v.broker.tls.runnerClientCertSecret | default nil)
 }}
 {{- /* Without a site template the dispatcher uses the one built into its image, so
 the chart carries no copy that could drift from it. */}}
