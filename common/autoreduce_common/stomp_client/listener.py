@@ -41,3 +41,7 @@ class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
 
     def on_heartbeat_timeout(self) -> None:
         log.warning("broker heartbeat timed out")
+        # Over TLS stomp.py's I/O thread waits in select() on a socket it has just
+        # unregistered, so its on_disconnected never comes: treat the timeout as the
+        # loss (the client then reconnects, and readiness turns false meanwhile).
+        self._client._on_disconnected(self._generation)
