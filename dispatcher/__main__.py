@@ -201,7 +201,7 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
             # Alive while our threads run; a lost broker or API is readiness, not
             # liveness: a restart would not bring them back.
             live=lambda: controller.alive() and consumer.alive(),
-            ready=lambda: client.connected and controller.api_ready(),
+            ready=lambda: client.answering and controller.api_ready(),
         )
     controller.start()
     if not controller.wait_synced(timeout=60):

@@ -45,6 +45,22 @@ class StompClient(_Receipts, _Subscriptions):
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def answering(self) -> bool:
+        """Connected, and (with heartbeats) heard from within 1.5 heartbeats: what
+        readiness reports. stomp.py notices a silent broker later than that over TLS:
+        its teardown waits on the frozen peer's TLS close before anyone is told."""
+        if not self.connected:
+            return False
+        if not self._heartbeats or not self._settings.heartbeat_ms:
+            return True
+        silent_s = time.monotonic() - self._last_heard
+        return silent_s <= 1.5 * self._settings.heartbeat_ms / 1000
+
+    def _on_heard(self, generation: int) -> None:
+        if generation == self._generation:
+            self._last_heard = time.monotonic()
+
     def connect(self) -> None:
         """Connect once, trying each host in order; raise BrokerError if none answers."""
         with self._lock:
@@ -97,6 +113,7 @@ class StompClient(_Receipts, _Subscriptions):
         if not conn.is_connected():
             raise BrokerError(f"broker at {host_port[0]}:{host_port[1]} refused the connection")
         self._conn = conn
+        self._last_heard = time.monotonic()
         self._connected.set()
         for sub in self._subscriptions:
             self._subscribe_on_wire(sub)

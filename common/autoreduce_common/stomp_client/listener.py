@@ -27,10 +27,15 @@ class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
         self._generation = generation
 
     def on_message(self, frame: Any) -> None:
+        self._client._on_heard(self._generation)
         self._client._on_message(frame, self._generation)
 
     def on_receipt(self, frame: Any) -> None:
+        self._client._on_heard(self._generation)
         self._client._on_receipt(frame.headers.get("receipt-id", ""))
+
+    def on_heartbeat(self) -> None:
+        self._client._on_heard(self._generation)
 
     def on_error(self, frame: Any) -> None:
         log.warning("broker ERROR frame: %s", frame.headers.get("message", "")[:500])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from typing import Any
 
 from autoreduce_common.broker_settings import BrokerSettings
@@ -43,3 +44,5 @@ class _ClientState:
         self._subscriptions: list[_Subscription] = []
         self._receipt_ids = itertools.count()
         self.reconnects = 0  # read by metrics
+        # When the broker was last heard from (any frame or heartbeat), for ``answering``.
+        self._last_heard = time.monotonic()
