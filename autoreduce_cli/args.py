@@ -6,6 +6,7 @@
     autoreduce retry JOB | --instrument I --run R --version V    (alias: rerun)
     autoreduce render MESSAGE.json [--dry-run-server]
     autoreduce dead-letters list | show ID | requeue ID...
+    autoreduce broker-grants                     the broker admin's authorizationEntries
 
 The parser: every command, its options, and the function that runs it (``func``).
 The first paragraph above is the description ``autoreduce --help`` prints.
@@ -16,7 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
+from autoreduce_common.broker_grants import DISPATCHER_GROUP, RUNNER_GROUP
+
+from autoreduce_cli.cmd_broker_grants import cmd_broker_grants
 from autoreduce_cli.cmd_cancel import cmd_cancel
 from autoreduce_cli.cmd_dead_letters import cmd_dlq_list, cmd_dlq_requeue, cmd_dlq_show
 from autoreduce_cli.cmd_render import cmd_render
@@ -102,6 +107,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run-server", action="store_true", help="validate it with the API")
     p.set_defaults(func=cmd_render)
 
+    _broker_commands(sub, common)
+    return top
+
+
+def _broker_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The commands about the broker itself: its dead letters, and its grants."""
     p = sub.add_parser("dead-letters", help="the dead-letter queue")
     dlq = p.add_subparsers(dest="action", required=True)
     q = dlq.add_parser("list", parents=[common], help="browse (nothing is consumed)")
@@ -113,4 +124,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("ids", nargs="*")
     q.add_argument("--all", action="store_true")
     q.set_defaults(func=cmd_dlq_requeue)
-    return top
+
+    p = sub.add_parser("broker-grants", parents=[common],
+                       help="the ActiveMQ authorizationEntries the broker admin adds")
+    p.add_argument("--dispatcher-group", default=DISPATCHER_GROUP,
+                   help="the broker group of the dispatcher's user")
+    p.add_argument("--runner-group", default=RUNNER_GROUP,
+                   help="the broker group of the runners' user")
+    p.set_defaults(func=cmd_broker_grants)

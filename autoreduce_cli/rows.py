@@ -13,7 +13,7 @@ from typing import Any
 
 from dispatcher import admission, failures
 from dispatcher.identity import Labels
-from dispatcher.outcome_state import OUTCOME_KEY, OutcomeState
+from dispatcher.outcome_state import OUTCOME_KEY, VERDICT_KEY, OutcomeState
 
 Obj = Mapping[str, Any]
 
@@ -70,11 +70,35 @@ def _finish(job: Obj, labels: Labels, pods: Sequence[Obj]) -> tuple[str, str]:
             return report.outcome.value, detail[:200]
     if claimed == OutcomeState.CANCELLED:
         return "Cancelled", "cancelled by a cancel message"
+    # The outcome the dispatcher posted on the runner's behalf says more than the Job's
+    # condition: "ran out of memory", not "BackoffLimitExceeded".
+    verdict = failures.parse_verdict(_annotations_of(job).get(labels.key(VERDICT_KEY)))
+    if verdict is not None:
+        return verdict.outcome.value, verdict.message[:200]
     if admission.succeeded(dict(job)):
         return "Complete", ""
     failed = conditions.get("Failed") or conditions.get("FailureTarget") or {}
     detail = f"{failed.get('reason', '')}: {failed.get('message', '')}".strip(": ")
     return "Failed", detail[:200]
+
+
+def _pod_state(pod: Obj) -> str:
+    """A pod's phase, and why a pending one is not running yet: the scheduler's own
+    message ("0/2 nodes are available: 2 Insufficient memory."), which is also what the
+    cluster autoscaler acts on, or a container's waiting reason (an image pull)."""
+    status = pod.get("status") or {}
+    text = f"{(pod.get('metadata') or {}).get('name', '?')} {status.get('phase', '?')}"
+    if status.get("phase") != "Pending":
+        return text
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            why = f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
+            return f"{text} ({why})" if why else text
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason"):
+            return f"{text} ({waiting['reason']})"
+    return text
 
 
 def _state(job: Obj) -> str:
@@ -106,12 +130,7 @@ def row_for(
     elif state == RUNNING:
         since = parse_time((job.get("status") or {}).get("startTime")) or created
         running_pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-        phases = [
-            f"{(p.get('metadata') or {}).get('name', '?')} "
-            f"{(p.get('status') or {}).get('phase', '?')}"
-            for p in running_pods
-        ]
-        detail = ", ".join(phases) or "starting"
+        detail = ", ".join(_pod_state(p) for p in running_pods) or "starting"
     else:
         status = job.get("status") or {}
         since = parse_time(status.get("completionTime")) or _last_transition(job) or created

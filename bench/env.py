@@ -31,7 +31,7 @@ from autoreduce_common.messages import parse_run
 from autoreduce_common.stomp_client import Delivery, StompClient
 from kubernetes import client as k8s
 
-from devstack.product import DispatcherProcess, Facility, dispatcher_settings
+from devstack.product import RUNNER_UID, DispatcherProcess, Facility, dispatcher_settings
 from devstack.stack import Stack as DevStack
 from dispatcher import admission
 from dispatcher.identity import job_name, run_key
@@ -117,11 +117,11 @@ class Scenario:
         self.namespace = f"bench-{self.name}-{self.tag}"
         self.broker = self.stack.broker_settings(self.tag)
         self.stack.kube.create_namespace(self.namespace)
-        # Runner pods mount the broker password Secret.
+        # Runner pods mount the runners' broker password Secret.
         with self.stack.kube.api_client() as api:
             secret = k8s.V1Secret(
                 metadata=k8s.V1ObjectMeta(name="autoreduce-broker"),
-                string_data={"password": self.stack.broker.password},
+                string_data={"password": self.stack.broker.runner.password},
             )
             k8s.CoreV1Api(api).create_namespaced_secret(self.namespace, secret)
 
@@ -153,9 +153,11 @@ class Scenario:
         assert self.broker is not None
         password = self.workdir / "broker-password"
         password.parent.mkdir(parents=True, exist_ok=True)
-        password.write_text(self.stack.broker.password)
+        amq = self.stack.broker
+        password.write_text(amq.dispatcher.password)
         settings = dispatcher_settings(
-            broker=self.broker, password_file=password, namespace=self.namespace,
+            broker=amq.settings_for(amq.dispatcher, self.broker), password_file=password,
+            runner_username=amq.runner.user, namespace=self.namespace,
             facility=Facility(self.workdir / "facility"), run_as_user=None,
             runner_image=self.stack.kube.image("autoreduce-runner"),
         )  # fmt: skip
@@ -179,6 +181,41 @@ class Scenario:
         settings.update(self.stack.dispatcher_overrides)
         settings.update(overrides)
         return settings
+
+    @property
+    def facility(self) -> Facility:
+        return Facility(self.workdir / "facility")
+
+    def real_runner_settings(self) -> dict[str, Any]:
+        """The dispatcher's settings with the real runner (Python, the script, the
+        broker) on this scenario's facility folders, as the tests run it."""
+        assert self.broker is not None
+        self.facility.create()
+        password = self.workdir / "broker-password"
+        amq = self.stack.broker
+        password.write_text(amq.dispatcher.password)
+        settings = dispatcher_settings(
+            broker=amq.settings_for(amq.dispatcher, self.broker), password_file=password,
+            runner_username=amq.runner.user, namespace=self.namespace, facility=self.facility,
+            run_as_user=RUNNER_UID, runner_image=self.stack.kube.image("autoreduce-runner"),
+        )  # fmt: skip
+        settings.pop("concurrency", None)
+        settings["log_level"] = "INFO"
+        settings.update(self.stack.dispatcher_overrides)
+        return settings
+
+    def data_file(self, instrument: str, run: int) -> str:
+        """A raw file in the facility's archive; its path as pods see it."""
+        return self.facility.data_file(instrument, run)
+
+    def broker_queue(self, name: str) -> str:
+        assert self.broker is not None
+        return str(getattr(self.broker.queues, name))
+
+    def outcome_reader(self) -> OutcomeClock:
+        assert self.broker is not None
+        q = self.broker.queues
+        return OutcomeClock(self.broker, [q.started, q.complete, q.error])
 
     def start_dispatcher(self, settings: dict[str, Any], *, name: str = "dispatcher") -> None:
         # The real main, under a profiler that stays off until profile_start().
@@ -267,19 +304,53 @@ class Scenario:
             self.dispatcher.stop()
 
 
+class OutcomeClock:
+    """Outcome messages stamped with the monotonic clock as they arrive."""
+
+    def __init__(self, settings: BrokerSettings, destinations: list[str]) -> None:
+        self._client = StompClient(settings=settings, client_name="bench-outcomes")
+        self._client.connect()
+        self._sink: queue.Queue[Delivery] = queue.Queue()
+        for destination in destinations:
+            self._client.subscribe(destination=destination, sink=self._sink, prefetch=100)
+        self.arrived: dict[tuple[str, int], float] = {}
+
+    def wait_for_run(self, destination: str, run: int, *, timeout: float) -> float:
+        """When the run's message reached ``destination`` (monotonic seconds)."""
+        deadline = time.monotonic() + timeout
+        while (destination, run) not in self.arrived:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no message for run {run} on {destination}")
+            try:
+                delivery = self._sink.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            at = time.monotonic()
+            self._client.ack(delivery)
+            number = json.loads(delivery.body).get("run_number")
+            self.arrived.setdefault((delivery.destination, int(number)), at)
+        return self.arrived[(destination, run)]
+
+    def close(self) -> None:
+        self._client.disconnect()
+
+
 # -- messages ---------------------------------------------------------------------------
 
 
-def run_body(*, instrument: str, rb: int, run: int) -> bytes:
+def run_body(*, instrument: str, rb: int, run: int, data: str | None = None,
+             script: str = "def main(input_file, output_dir):\n    pass\n") -> bytes:
     """A run message as a legacy producer sends it (small script, like most)."""
     message = {
-        "data": f"/isis/NDX{instrument}/Instrument/data/cycle_23_4/{instrument}{run:08d}.nxs",
+        "data": data or
+        f"/isis/NDX{instrument}/Instrument/data/cycle_23_4/{instrument}{run:08d}.nxs",
         "facility": "ISIS",
         "instrument": instrument,
         "rb_number": rb,
         "run_number": run,
         "run_version": 0,
-        "reduction_script": "def main(input_file, output_dir):\n    pass\n",
+        "reduction_script": script,
         "reduction_arguments": {"standard_vars": {}, "advanced_vars": {}},
         "started_by": 0,
     }

@@ -9,7 +9,8 @@ from typing import Any
 
 from bench.stats import ratio
 
-SECTIONS = ("machine", "settings", "limit", "dispatch", "burst", "handoff", "scale", "targets")
+SECTIONS = ("machine", "settings", "limit", "dispatch", "burst", "handoff", "scale", "poster",
+            "targets")
 Row = tuple[str, str, str, str]  # figure, value, beside the limit / note, met
 
 
@@ -147,6 +148,17 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
                  f"{_num(happy.get('dispatcher_reads_per_run'), '', 2)} reads",
                  f"{_num(happy.get('dispatcher_writes_excluding_events_per_run'), '', 2)} "
                  "writes without Events", ""))
+    posting = results.get("poster") or {}
+    for mode in ("direct", "sidecar"):
+        figures = posting.get(mode) or {}
+        started, complete = figures.get("to_started") or {}, figures.get("to_complete") or {}
+        rows.append((f"run, {mode}: sent -> Started, -> Complete",
+                     f"p50 {_ms(started.get('p50'))}, {_ms(complete.get('p50'))}",
+                     "the poster sidecar's cost" if mode == "sidecar" else "no sidecar",
+                     ""))
+    rows.append(("poster sidecar: extra per run (p50)",
+                 _num(posting.get("started_p50_extra_s"), " s"),
+                 f"to Complete {_num(posting.get('complete_p50_extra_s'), ' s')}", ""))
     for target in results.get("targets") or []:
         value = target["value"]
         shown = "n/a" if value is None else f"{value:.2f} {target['unit']}"

@@ -1,4 +1,4 @@
-"""The five scenarios. Each returns a plain dict of figures (seconds unless named)."""
+"""The six scenarios. Each returns a plain dict of figures (seconds unless named)."""
 
 from __future__ import annotations
 
@@ -48,11 +48,12 @@ class Sizes:
     scale_rbs: int
     scale_runs_per_rb: int
     idle_s: float = 15.0  # how long the scale scenario measures the idle dispatcher's CPU
+    poster_runs: int = 10  # runs per mode in the poster-sidecar scenario
 
 
 PRESETS = {
-    "tiny": Sizes(10, 20, 5, ((5, 2),), 20, 5, 2, 3, 5, 3, idle_s=3.0),
-    "quick": Sizes(100, 200, 30, ((5, 6), (20, 5)), 200, 50, 5, 5, 100, 10),
+    "tiny": Sizes(10, 20, 5, ((5, 2),), 20, 5, 2, 3, 5, 3, idle_s=3.0, poster_runs=1),
+    "quick": Sizes(100, 200, 30, ((5, 6), (20, 5)), 200, 50, 5, 5, 100, 10, poster_runs=4),
     "full": Sizes(300, 600, 100, ((5, 20), (20, 20), (50, 20)), 2000, 500, 20, 10, 1000, 10),
 }
 
@@ -493,10 +494,72 @@ def _restart(
     }
 
 
+# -- 6. the poster sidecar's cost ----------------------------------------------------------------
+
+POSTER_SCRIPT = "def main(input_file, output_dir):\n    pass\n"
+
+
+def poster(stack: Stack, sizes: Sizes) -> dict[str, Any]:
+    """What the poster sidecar (the broker credential out of reduce.py's reach) costs
+    a run: the real runner, a script that does nothing, one run at a time on an idle
+    node, with the sidecar and without it (``jobs.poster_sidecar``)."""
+    modes = {}
+    for sidecar in (False, True):
+        modes["sidecar" if sidecar else "direct"] = _poster_runs(
+            stack, sidecar=sidecar, runs=sizes.poster_runs)
+    direct, side = modes["direct"], modes["sidecar"]
+    return {
+        "what": f"{sizes.poster_runs} runs per mode, one at a time: run message sent -> "
+        "ReductionStarted received (pod created, containers started, the runner connected) "
+        "and -> ReductionComplete received",
+        **modes,
+        "started_p50_extra_s": _minus(_get_p50(side, "to_started"), _get_p50(direct, "to_started")),
+        "complete_p50_extra_s": _minus(_get_p50(side, "to_complete"),
+                                       _get_p50(direct, "to_complete")),
+    }
+
+
+def _get_p50(mode: dict[str, Any], key: str) -> float | None:
+    value = (mode.get(key) or {}).get("p50")
+    return None if value is None else float(value)
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _poster_runs(stack: Stack, *, sidecar: bool, runs: int) -> dict[str, Any]:
+    scenario = Scenario(stack, "poster-sidecar" if sidecar else "poster-direct")
+    try:
+        settings = scenario.real_runner_settings()
+        settings["jobs"]["poster_sidecar"] = sidecar
+        scenario.start_dispatcher(settings)
+        wait_ready(scenario)
+        reader = scenario.outcome_reader()
+        to_started, to_complete = [], []
+        load_before = load()
+        for _ in range(runs):
+            run = next(_run_numbers)
+            body = run_body(instrument="LET", rb=next(_rb_numbers), run=run,
+                            script=POSTER_SCRIPT, data=scenario.data_file("LET", run))
+            sent = time.monotonic()
+            scenario.send_all([body], threads=1)
+            started = reader.wait_for_run(scenario.broker_queue("started"), run, timeout=120)
+            done = reader.wait_for_run(scenario.broker_queue("complete"), run, timeout=120)
+            to_started.append(started - sent)
+            to_complete.append(done - sent)
+        reader.close()
+        return {"to_started": summary(to_started), "to_complete": summary(to_complete),
+                "load": [load_before, load()]}
+    finally:
+        scenario.stop()
+
+
 SCENARIOS: dict[str, Callable[[Stack, Sizes], dict[str, Any]]] = {
     "limit": limit,
     "dispatch": dispatch,
     "burst": burst,
     "handoff": handoff,
     "scale": scale,
+    "poster": poster,
 }

@@ -3,8 +3,10 @@
 The Debian wrapper forces a 512 MB heap and a fixed base dir, so we start the
 broker's own launcher jar with our config: STOMP (stomp+ssl when given TLS
 material: the suite's default) on a free port of the host's address,
-``schedulerSupport`` (so AMQ_SCHEDULED_DELAY works), simple authentication, and
-KahaDB in the given directory so a restart keeps persistent messages.
+``schedulerSupport`` (so AMQ_SCHEDULED_DELAY works), JAAS authentication from
+properties files it reloads (passwords rotate live), the ``authorizationPlugin`` with
+the product's grants, and KahaDB in the given directory so a restart keeps
+persistent messages.
 """
 
 from __future__ import annotations
@@ -16,11 +18,18 @@ import socket
 import ssl
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from autoreduce_common.broker_settings import TlsSettings
+from autoreduce_common.broker_grants import (
+    DISPATCHER_GROUP,
+    RUNNER_GROUP,
+    authorization_entries,
+    grants,
+)
+from autoreduce_common.broker_settings import BrokerSettings, QueueNames, TlsSettings
+from pydantic import SecretStr
 
 from devstack.broker_tls import BrokerTls
 from devstack.errors import StackStartError
@@ -51,11 +60,22 @@ _CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
       </policyMap>
     </destinationPolicy>
     <plugins>
-      <simpleAuthenticationPlugin anonymousAccessAllowed="false">
-        <users>
-          <authenticationUser username="{user}" password="{password}" groups="admins,users"/>
-        </users>
-      </simpleAuthenticationPlugin>
+      <!-- Users and groups in properties files the broker reads again when they
+           change (reload=true): a password can be rotated without a restart. -->
+      <jaasAuthenticationPlugin configuration="autoreduce"/>
+      <authorizationPlugin>
+        <map>
+          <authorizationMap>
+            <authorizationEntries>
+              <!-- The suite's own identity (it plays the web app and run detection). -->
+              <authorizationEntry queue=">" read="admins" write="admins" admin="admins"/>
+              <authorizationEntry topic=">" read="admins" write="admins" admin="admins"/>
+              <!-- The product's two identities, as the README tells a broker admin. -->
+{grants}
+            </authorizationEntries>
+          </authorizationMap>
+        </map>
+      </authorizationPlugin>
     </plugins>
     <persistenceAdapter>
       <kahaDB directory="{data}/kahadb"/>
@@ -80,6 +100,15 @@ _SSL_CONTEXT = """    <sslContext>
       <sslContext keyStore="file:{keystore}" keyStorePassword="{password}"
                   keyStoreType="pkcs12"/>
     </sslContext>
+"""
+
+
+_LOGIN_CONFIG = """autoreduce {
+    org.apache.activemq.jaas.PropertiesLoginModule required
+        org.apache.activemq.jaas.properties.user="users.properties"
+        org.apache.activemq.jaas.properties.group="groups.properties"
+        reload=true;
+};
 """
 
 
@@ -118,14 +147,37 @@ def stomp_answers(address: str, port: int, *, user: str, password: str,
         return False
 
 
+@dataclass(frozen=True)
+class Identity:
+    """A broker user (JAAS ``PropertiesLoginModule``: users.properties, groups.properties)."""
+
+    user: str
+    password: str
+    groups: tuple[str, ...]
+
+
+def _broker_grants() -> str:
+    """The product's grants on the legacy queue names and on every per-test copy of
+    them (``<name>.t<tag>``, tests/conftest.py ``queues``)."""
+    entries = grants(QueueNames()) + grants(QueueNames(), suffix=".>")
+    return authorization_entries(entries, indent=" " * 14)
+
+
 @dataclass
 class ActiveMQ:
-    """One broker process; ``restart`` keeps its KahaDB, so persistent messages survive."""
+    """One broker process; ``restart`` keeps its KahaDB, so persistent messages survive.
+
+    Three identities, under ActiveMQ's authorizationPlugin: ``user`` (the suite's own,
+    every right: it plays run detection and the web app), ``dispatcher`` and ``runner``
+    (the product's two, with the grants of autoreduce_common.broker_grants).
+    """
 
     workdir: Path
     port: int
-    user: str = "autoreduce"
+    user: str = "admin"
     password: str = "test-password"  # noqa: S105 - a throwaway local broker's
+    dispatcher: Identity = Identity("autoreduce", "dispatcher-password", (DISPATCHER_GROUP,))
+    runner: Identity = Identity("autoreduce-runner", "runner-password", (RUNNER_GROUP,))
     heap_mb: int = 256
     # The host's own address, not loopback: pods on the stack's nodes reach it there
     # through a relay (devstack.node), and host processes use the same broker URL.
@@ -145,6 +197,14 @@ class ActiveMQ:
             return TlsSettings()
         return TlsSettings(enabled=True, ca_file=self.tls.ca.cert)
 
+    def identities(self) -> tuple[Identity, ...]:
+        return (Identity(self.user, self.password, ("admins",)), self.dispatcher, self.runner)
+
+    def settings_for(self, identity: Identity, base: BrokerSettings) -> BrokerSettings:
+        """``base`` (hosts, queues, TLS) as ``identity`` connects."""
+        return base.model_copy(update={"username": identity.user,
+                                       "password": SecretStr(identity.password)})
+
     @property
     def log_path(self) -> Path:
         return self.workdir / "broker.log"
@@ -155,8 +215,7 @@ class ActiveMQ:
         (self.workdir / "data").mkdir(exist_ok=True)
         text = _CONFIG.format(
             data=escape(str(self.workdir / "data")),
-            user=escape(self.user),
-            password=escape(self.password),
+            grants=_broker_grants(),
             address=self.address, port=self.port,
             scheme="stomp+ssl" if self.tls else "stomp",
             ssl_context=_SSL_CONTEXT.format(
@@ -164,9 +223,38 @@ class ActiveMQ:
                 password=escape(self.tls.keystore_password)) if self.tls else "",
         )
         (conf / "activemq.xml").write_text(text)
+        (conf / "login.config").write_text(_LOGIN_CONFIG)
+        self._write_users(conf)
         if LOG4J_CONF.exists():
             shutil.copy(LOG4J_CONF, conf / "log4j2.properties")
         return conf
+
+    def _write_users(self, conf: Path) -> None:
+        """users.properties and groups.properties, each replaced in one rename so the
+        broker never reads half a file."""
+        identities = self.identities()
+        users = "".join(f"{i.user}={i.password}\n" for i in identities)
+        members: dict[str, list[str]] = {}
+        for identity in identities:
+            for group in identity.groups:
+                members.setdefault(group, []).append(identity.user)
+        groups = "".join(f"{group}={','.join(names)}\n" for group, names in members.items())
+        for name, text in (("groups.properties", groups), ("users.properties", users)):
+            scratch = conf / f".{name}.new"
+            scratch.write_text(text)
+            scratch.chmod(0o600)
+            scratch.replace(conf / name)
+
+    def rotate(self, which: str, password: str) -> Identity:
+        """Give the ``dispatcher`` or ``runner`` identity a new password, live: the
+        broker reads users.properties again at the next login (connections already
+        open stay). Returns the identity as it is now."""
+        if which not in ("dispatcher", "runner"):
+            raise ValueError(f"no identity {which!r}")
+        identity: Identity = replace(getattr(self, which), password=password)
+        setattr(self, which, identity)
+        self._write_users(self.workdir / "conf")
+        return identity
 
     def start(self, *, timeout: float = 90.0) -> None:
         if not ACTIVEMQ_JAR.exists():
@@ -186,6 +274,8 @@ class ActiveMQ:
             f"-Dactivemq.base={self.workdir}",
             f"-Dactivemq.conf={conf}",
             f"-Dactivemq.data={self.workdir / 'data'}",
+            # PropertiesLoginModule finds users.properties beside this file.
+            f"-Djava.security.auth.login.config={conf / 'login.config'}",
             f"-Dlog4j2.configurationFile={conf / 'log4j2.properties'}",
             "-jar",
             str(ACTIVEMQ_JAR),

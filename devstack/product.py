@@ -80,9 +80,12 @@ def dispatcher_settings(
     facility: Facility,
     run_as_user: int | None,
     runner_image: str,
+    runner_username: str | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """A settings file for a dispatcher on the local stack (plain dict, YAML-ready)."""
+    """A settings file for a dispatcher on the local stack (plain dict, YAML-ready).
+    ``runner_username``: the runner pods' broker user (their password is the
+    ``autoreduce-broker`` Secret's), when they have their own."""
     settings: dict[str, Any] = {
         "broker": {
             "hosts": broker.hosts,
@@ -95,6 +98,7 @@ def dispatcher_settings(
             "tls": broker.tls.model_dump(mode="json"),
         },
         "jobs": {"namespace": namespace, "ttl_seconds_after_finished": 3600,
+                 "broker_username": runner_username,
                  # The runner pods' copy of the broker's CA (broker_ca_bundle).
                  "broker_ca_config_map": BROKER_CA_CONFIG_MAP if broker.tls.enabled else None},
         "runner": {

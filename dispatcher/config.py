@@ -92,9 +92,18 @@ class JobSettings(BaseModel):
     # (it never finishes, so no TTL applies); after this long we delete it, and the
     # run, should it still arrive, is reduced. 0 keeps markers forever.
     cancel_marker_ttl_seconds: int = Field(default=7 * 86_400, ge=0)
-    # Secret holding the broker password, mounted into runner pods (never in the spec).
+    # The broker identity of runner pods: its user (None: the dispatcher's own
+    # broker.username) and the Secret holding its password, mounted into runner pods
+    # (never in the spec). A user of its own that the broker lets write only the four
+    # outcome queues (README "Broker security") bounds what a script that reads the
+    # password can do with it.
+    broker_username: str | None = None
     broker_secret_name: str = "autoreduce-broker"  # noqa: S105 - a name, not a secret
     broker_secret_key: str = "password"  # noqa: S105 - a key name
+    # The broker credential in a poster sidecar of each reduction pod instead of the
+    # runner's container, so reduce.py cannot read it (autoreduce_runner/sidecar.py).
+    # Off: one container per pod, and the script can read the runners' password.
+    poster_sidecar: bool = True
     # ConfigMap with the runner's own config file (directory templates, roots).
     runner_config_map: str | None = None
     # TLS from runner pods, when broker.tls is on: a ConfigMap holding the broker's CA

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 
-from autoreduce_common.stomp_client import Delivery, StompClient
+from autoreduce_common.stomp_client import BrokerError, Delivery, StompClient
 
 from dispatcher.dispatch import Dispatcher, Received, TryLater, Verdict
 
@@ -41,9 +41,14 @@ class Consumer:
         self._retry_max_s = retry_max_s
 
     def start(self) -> None:
-        self._client.subscribe(
-            destination=self._destination, sink=self._sink, prefetch=self._workers
-        )
+        try:
+            self._client.subscribe(
+                destination=self._destination, sink=self._sink, prefetch=self._workers
+            )
+        except BrokerError as error:
+            # Remembered all the same: the watchdog below reconnects and subscribes
+            # again until the broker allows it, and readiness stays false meanwhile.
+            log.error("cannot consume %s yet: %s", self._destination, error)
         for index in range(self._workers):
             thread = threading.Thread(target=self._work, name=f"dispatch-{index}", daemon=True)
             thread.start()

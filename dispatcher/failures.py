@@ -247,8 +247,11 @@ STUCK_WAITING = {
 
 
 def stuck_reason(pod: Obj) -> str | None:
-    """A waiting reason that will not fix itself (image pull failures and the like)."""
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+    """A waiting reason that will not fix itself (image pull failures and the like).
+    The poster sidecar starts first, so a bad image shows on it, not on the runner."""
+    status_of = pod.get("status") or {}
+    for status in [*(status_of.get("initContainerStatuses") or []),
+                   *(status_of.get("containerStatuses") or [])]:
         waiting = (status.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in STUCK_WAITING:
             return f"{waiting['reason']}: {waiting.get('message', '')}".strip(": ")

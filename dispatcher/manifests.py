@@ -112,6 +112,9 @@ def _pod_values() -> dict[str, dict[str, str]]:
         "broker_client_cert_dir": pod_contract.BROKER_CLIENT_CERT_DIR,
         "broker_client_cert_file": pod_contract.BROKER_CLIENT_CERT_FILE,
         "broker_client_key_file": pod_contract.BROKER_CLIENT_KEY_FILE,
+        "poster_socket_dir": pod_contract.POSTER_SOCKET_DIR,
+        "poster_socket": pod_contract.POSTER_SOCKET,
+        "poster_state_dir": pod_contract.POSTER_STATE_DIR,
     }
     return {"env": {env.name.lower(): env.value for env in PodEnv}, "paths": paths}
 
@@ -154,7 +157,9 @@ def render_job(
         "jobs": settings.jobs.model_dump(mode="json"),
         "broker": {
             "hosts": settings.broker.hosts,
-            "username": settings.broker.username,
+            # The user reduction pods connect as, which is not the dispatcher's when
+            # the site gives runners an identity of their own.
+            "username": settings.jobs.broker_username or settings.broker.username,
             "outcome_receipt_timeout_s": settings.broker.outcome_receipt_timeout_s,
             "queues": settings.broker.queues.model_dump(),
             "tls_enabled": settings.broker.tls.enabled,

@@ -96,7 +96,11 @@ def chart_values(*, broker: ActiveMQ, facility: Facility) -> dict[str, Any]:
     return {
         "readinessProbe": {"initialDelaySeconds": 1, "periodSeconds": 1},
         "logJson": True,
-        "broker": {"hosts": [broker.host], "username": broker.user, "password": broker.password},
+        # The product's two broker identities: the runners' may only send outcomes.
+        "broker": {"hosts": [broker.host], "username": broker.dispatcher.user,
+                   "password": broker.dispatcher.password,
+                   "runner": {"username": broker.runner.user,
+                              "password": broker.runner.password}},
         "jobs": {"ttlSecondsAfterFinished": 3600},
         "runner": {
             "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
@@ -210,9 +214,9 @@ class Demo:
              self.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide"))
         # The CLI reads the dispatcher's settings; here a small file says where things are.
         password = self.work / "broker-password"
-        password.write_text(self.broker.password)
+        password.write_text(self.broker.dispatcher.password)
         self.cli_config.write_text(yaml.safe_dump({
-            "broker": {"hosts": [self.broker.host], "username": self.broker.user,
+            "broker": {"hosts": [self.broker.host], "username": self.broker.dispatcher.user,
                        "password_file": str(password)},
             "jobs": {"namespace": NAMESPACE},
         }))
@@ -365,6 +369,7 @@ def main() -> int:
 
 def demo(d: Demo, *, keep: bool) -> int:
     d.install()
+    # The broker's own admin identity stands in for the web app and run detection.
     settings = BrokerSettings(hosts=[d.broker.host], username=d.broker.user,
                               password=d.broker.password, queues=QueueNames())
     queues = settings.queues

@@ -20,8 +20,9 @@ import pytest
 from autoreduce_common.broker_settings import BrokerSettings, QueueNames, TlsSettings
 from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
+from pydantic import SecretStr
 
-from devstack.activemq import ActiveMQ, free_port
+from devstack.activemq import ActiveMQ, Identity, free_port
 from devstack.broker_tls import make_broker_tls
 from devstack.controlplane import start_local_stack
 from devstack.node import host_address
@@ -86,11 +87,17 @@ def needs_own_component(reason: str) -> NoReturn:
 
 
 class ExistingBroker:
-    """A broker we did not start: no restart support."""
+    """A broker we did not start: no restart support, and one identity for the suite,
+    the dispatcher and runners alike (the authorization tests need the suite's own)."""
 
     def __init__(self, host: str, user: str, password: str, ca_file: str | None) -> None:
         self.host, self.user, self.password = host, user, password
         self.ca_file = Path(ca_file) if ca_file else None
+        self.dispatcher = self.runner = Identity(user, password, ())
+
+    def settings_for(self, identity: Identity, base: BrokerSettings) -> BrokerSettings:
+        return base.model_copy(update={"username": identity.user,
+                                       "password": SecretStr(identity.password)})
 
     def client_tls(self) -> TlsSettings:
         """TLS when AUTOREDUCE_TEST_BROKER_CA names the broker's CA bundle."""
@@ -132,6 +139,9 @@ def queues() -> QueueNames:
 
 @pytest.fixture
 def broker_settings(broker: ActiveMQ | ExistingBroker, queues: QueueNames) -> BrokerSettings:
+    """The suite's own identity on this test's queues: it plays run detection and the
+    web app (sends runs, reads outcomes). The product's processes connect as theirs
+    (``broker.settings_for``)."""
     return BrokerSettings(
         hosts=[broker.host],
         username=broker.user,
@@ -210,16 +220,16 @@ def batch(kube: Any) -> k8s.BatchV1Api:
 
 @pytest.fixture
 def start_dispatcher(
-    kube: Any, namespace: str, broker_settings: BrokerSettings, facility: Facility,
-    tmp_path: Path, runner_uid: int,
+    kube: Any, namespace: str, broker: ActiveMQ | ExistingBroker,
+    broker_settings: BrokerSettings, facility: Facility, tmp_path: Path, runner_uid: int,
 ) -> Iterator[Callable[..., DispatcherProcess]]:
-    """Start dispatcher processes on this test's namespace and queues."""
-    password = tmp_path / "broker-password"
-    password.write_text(broker_settings.password.get_secret_value())
+    """Start dispatcher processes on this test's namespace and queues, connecting as
+    the dispatcher's broker identity, their runner pods as the runners'."""
+    identities = broker
     core = k8s.CoreV1Api(kube.api_client())
     core.create_namespaced_secret(namespace, {
         "metadata": {"name": "autoreduce-broker"},
-        "stringData": {"password": broker_settings.password.get_secret_value()},
+        "stringData": {"password": identities.runner.password},
     })
     ca_bundle = broker_ca_bundle(broker_settings)
     if ca_bundle is not None:
@@ -228,13 +238,19 @@ def start_dispatcher(
 
     def start(
         name: str = "dispatcher", *, kubeconfig: Path | None = None,
-        broker: BrokerSettings | None = None, **overrides: Any
+        broker: BrokerSettings | None = None, identity: Identity | None = None,
+        **overrides: Any,
     ) -> DispatcherProcess:
         """``kubeconfig``: the dispatcher's credentials (the admin's by default);
-        ``broker``: how it reaches the broker (the test's own settings by default)."""
+        ``broker``: how it reaches the broker (the test's own settings by default);
+        ``identity``: its broker user (the dispatcher's by default)."""
+        who = identity or identities.dispatcher
+        password = tmp_path / f"broker-password-{who.user}"
+        password.write_text(who.password)
         settings = dispatcher_settings(
-            broker=broker or broker_settings, password_file=password, namespace=namespace,
-            facility=facility, run_as_user=runner_uid,
+            broker=identities.settings_for(who, broker or broker_settings),
+            password_file=password, runner_username=identities.runner.user,
+            namespace=namespace, facility=facility, run_as_user=runner_uid,
             runner_image=kube.image("autoreduce-runner"), **overrides,
         )
         proc = DispatcherProcess(workdir=tmp_path / "dispatchers", settings=settings,

@@ -103,6 +103,20 @@ class BrokerSettings(BaseModel):
             object.__setattr__(self, "password", SecretStr(secret))
         return self
 
+    def current_password(self) -> str:
+        """The password now. A mounted Secret's file is read again on every (re)connect:
+        after a rotation the kubelet replaces the file within a minute or two, and the
+        next connection uses the new password without a restart. An unreadable file
+        (mid-replacement, say) leaves the last password read."""
+        if self.password_file is None:
+            return self.password.get_secret_value()
+        try:
+            secret = self.password_file.read_text(encoding="utf-8").strip()
+        except OSError:
+            return self.password.get_secret_value()
+        object.__setattr__(self, "password", SecretStr(secret))
+        return secret
+
     def host_and_ports(self) -> list[tuple[str, int]]:
         pairs = []
         for entry in self.hosts:

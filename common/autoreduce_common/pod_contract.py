@@ -50,6 +50,12 @@ BROKER_CA_FILE = f"{BROKER_CA_DIR}/{BROKER_CA_KEY}"
 BROKER_CLIENT_CERT_DIR = "/etc/autoreduce/broker-client"
 BROKER_CLIENT_CERT_FILE = f"{BROKER_CLIENT_CERT_DIR}/tls.crt"
 BROKER_CLIENT_KEY_FILE = f"{BROKER_CLIENT_CERT_DIR}/tls.key"
+# The poster sidecar (the only container holding the broker credential) listens on a
+# Unix socket in an emptyDir both containers mount; its own state is in another
+# emptyDir that only it mounts.
+POSTER_SOCKET_DIR = "/run/autoreduce/poster"
+POSTER_SOCKET = f"{POSTER_SOCKET_DIR}/poster.sock"
+POSTER_STATE_DIR = "/run/autoreduce/poster-state"
 # The site's runner config (the chart's runner ConfigMap, key runner.yaml), when it has one.
 RUNNER_CONFIG_DIR = "/etc/autoreduce/runner"
 RUNNER_CONFIG_FILE = f"{RUNNER_CONFIG_DIR}/runner.yaml"
@@ -79,6 +85,8 @@ class PodEnv(StrEnum):
     BROKER_TLS_CA_FILE = "AUTOREDUCE_BROKER__TLS__CA_FILE"
     BROKER_TLS_CERT_FILE = "AUTOREDUCE_BROKER__TLS__CERT_FILE"
     BROKER_TLS_KEY_FILE = "AUTOREDUCE_BROKER__TLS__KEY_FILE"
+    POSTER_SOCKET = "AUTOREDUCE_POSTER_SOCKET"
+    POSTER_STATE_DIR = "AUTOREDUCE_POSTER_STATE_DIR"
 
 
 # Every ReductionStarted/Complete/Error/Skipped carries these (message-contract notes

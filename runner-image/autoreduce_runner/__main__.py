@@ -24,11 +24,12 @@ from autoreduce_common.pod_contract import (
 from autoreduce_common.stomp_client import BrokerError
 
 from autoreduce_runner import admin, report
-from autoreduce_runner.broker import Poster
+from autoreduce_runner.broker import OutcomePoster, Poster
 from autoreduce_runner.config import ConfigError, RunnerSettings, load_settings
 from autoreduce_runner.faults import FaultPoint
 from autoreduce_runner.report import RunResult
 from autoreduce_runner.script import WebVars
+from autoreduce_runner.sidecar_client import SidecarPoster, make_non_dumpable
 
 log = logging.getLogger("autoreduce_runner")
 
@@ -101,7 +102,7 @@ def _read_message(path: Path) -> tuple[dict[str, Any], ReductionMessage | str]:
     return raw, message
 
 
-def _run(*, raw: dict[str, Any], message: ReductionMessage | str, poster: Poster,
+def _run(*, raw: dict[str, Any], message: ReductionMessage | str, poster: OutcomePoster,
          settings: RunnerSettings, stop: threading.Event) -> RunResult:
     if isinstance(message, str):
         log.error("%s", message)
@@ -121,7 +122,7 @@ def _run(*, raw: dict[str, Any], message: ReductionMessage | str, poster: Poster
     return admin.reduce(settings=settings, message=message, stop=stop, tee=tee)
 
 
-def _run_guarded(*, raw: dict[str, Any], message: ReductionMessage | str, poster: Poster,
+def _run_guarded(*, raw: dict[str, Any], message: ReductionMessage | str, poster: OutcomePoster,
                  settings: RunnerSettings, stop: threading.Event) -> RunResult:
     """``_run``, but a bug in the runner still ends in one posted ReductionError."""
     try:
@@ -148,7 +149,7 @@ def main() -> int:
         return _finish(fallback, report.termination_report(
             None, stage=Stage.NONE, message=f"bad runner configuration: {problem}"),
             code=ExitCode.BAD_CONFIG)
-    poster = Poster(settings=settings.broker, connect_timeout_s=settings.broker_connect_timeout_s)
+    poster = _poster(settings)
     try:
         return _reduce_and_post(raw=raw, message=message, poster=poster, settings=settings,
                                 stop=stop, admin_log=admin_log)
@@ -156,7 +157,22 @@ def main() -> int:
         poster.close()
 
 
-def _reduce_and_post(*, raw: dict[str, Any], message: ReductionMessage | str, poster: Poster,
+def _poster(settings: RunnerSettings) -> OutcomePoster:
+    """Through the pod's poster sidecar when it has one (then the broker credential
+    is in the sidecar only), else straight to the broker."""
+    if settings.poster_socket is None:
+        return Poster(settings=settings.broker,
+                      connect_timeout_s=settings.broker_connect_timeout_s)
+    make_non_dumpable()
+    # The sidecar's own worst case: reaching the broker, then a lost receipt and the
+    # one resend, each waiting the outcome receipt timeout.
+    worst = 2 * (settings.broker_connect_timeout_s + settings.broker.outcome_receipt_timeout_s)
+    return SidecarPoster(path=settings.poster_socket,
+                         connect_timeout_s=settings.broker_connect_timeout_s,
+                         reply_timeout_s=worst + 60)
+
+
+def _reduce_and_post(*, raw: dict[str, Any], message: ReductionMessage | str, poster: OutcomePoster,
                      settings: RunnerSettings, stop: threading.Event,
                      admin_log: AdminLog) -> int:
     termination = settings.termination_log
@@ -190,7 +206,7 @@ def _reduce_and_post(*, raw: dict[str, Any], message: ReductionMessage | str, po
     return int(code)
 
 
-def _post_outcome(*, raw: dict[str, Any], result: RunResult, poster: Poster,
+def _post_outcome(*, raw: dict[str, Any], result: RunResult, poster: OutcomePoster,
                   settings: RunnerSettings, admin_log: AdminLog) -> None:
     """Record "sending", send, record "posted": each step on record before the next, so
     whoever finds this pod stopped at any instant posts this outcome or nothing."""

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 CHILD_MODULE = "autoreduce_runner.child"
 # Environment the script must not see (the broker credentials are the admin's).
-_HIDDEN_ENV_PREFIXES = ("AUTOREDUCE_BROKER",)
+_HIDDEN_ENV_PREFIXES = ("AUTOREDUCE_BROKER", "AUTOREDUCE_POSTER")
 
 
 @dataclass(frozen=True)

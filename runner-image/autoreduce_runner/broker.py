@@ -5,14 +5,32 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.messages import encode
 from autoreduce_common.pod_contract import POSSIBLE_REPEAT_HEADER
-from autoreduce_common.stomp_client import BrokerError, BrokerTlsError, StompClient
+from autoreduce_common.stomp_client import (
+    BrokerError,
+    BrokerRefusedError,
+    BrokerTlsError,
+    StompClient,
+)
 
 log = logging.getLogger(__name__)
+
+
+class OutcomePoster(Protocol):
+    """How the runner posts: ``Poster`` itself, or through the pod's poster sidecar
+    (``autoreduce_runner.sidecar_client.SidecarPoster``)."""
+
+    def connect(self) -> None: ...
+
+    def post(self, *, destination: str, message: dict[str, Any],
+             headers: dict[str, str] | None = None,
+             on_sent: Callable[[], None] | None = None) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Poster:
@@ -66,6 +84,10 @@ class Poster:
         body = encode(message)
         try:
             self._send_once(destination, body, headers, on_sent)
+        except BrokerRefusedError:
+            # The broker said no (its authorization, most often): it holds no copy,
+            # and a second try gets the same answer.
+            raise
         except BrokerError as error:
             log.warning(
                 "send to %s not confirmed (%s); reconnecting to send it again", destination, error

@@ -13,7 +13,12 @@ from typing import Any
 
 import yaml
 from autoreduce_common.broker_settings import BrokerSettings
-from autoreduce_common.pod_contract import MESSAGE_FILE, SCRATCH_DIR, TERMINATION_LOG
+from autoreduce_common.pod_contract import (
+    MESSAGE_FILE,
+    POSTER_STATE_DIR,
+    SCRATCH_DIR,
+    TERMINATION_LOG,
+)
 from autoreduce_common.settings_sources import EnvFirstSettings
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -103,8 +108,11 @@ class RunnerSettings(EnvFirstSettings):
     kill_grace_s: float = Field(default=5.0, ge=0)
     # retry_in (seconds) on a permission problem; legacy used 6 hours.
     permission_retry_s: int = Field(default=21_600, ge=1)
-    # How long to keep trying to reach the broker before giving up (exit code 4).
-    broker_connect_timeout_s: float = Field(default=60.0, gt=0)
+    # How long to keep trying to reach the broker before giving up (exit code 4). Longer
+    # than the kubelet takes to refresh a rotated password's mounted file (its sync
+    # period, 1 min, plus its cache): each attempt reads the file again, so a password
+    # changed on the broker and in the Secret a minute apart costs a wait, not the post.
+    broker_connect_timeout_s: float = Field(default=180.0, gt=0)
     log_caps: LogCaps = Field(default_factory=LogCaps)
     # The container's cgroup mount, read to tell an OOM kill of the script from another
     # SIGKILL (autoreduce_runner/oom.py); a path without cgroup files means "cannot tell".
@@ -112,6 +120,12 @@ class RunnerSettings(EnvFirstSettings):
     log_level: str = "INFO"
     # This run's outcome identity (the Job's name), sent as a header on every outcome.
     outcome_id: str = ""
+    # The pod's poster sidecar (autoreduce_runner/sidecar.py), when it has one: the
+    # runner posts through this Unix socket and holds no broker credential itself.
+    poster_socket: Path | None = None
+    # The sidecar's own emptyDir (mounted in the sidecar only): its "session given"
+    # marker survives a restart of the sidecar there.
+    poster_state_dir: Path = Path(POSTER_STATE_DIR)
     # The fault suite's named fault points (autoreduce_runner/faults.py); never set in
     # production: unset means the runner has none.
     fault_point: FaultPoint | None = None

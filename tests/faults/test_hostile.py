@@ -296,7 +296,7 @@ def main(input_file, output_dir):
 
 
 def test_a_script_cannot_read_a_token_write_the_archive_or_the_root_filesystem(
-    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient, broker: Any,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
     kube: Any, namespace: str, runner_uid: int | None,
 ) -> None:
@@ -333,14 +333,15 @@ def test_a_script_cannot_read_a_token_write_the_archive_or_the_root_filesystem(
         assert security["readOnlyRootFilesystem"] is True
         assert security["capabilities"] == {"drop": ["ALL"]}
         assert all(m["readOnly"] for m in container["volumeMounts"] if m["mountPath"] == "/isis")
-    _assert_password_nowhere(kube, namespace, broker_settings, proc, reader)
+    _assert_password_nowhere(kube, namespace, broker, proc, reader)
 
 
-def _assert_password_nowhere(kube: Any, namespace: str, broker_settings: BrokerSettings,
+def _assert_password_nowhere(kube: Any, namespace: str, broker: Any,
                              proc: DispatcherProcess, reader: QueueReader) -> None:
-    """The broker password: only a Secret reference in Jobs; never in logs or messages."""
-    password = broker_settings.password.get_secret_value()
-    assert len(password) >= 6
+    """The broker passwords (the dispatcher's and the runners'): only a Secret reference
+    in Jobs; never in logs or messages."""
+    passwords = {broker.dispatcher.password, broker.runner.password}
+    assert all(len(password) >= 6 for password in passwords)
     places: dict[str, str] = {"dispatcher log": proc.log()}
     for kind in ("jobs", "configmaps", "pods", "events"):
         places[kind] = kube.kubectl("get", kind, "-n", namespace, "-o", "json", check=True).stdout
@@ -350,7 +351,7 @@ def _assert_password_nowhere(kube: Any, namespace: str, broker_settings: BrokerS
         name = pod["metadata"]["name"]
         places[f"log of {name}"] = kube.kubectl("logs", "-n", namespace, name).stdout
     places["outcome messages"] = "\n".join(d.body.decode(errors="replace") for d in reader.seen)
-    leaks = [where for where, text in places.items() if password in text]
+    leaks = [where for where, text in places.items() if any(p in text for p in passwords)]
     assert not leaks, f"the broker password appears in: {leaks}"
     for job in json.loads(places["jobs"])["items"]:
         volumes = job["spec"]["template"]["spec"]["volumes"]

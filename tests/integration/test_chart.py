@@ -146,8 +146,11 @@ def test_job_from_rendered_template_passes_server_side_dry_run(
 
 
 def install_values(
-    *, broker: BrokerSettings, facility: Facility, http_port: int, concurrency: int = 2
+    *, broker: BrokerSettings, identities: Any, facility: Facility, http_port: int,
+    concurrency: int = 2,
 ) -> dict[str, Any]:
+    """Values for an install on ``broker``'s hosts and queues, with the broker's two
+    product identities: the dispatcher's, and the runners' of their own."""
     q = broker.queues
     values: dict[str, Any] = {
         # The chart's own image names and tags: the stack built both images from the
@@ -157,8 +160,10 @@ def install_values(
         "logJson": False,
         "broker": {
             "hosts": broker.hosts,
-            "username": broker.username,
-            "password": broker.password.get_secret_value(),
+            "username": identities.dispatcher.user,
+            "password": identities.dispatcher.password,
+            "runner": {"username": identities.runner.user,
+                       "password": identities.runner.password},
             "heartbeatMs": 2000,
             "reconnectInitialSeconds": 0.2,
             "reconnectMaxSeconds": 2,
@@ -256,6 +261,7 @@ def cleanup_commands() -> list[str]:
 def test_install_dispatch_upgrade_uninstall(
     kube: Any,
     namespace: str,
+    broker: Any,
     broker_settings: BrokerSettings,
     stomp: StompClient,
     reader: QueueReader,
@@ -263,7 +269,8 @@ def test_install_dispatch_upgrade_uninstall(
 ) -> None:
     release = f"ar-{uuid.uuid4().hex[:6]}"
     facility = Facility(tmp_path / "facility").create()
-    values = install_values(broker=broker_settings, facility=facility, http_port=free_port())
+    values = install_values(broker=broker_settings, identities=broker, facility=facility,
+                            http_port=free_port())
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
     core = k8s.CoreV1Api(kube.api_client())
@@ -322,7 +329,9 @@ def test_install_dispatch_upgrade_uninstall(
         raise AssertionError(f"{error}\n{describe_failure(kube, namespace)}") from None
     assert job.metadata.name == name
     assert job.metadata.labels["autoreduce.io/managed"] == "true"
-    assert job.spec.template.spec.volumes[1].secret.secret_name == f"{release}-autoreduce-broker"
+    # Reductions mount the runners' own broker Secret, not the dispatcher's.
+    (broker_volume,) = [v for v in job.spec.template.spec.volumes if v.name == "broker"]
+    assert broker_volume.secret.secret_name == f"{release}-autoreduce-broker-runner"
     if RUNNER_PRESENT:
         q = broker_settings.queues
         final = {q.complete, q.error, q.skipped}
@@ -530,11 +539,12 @@ def canary_outcomes(reader: QueueReader, queue: str) -> list[dict[str, Any]]:
 
 
 def test_helm_test_canary_passes_and_leaves_the_outcome_to_the_web_app(
-    kube: Any, namespace: str, broker_settings: BrokerSettings, tmp_path: Path
+    kube: Any, namespace: str, broker: Any, broker_settings: BrokerSettings, tmp_path: Path
 ) -> None:
     release = f"ar-{uuid.uuid4().hex[:6]}"
     facility = Facility(tmp_path / "facility").create()
-    values = install_values(broker=broker_settings, facility=facility, http_port=free_port())
+    values = install_values(broker=broker_settings, identities=broker, facility=facility,
+                            http_port=free_port())
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
     helm(kube, "install", release, str(CHART), "-n", namespace, "-f", str(values_file),
@@ -584,12 +594,13 @@ def test_helm_test_canary_passes_and_leaves_the_outcome_to_the_web_app(
 
 
 def test_helm_test_fails_clearly_when_no_outcome_can_come_back(
-    kube: Any, namespace: str, broker_settings: BrokerSettings, stomp: StompClient,
+    kube: Any, namespace: str, broker: Any, broker_settings: BrokerSettings, stomp: StompClient,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     release = f"ar-{uuid.uuid4().hex[:6]}"
     facility = Facility(tmp_path / "facility").create()
-    values = install_values(broker=broker_settings, facility=facility, http_port=free_port())
+    values = install_values(broker=broker_settings, identities=broker, facility=facility,
+                            http_port=free_port())
     values["replicaCount"] = 0  # no dispatcher: the run cannot become a Job
     values["helmTest"] = {"timeoutSeconds": 8}
     values_file = tmp_path / "values.yaml"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -198,6 +199,36 @@ def test_status_shows_who_holds_the_rb_and_cancel_removes_a_waiting_run(
     consumer.join()
     assert followed.returncode == 0, followed.stdout + followed.stderr
     assert as_json(followed)["outcome"] == "Complete"
+
+
+def test_status_gives_the_schedulers_own_reason_for_a_pod_it_cannot_place(
+    start_dispatcher: Callable[..., DispatcherProcess], facility: Facility, tmp_path: Path,
+    reader: QueueReader, broker_settings: BrokerSettings,
+) -> None:
+    """A run whose pod asks for more CPU than any node has: the real kube-scheduler
+    marks it Unschedulable (what the cluster autoscaler acts on), and status says so
+    in the scheduler's words."""
+    proc = start_dispatcher(instruments={"GEM": {"resources": {
+        "requests": {"cpu": "64", "memory": "64Mi"}, "limits": {"memory": "1Gi"}}}})
+    good = write(tmp_path, "good.py", GOOD)
+    sent = cli(proc, "submit", facility.data_file("GEM", 77), str(good), "--rb", "1930077",
+               "--no-wait", "-o", "json")
+    assert sent.returncode == 0, sent.stderr
+
+    def unschedulable() -> Any:
+        running = as_json(cli(proc, "status", "-o", "json"))["running"]
+        return running[0] if running and "Unschedulable" in running[0]["detail"] else None
+
+    row = wait("the scheduler's verdict in status", unschedulable)
+    assert re.search(r"Pending \(Unschedulable: 0/\d+ nodes are available: .*Insufficient cpu",
+                     row["detail"]), row
+    human = cli(proc, "status", "--instrument", "gem").stdout
+    assert "Insufficient cpu" in human, human
+    cancelled = cli(proc, "cancel", "--instrument", "gem", "--rb", "1930077", "--run", "77",
+                    "--version", "0")
+    assert cancelled.returncode == 0, cancelled.stderr
+    q = broker_settings.queues
+    reader.wait_for(lambda seen: any(d.destination == q.error for d in seen), timeout=60)
 
 
 def test_retry_and_rerun_resubmit_the_stored_message_as_the_next_version(

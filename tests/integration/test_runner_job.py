@@ -215,10 +215,12 @@ def _job_condition(batch: client.BatchV1Api, *, namespace: str, name: str) -> st
 
 @pytest.fixture
 def run_job(
-    namespace: str, core: client.CoreV1Api, batch: client.BatchV1Api,
+    namespace: str, core: client.CoreV1Api, batch: client.BatchV1Api, broker: Any,
     broker_settings: BrokerSettings, site: Site,
 ) -> Callable[..., JobRun]:  # fmt: skip
-    """Run one message in a Job and wait until the Job has its final condition."""
+    """Run one message in a Job, connecting as the runners' broker identity, and wait
+    until the Job has its final condition."""
+    runner_broker = broker.settings_for(broker.runner, broker_settings)
 
     def run(message: dict[str, Any], *, env: dict[str, str] | None = None) -> JobRun:
         name = f"reduce-{uuid.uuid4().hex[:8]}"
@@ -227,9 +229,9 @@ def run_job(
             data={"message.json": json.dumps(message)}))  # fmt: skip
         core.create_namespaced_secret(namespace, client.V1Secret(
             metadata=client.V1ObjectMeta(name=name),
-            string_data={"password": broker_settings.password.get_secret_value(),
-                         **_ca(broker_settings)}))  # fmt: skip
-        batch.create_namespaced_job(namespace, _job(name, settings=broker_settings, site=site,
+            string_data={"password": runner_broker.password.get_secret_value(),
+                         **_ca(runner_broker)}))  # fmt: skip
+        batch.create_namespaced_job(namespace, _job(name, settings=runner_broker, site=site,
                                                     env=env or {}))  # fmt: skip
 
         def finished() -> Any:

@@ -171,6 +171,7 @@ def test_ci_files_cover_every_feature() -> None:
         "custom-job-template",
         "operator-role",
         "broker-tls",
+        "broker-identities",
     }
 
 
@@ -294,9 +295,11 @@ def test_rendered_settings_load_as_dispatcher_settings(
         assert settings.jobs.template_path == DEFAULT_TEMPLATE
     rendered = yaml.safe_load(dispatcher_config_map(docs)["data"]["settings.yaml"])
     assert rendered["broker"]["password_file"] == f"{mounts['broker']}/password"
-    secret_volume = volumes["broker"]["secret"]
-    assert secret_volume["secretName"] == settings.jobs.broker_secret_name
-    assert secret_volume["items"] == [{"key": settings.jobs.broker_secret_key, "path": "password"}]
+    if settings.jobs.broker_username is None:  # reductions use the dispatcher's Secret
+        secret_volume = volumes["broker"]["secret"]
+        assert secret_volume["secretName"] == settings.jobs.broker_secret_name
+        assert secret_volume["items"] == [
+            {"key": settings.jobs.broker_secret_key, "path": "password"}]
     assert settings.http_port == container["ports"][0]["containerPort"]
     # Secrets never travel in the settings file.
     assert "password:" not in dispatcher_config_map(docs)["data"]["settings.yaml"].replace(
@@ -338,6 +341,50 @@ def test_existing_secret_is_referenced_not_created(
         "stomp-password",
     )
     assert s.broker.username == "reducer"
+
+
+def test_reductions_get_a_broker_identity_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = render(CHART / "ci" / "broker-identities-values.yaml")
+    s = load_rendered_settings(docs, tmp_path, monkeypatch)
+    runner_secret = f"{RELEASE}-autoreduce-broker-runner"
+    assert (s.jobs.broker_username, s.jobs.broker_secret_name, s.jobs.broker_secret_key) == (
+        "autoreduce-runner", runner_secret, "password")
+    assert s.broker.username == "autoreduce"
+    secrets = {d["metadata"]["name"]: d["data"]["password"]
+               for d in docs if d["kind"] == "Secret"}
+    assert secrets == {f"{RELEASE}-autoreduce-broker": base64.b64encode(b"change-me").decode(),
+                       runner_secret: base64.b64encode(b"change-me-too").decode()}
+    # The dispatcher's pod and the canary mount the dispatcher's password only.
+    for name in ("Deployment", "Pod", "Job"):
+        for doc in (d for d in docs if d["kind"] == name):
+            spec = doc["spec"]["template"]["spec"] if name != "Pod" else doc["spec"]
+            mounted = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+            assert runner_secret not in mounted, doc["metadata"]["name"]
+    job = rendered_job(docs, tmp_path, monkeypatch)
+    pod = job["spec"]["template"]["spec"]
+    (poster,) = pod["initContainers"]  # the only container with the credential
+    env = {e["name"]: e.get("value") for e in poster["env"]}
+    assert env["AUTOREDUCE_BROKER__USERNAME"] == "autoreduce-runner"
+    (broker_volume,) = [v for v in pod["volumes"] if v["name"] == "broker"]
+    assert broker_volume["secret"] == {"secretName": runner_secret,
+                                       "items": [{"key": "password", "path": "password"}]}
+
+
+def test_a_runner_user_needs_a_password_or_an_existing_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = helm("template", RELEASE, str(CHART), "--set", "broker.password=x",
+                  "--set", "broker.runner.username=runner", check=False)
+    assert result.returncode != 0
+    assert "broker.runner.password" in result.stderr, result.stderr
+    docs = render(sets=("broker.password=x", "broker.runner.username=runner",
+                        "broker.runner.existingSecret=site-runner", "broker.runner.secretKey=pw"))
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [
+        f"{RELEASE}-autoreduce-broker"]
+    s = load_rendered_settings(docs, tmp_path, monkeypatch)
+    assert (s.jobs.broker_secret_name, s.jobs.broker_secret_key) == ("site-runner", "pw")
 
 
 def test_instrument_overrides_and_caps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -409,7 +456,8 @@ def test_runner_config_schema_knows_every_runner_file_setting() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     in_schema = set(schema["properties"]["runnerConfig"]["properties"])
     # These come from the Job template's environment, not from the file.
-    from_env = {"broker", "message_file", "runner_config", "termination_log", "outcome_id"}
+    from_env = {"broker", "message_file", "runner_config", "termination_log", "outcome_id",
+                "poster_socket", "poster_state_dir"}
     # The fault suite's fault points are never chart settings (faults.py).
     from_env |= {"fault_point", "fault_action"}
     assert in_schema == set(config.RunnerSettings.model_fields) - from_env
@@ -867,12 +915,13 @@ TLS_VALUES = CHART / "ci" / "broker-tls-values.yaml"
 BROKER_CA = f"{RELEASE}-autoreduce-broker-ca"
 
 
-def mounted_files(pod: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
-    """Each file a pod's (first) container sees from a ConfigMap or Secret item:
-    path -> (volume kind, object name, key)."""
+def mounted_files(pod: dict[str, Any], container: dict[str, Any] | None = None
+                  ) -> dict[str, tuple[str, str, str]]:
+    """Each file a container (the pod's first by default) sees from a ConfigMap or
+    Secret item: path -> (volume kind, object name, key)."""
     volumes = {v["name"]: v for v in pod["volumes"]}
     files = {}
-    for mount in pod["containers"][0]["volumeMounts"]:
+    for mount in (container or pod["containers"][0])["volumeMounts"]:
         volume = volumes[mount["name"]]
         for kind, name_key in (("configMap", "name"), ("secret", "secretName")):
             if kind in volume:
@@ -927,10 +976,14 @@ def test_broker_tls_reaches_the_reduction_pods(
     assert (jobs.broker_ca_config_map, jobs.broker_ca_key) == (BROKER_CA, "ca.crt")
     assert jobs.broker_client_cert_secret == runner_cert
     pod = rendered_job(docs, tmp_path, monkeypatch)["spec"]["template"]["spec"]
-    files = mounted_files(pod)
+    (poster,) = pod["initContainers"]  # the poster sidecar holds the broker's files
+    files = mounted_files(pod, poster)
     assert files[pod_contract.BROKER_CA_FILE] == ("configMap", BROKER_CA, "ca.crt")
     assert files[pod_contract.BROKER_CLIENT_CERT_FILE] == ("secret", runner_cert, "tls.crt")
     assert files[pod_contract.BROKER_CLIENT_KEY_FILE] == ("secret", runner_cert, "tls.key")
+    # ... and the runner, where reduce.py runs, none of them.
+    runner_mounts = {m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert not runner_mounts & {"broker", "broker-ca", "broker-client-cert"}, runner_mounts
 
 
 @pytest.mark.parametrize(

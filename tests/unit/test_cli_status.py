@@ -150,6 +150,37 @@ def test_running_waiting_and_finished_rows() -> None:
     assert result.holders == {"1920001": "red-wish-1-v0"}
 
 
+def test_a_pending_pod_shows_why_it_is_not_running() -> None:
+    unschedulable = pod("red-wish-5-v0", phase="Pending")
+    unschedulable["status"]["conditions"] = [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/1 nodes are available: 1 Insufficient cpu."}]
+    pulling = pod("red-wish-6-v0", phase="Pending")
+    pulling["status"]["containerStatuses"] = [{"state": {"waiting": {
+        "reason": "ImagePullBackOff"}}}]
+    jobs = [job("red-wish-5-v0", run=5, started=5, created=9),
+            job("red-wish-6-v0", rb="6", run=6, started=5, created=9)]
+    result = status.summarize(jobs=jobs, pods=[unschedulable, pulling], leases=[],
+                              labels=LABELS, now=NOW)
+    details = {r.job: r.detail for r in result.running}
+    assert details["red-wish-5-v0"] == (
+        "red-wish-5-v0-abcde Pending (Unschedulable: 0/1 nodes are available: "
+        "1 Insufficient cpu.)")
+    assert details["red-wish-6-v0"] == "red-wish-6-v0-abcde Pending (ImagePullBackOff)"
+
+
+def test_a_finished_run_shows_the_outcome_the_dispatcher_posted_for_it() -> None:
+    """A pod killed for memory: the Job says BackoffLimitExceeded, the ReductionError
+    the dispatcher posted says why; status shows the latter."""
+    verdict = failures.Verdict(False, "OOMKilled", "Reduction ran out of memory (limit 1Gi)",
+                               transient=False)
+    jobs = [job("red-wish-4-v0", run=4, created=60, conditions=done("Failed", 10),
+                annotations={"autoreduce.io/outcome": "Done",
+                             "autoreduce.io/outcome-verdict": failures.render_verdict(verdict)})]
+    (row,) = status.summarize(jobs=jobs, pods=[], leases=[], labels=LABELS, now=NOW).finished
+    assert (row.outcome, row.detail) == ("Error", "Reduction ran out of memory (limit 1Gi)")
+
+
 def test_cancelled_runs_and_filters_and_recent_limit() -> None:
     jobs = [job(f"red-wish-{n}-v0", run=n, created=100 + n,
                 conditions=done("Complete", 10 + n)) for n in range(15)]

@@ -147,6 +147,15 @@ def test_image_pull_and_container_errors_are_stuck(reason: str, text: str,
     assert stuck_reason(pod(waiting=(reason, text))) == expected
 
 
+def test_a_stuck_poster_sidecar_is_stuck_too() -> None:
+    """The sidecar starts first: an image it cannot pull leaves the runner only
+    PodInitializing."""
+    stuck = pod(waiting=("PodInitializing", ""))
+    stuck["status"]["initContainerStatuses"] = [
+        {"name": "poster", "state": {"waiting": {"reason": "ErrImagePull", "message": "nope"}}}]
+    assert stuck_reason(stuck) == "ErrImagePull: nope"
+
+
 @pytest.mark.parametrize("reason", ["ContainerCreating", "PodInitializing", "CrashLoopBackOff"])
 def test_waiting_that_fixes_itself_is_not_stuck(reason: str) -> None:
     assert stuck_reason(pod(waiting=(reason, "back-off 10s"))) is None

@@ -157,7 +157,7 @@ def test_render_never_injects_even_from_unvalidated_keys(
     assert set(job["spec"]["template"]["spec"]) == {
         "restartPolicy", "activeDeadlineSeconds", "automountServiceAccountToken",
         "enableServiceLinks", "securityContext", "nodeSelector", "tolerations", "containers",
-        "volumes"}
+        "initContainers", "volumes"}
     name = job_name(key)
     assert len(name) <= 63 and DNS_LABEL.match(name), name
 

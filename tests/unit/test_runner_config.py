@@ -122,6 +122,8 @@ def test_the_jobs_env_names_are_the_runners_settings(
         PodEnv.BROKER_TLS_CA_FILE: "/tls/ca.crt",
         PodEnv.BROKER_TLS_CERT_FILE: "/tls/tls.crt",
         PodEnv.BROKER_TLS_KEY_FILE: "/tls/tls.key",
+        PodEnv.POSTER_SOCKET: "/p/poster.sock",
+        PodEnv.POSTER_STATE_DIR: "/p/state",
     }
     assert set(values) == set(PodEnv)
     for name, value in values.items():
@@ -140,6 +142,8 @@ def test_the_jobs_env_names_are_the_runners_settings(
     tls = settings.broker.tls
     assert tls.enabled and tls.ca_file == Path("/tls/ca.crt")
     assert (tls.cert_file, tls.key_file) == (Path("/tls/tls.crt"), Path("/tls/tls.key"))
+    assert settings.poster_socket == Path("/p/poster.sock")
+    assert settings.poster_state_dir == Path("/p/state")
 
 
 def test_the_runner_defaults_to_the_pods_paths() -> None:

@@ -49,8 +49,7 @@ HERE = "tests/unit/test_settings_schema.py"
 SETTING_OF_VALUE = {
     "broker.hosts": "broker.hosts",
     "broker.username": "broker.username",
-    "broker.existingSecret": "jobs.broker_secret_name",
-    "broker.secretKey": "jobs.broker_secret_key",
+    "broker.runner.username": "jobs.broker_username",  # null: the dispatcher's user
     "broker.heartbeatMs": "broker.heartbeat_ms",
     "broker.receiptTimeoutSeconds": "broker.receipt_timeout_s",
     "broker.outcomeReceiptTimeoutSeconds": "broker.outcome_receipt_timeout_s",
@@ -67,6 +66,7 @@ SETTING_OF_VALUE = {
     "jobs.labelPrefix": "jobs.label_prefix",
     "jobs.ttlSecondsAfterFinished": "jobs.ttl_seconds_after_finished",
     "jobs.cancelMarkerTtlSeconds": "jobs.cancel_marker_ttl_seconds",
+    "jobs.posterSidecar": "jobs.poster_sidecar",
     "runner.image.pullPolicy": "runner.image_pull_policy",
     "runner.command": "runner.command",
     "runner.resources.requests": "runner.resources.requests",
@@ -124,11 +124,18 @@ DERIVED = {
     "broker.tls.caBundle": "jobs.broker_ca_config_map",  # <fullname>-broker-ca; and ca_file
     "broker.tls.caKey": "jobs.broker_ca_key",  # with existingCaConfigMap; else ca.crt
     "broker.tls.clientCertSecret": "broker.tls.cert_file",  # and key_file: the mounted pair
+    # The runners' password Secret and key: broker.runner's when it names a user, else
+    # the dispatcher's own (which the dispatcher's pod mounts as broker.password_file).
+    "broker.runner.existingSecret": "jobs.broker_secret_name",  # else <fullname>-broker-runner
+    "broker.runner.secretKey": "jobs.broker_secret_key",
+    "broker.existingSecret": "jobs.broker_secret_name",  # while broker.runner.username is ""
+    "broker.secretKey": "jobs.broker_secret_key",  # likewise
 }
 
 # Values in settings-backed sections that are no setting at all.
 NOT_SETTINGS = {
     "broker.password": "goes into the Secret; the dispatcher reads the mounted file",
+    "broker.runner.password": "goes into the runners' Secret; reduction pods mount it",
     "priorityClass.value": "a field of the PriorityClass object the chart creates",
     "priorityClass.preemptionPolicy": "a field of the PriorityClass object",
     "priorityClass.description": "a field of the PriorityClass object",
@@ -209,6 +216,8 @@ EVERY_VALUE: dict[str, Any] = {
         "username": "reducer",
         "existingSecret": "site-broker",
         "secretKey": "stomp-password",
+        "runner": {"username": "reducer-runner", "existingSecret": "site-broker-runner",
+                   "secretKey": "runner-password"},
         "heartbeatMs": 4000,
         "receiptTimeoutSeconds": 7.5,
         "outcomeReceiptTimeoutSeconds": 90,
@@ -235,6 +244,7 @@ EVERY_VALUE: dict[str, Any] = {
         "labelPrefix": "reduction.example.org",
         "ttlSecondsAfterFinished": 3600,
         "cancelMarkerTtlSeconds": 0,
+        "posterSidecar": False,
     },
     "jobTemplate": DEFAULT_TEMPLATE.read_text(),
     "runner": {

@@ -9,12 +9,13 @@ reconnects with backoff across a list of hosts and re-subscribes.
 
 A package, one concern a module; import from here, not from them:
 
-- ``types``: ``BrokerError``, ``Delivery`` and the remembered subscription (pure);
+- ``types``: ``BrokerError`` and its kinds, ``Delivery`` and the remembered subscription (pure);
 - ``tls``: the TLS context, and the reason a handshake failed (no stomp);
 - ``state``: the fields all parts share, and the one constructor that sets them;
 - ``listener``: the hand-over from stomp.py's receiver thread;
 - ``receipts``: ``send`` and the RECEIPT bookkeeping;
-- ``subscriptions``: ``subscribe``, ``unsubscribe``, routing deliveries, ``ack``;
+- ``subscriptions``: ``subscribe`` (confirmed by a receipt), ``unsubscribe``, routing
+  deliveries, ``ack``;
 - ``client``: ``StompClient``, the connection (connect, reconnect, teardown).
 
 ``StompClient`` is still one class with the same methods: it inherits the receipt
@@ -26,6 +27,11 @@ it), and every module logs as ``autoreduce_common.stomp_client``.
 """
 
 from autoreduce_common.stomp_client.client import StompClient
-from autoreduce_common.stomp_client.types import BrokerError, BrokerTlsError, Delivery
+from autoreduce_common.stomp_client.types import (
+    BrokerError,
+    BrokerRefusedError,
+    BrokerTlsError,
+    Delivery,
+)
 
-__all__ = ["BrokerError", "BrokerTlsError", "Delivery", "StompClient"]
+__all__ = ["BrokerError", "BrokerRefusedError", "BrokerTlsError", "Delivery", "StompClient"]

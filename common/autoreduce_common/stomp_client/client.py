@@ -1,7 +1,7 @@
 """``StompClient``: the connection (connect, reconnect with backoff, teardown).
 
-The class is assembled from its parts: it inherits sending and receipts
-(``_Receipts``) and subscriptions and acks (``_Subscriptions``), which share the
+The class is assembled from its parts: it inherits subscriptions and acks
+(``_Subscriptions``), built on sending and receipts (``_Receipts``), which share the
 fields of ``_ClientState``. Reconnecting lives here because it touches both: a new
 connection gets a new generation (old deliveries can no longer be acked) and every
 remembered subscription is sent again; a lost one fails every pending receipt.
@@ -21,7 +21,7 @@ from autoreduce_common.stomp_client import tls
 from autoreduce_common.stomp_client.listener import _Listener
 from autoreduce_common.stomp_client.receipts import _Receipts
 from autoreduce_common.stomp_client.subscriptions import _Subscriptions
-from autoreduce_common.stomp_client.types import BrokerError, BrokerTlsError
+from autoreduce_common.stomp_client.types import BrokerError, BrokerRefusedError, BrokerTlsError
 
 log = logging.getLogger(__package__)
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__package__)
 DISCONNECT_RECEIPT_S = 5.0
 
 
-class StompClient(_Receipts, _Subscriptions):
+class StompClient(_Subscriptions, _Receipts):
     """A reconnecting STOMP 1.2 client; safe to call from several threads.
 
     Its keyword-only constructor is ``_ClientState.__init__``, where the fields
@@ -65,19 +65,26 @@ class StompClient(_Receipts, _Subscriptions):
         """Connect once, trying each host in order; raise BrokerError if none answers."""
         with self._lock:
             self._teardown()
-            errors, tls_errors = [], []
+            errors, tls_errors, refusals = [], [], []
             for host_port in self._settings.host_and_ports():
+                where = f"{host_port[0]}:{host_port[1]}"
                 try:
                     self._open(host_port)
                     return
                 except (stomp.exception.StompException, OSError) as error:
-                    where = f"{host_port[0]}:{host_port[1]}"
+                    if self._last_refusal:  # it answered CONNECT with an ERROR frame
+                        refusals.append(f"{where}: {self._last_refusal}")
+                        continue
                     errors.append(f"{where}: {error or type(error).__name__}")
                     reason = self._tls_reason(host_port)
                     if reason is not None:
                         tls_errors.append(f"TLS to {where}: {reason}")
             if tls_errors:
                 raise BrokerTlsError("; ".join(tls_errors))
+            if refusals:
+                # A wrong or rotated password, or an unknown user: not an outage.
+                raise BrokerRefusedError(f"the broker refused the login of user "
+                                         f"{self._settings.username!r}: " + "; ".join(refusals))
             raise BrokerError("no broker reachable: " + "; ".join(errors))
 
     def _tls_reason(self, host_port: tuple[str, int]) -> str | None:
@@ -103,21 +110,43 @@ class StompClient(_Receipts, _Subscriptions):
                 raise BrokerTlsError(problem)
             conn.set_ssl(for_hosts=[host_port], **tls.stomp_params(self._settings.tls))
         self._generation += 1
+        self._last_refusal = ""
         conn.set_listener("autoreduce", _Listener(self, self._generation))
-        conn.connect(
-            username=self._settings.username,
-            passcode=self._settings.password.get_secret_value(),
-            wait=True,
-            headers={"client-id": f"{self._client_name}-{uuid.uuid4().hex[:8]}"},
-        )
+        try:
+            conn.connect(
+                username=self._settings.username,
+                passcode=self._settings.current_password(),
+                wait=True,
+                headers={"client-id": f"{self._client_name}-{uuid.uuid4().hex[:8]}"},
+            )
+        except stomp.exception.ConnectFailedException:
+            self._await_refusal()
+            raise
         if not conn.is_connected():
+            if self._await_refusal():
+                raise stomp.exception.ConnectFailedException(self._last_refusal)
             raise BrokerError(f"broker at {host_port[0]}:{host_port[1]} refused the connection")
         self._conn = conn
         self._last_heard = time.monotonic()
         self._connected.set()
-        for sub in self._subscriptions:
-            self._subscribe_on_wire(sub)
+        try:
+            for sub in self._subscriptions:
+                self._subscribe_on_wire(sub)
+        except BrokerError:
+            # Refused (or lost) on the way: no half-subscribed connection stays up
+            # looking healthy while it consumes nothing.
+            self._teardown()
+            raise
         log.info("connected to broker %s:%s", *host_port)
+
+    def _await_refusal(self, timeout_s: float = 0.5) -> str:
+        """The broker's reason for refusing a CONNECT. stomp.py can give up on the
+        CONNECT (its flag is set first) before its thread has handed us the ERROR
+        frame; over TLS that happens about one time in three."""
+        deadline = time.monotonic() + timeout_s
+        while not self._last_refusal and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self._last_refusal
 
     def ensure_connected(self, *, stop: threading.Event | None = None) -> bool:
         """Reconnect with exponential backoff until connected or ``stop`` is set."""
@@ -135,6 +164,10 @@ class StompClient(_Receipts, _Subscriptions):
                     # setting (the files are read again on every attempt).
                     log.error("broker TLS fails, retrying in %.1fs until it is fixed: %s",
                               delay, error)
+                elif isinstance(error, BrokerRefusedError):
+                    log.error("the broker refuses user %r, retrying in %.1fs until its "
+                              "password or the broker's grants are fixed: %s",
+                              self._settings.username, delay, error)
                 else:
                     log.warning("broker unavailable, retrying in %.1fs: %s", delay, error)
                 if stop is not None:
@@ -182,6 +215,6 @@ class StompClient(_Receipts, _Subscriptions):
         self._connected.clear()
         # Wake every sender waiting on a receipt that will never come.
         for receipt, waiter in list(self._receipts.items()):
-            self._failed_receipts.add(receipt)
+            self._failed_receipts[receipt] = ""
             waiter.set()
         log.warning("lost the broker connection")

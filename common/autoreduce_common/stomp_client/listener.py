@@ -38,8 +38,9 @@ class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
         self._client._on_heard(self._generation)
 
     def on_error(self, frame: Any) -> None:
-        log.warning("broker ERROR frame: %s", frame.headers.get("message", "")[:500])
-        self._client._on_error(frame.headers.get("receipt-id", ""))
+        message = str(frame.headers.get("message", ""))[:500]
+        log.warning("broker ERROR frame: %s", message)
+        self._client._on_error(frame.headers.get("receipt-id", ""), message)
 
     def on_disconnected(self) -> None:
         self._client._on_disconnected(self._generation)

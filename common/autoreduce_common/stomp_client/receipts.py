@@ -1,8 +1,9 @@
 """Sending, and the RECEIPT bookkeeping that makes "sent" mean "the broker has it".
 
-Each SEND carries a receipt id and a waiter; the listener's RECEIPT or ERROR frame
-sets the waiter (an ERROR also marks the receipt failed), and a lost connection
-fails every waiter at once (``StompClient._on_disconnected``).
+Each SEND (and SUBSCRIBE) carries a receipt id and a waiter; the listener's RECEIPT
+or ERROR frame sets the waiter (an ERROR also marks the receipt failed, with the
+broker's message), and a lost connection fails every waiter at once
+(``StompClient._on_disconnected``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import stomp.exception
 
 from autoreduce_common.stomp_client.state import _ClientState
-from autoreduce_common.stomp_client.types import BrokerError
+from autoreduce_common.stomp_client.types import BrokerError, BrokerRefusedError
 
 
 class _Receipts(_ClientState):
@@ -64,10 +65,13 @@ class _Receipts(_ClientState):
             if not waiter.wait(self._receipt_timeout_s):
                 raise BrokerError(f"{what}: no receipt from the broker")
             if receipt in self._failed_receipts:
-                raise BrokerError(f"{what}: the broker rejected it")
+                refusal = self._failed_receipts[receipt]
+                if refusal:
+                    raise BrokerRefusedError(f"{what}: the broker refused it: {refusal}")
+                raise BrokerError(f"{what}: the connection was lost before the receipt")
         finally:
             self._receipts.pop(receipt, None)
-            self._failed_receipts.discard(receipt)
+            self._failed_receipts.pop(receipt, None)
 
     def _require_conn(self) -> Any:
         if self._conn is None or not self._connected.is_set():
@@ -81,7 +85,8 @@ class _Receipts(_ClientState):
         if waiter is not None:
             waiter.set()
 
-    def _on_error(self, receipt: str) -> None:
+    def _on_error(self, receipt: str, message: str) -> None:
+        self._last_refusal = message
         if receipt and receipt in self._receipts:
-            self._failed_receipts.add(receipt)
+            self._failed_receipts[receipt] = message or "an ERROR frame without a message"
             self._receipts[receipt].set()

@@ -40,9 +40,17 @@ class _ClientState:
         self._generation = 0
         self._connected = threading.Event()
         self._receipts: dict[str, threading.Event] = {}
-        self._failed_receipts: set[str] = set()
+        # Receipts that failed, with why: the broker's ERROR message, or "" for a lost
+        # connection.
+        self._failed_receipts: dict[str, str] = {}
         self._subscriptions: list[_Subscription] = []
+        # The broker's last ERROR message, to say why a CONNECT was refused.
+        self._last_refusal = ""
         self._receipt_ids = itertools.count()
         self.reconnects = 0  # read by metrics
         # When the broker was last heard from (any frame or heartbeat), for ``answering``.
         self._last_heard = time.monotonic()
+
+    def _teardown(self) -> None:
+        """Drop the connection (``StompClient`` has the real one)."""
+        raise NotImplementedError

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 import stomp.exception
 
-from autoreduce_common.stomp_client.state import _ClientState
-from autoreduce_common.stomp_client.types import Delivery, _Subscription
+from autoreduce_common.stomp_client.receipts import _Receipts
+from autoreduce_common.stomp_client.types import BrokerError, Delivery, _Subscription
 
 log = logging.getLogger(__package__)
 
 
-class _Subscriptions(_ClientState):
+class _Subscriptions(_Receipts):
+    """Built on the receipts part: a SUBSCRIBE waits for its receipt like a SEND."""
+
     def subscribe(
         self,
         *,
@@ -30,6 +33,8 @@ class _Subscriptions(_ClientState):
         headers: Mapping[str, str] | None = None,
     ) -> None:
         """Subscribe with client-individual acks; deliveries go to ``sink``.
+        BrokerError (BrokerRefusedError when the broker says no) when the broker did
+        not confirm it; the subscription is remembered all the same.
 
         ``headers`` go on the SUBSCRIBE frame: ActiveMQ reads ``browser: true``
         (look at a queue without consuming; the last frame has ``browser: end``) and
@@ -41,7 +46,14 @@ class _Subscriptions(_ClientState):
         with self._lock:
             self._subscriptions.append(sub)
             if self._conn is not None:
-                self._subscribe_on_wire(sub)
+                try:
+                    self._subscribe_on_wire(sub)
+                except BrokerError:
+                    # No connection stays up without the subscription it was asked
+                    # for: reconnecting subscribes again, with backoff and a log line
+                    # that says why, until the broker allows it (or unsubscribe).
+                    self._teardown()
+                    raise
 
     def unsubscribe(self, sink: queue.Queue[Delivery]) -> None:
         """Drop every subscription feeding ``sink`` (unacked messages go back)."""
@@ -56,13 +68,25 @@ class _Subscriptions(_ClientState):
                         log.debug("unsubscribe: %s", error)
 
     def _subscribe_on_wire(self, sub: _Subscription) -> None:
-        self._conn.subscribe(
-            destination=sub.destination,
-            id=sub.sub_id,
-            ack="client-individual",
-            # Without this ActiveMQ pushes the whole queue into one consumer.
-            headers={"activemq.prefetchSize": str(sub.prefetch), **sub.headers},
-        )
+        """Subscribe and wait for the broker's receipt: a subscription its
+        authorization refuses is a BrokerRefusedError, not a consumer that silently
+        never receives anything."""
+        receipt = f"sub-{next(self._receipt_ids)}-{sub.sub_id}"
+        waiter = threading.Event()
+        self._receipts[receipt] = waiter
+        try:
+            self._conn.subscribe(
+                destination=sub.destination,
+                id=sub.sub_id,
+                ack="client-individual",
+                # Without this ActiveMQ pushes the whole queue into one consumer.
+                headers={"activemq.prefetchSize": str(sub.prefetch), **sub.headers,
+                         "receipt": receipt},
+            )
+        except (stomp.exception.StompException, OSError) as error:
+            self._receipts.pop(receipt, None)
+            raise BrokerError(f"subscribe to {sub.destination} failed: {error}") from error
+        self._await_receipt(receipt, waiter, what=f"subscribe to {sub.destination}")
 
     def ack(self, delivery: Delivery) -> bool:
         """Ack; False when the delivery's connection is gone (it will be redelivered)."""

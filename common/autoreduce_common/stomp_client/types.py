@@ -1,8 +1,8 @@
 """The values the client hands out and keeps: plain data, no stomp and no I/O.
 
-``BrokerError`` (and its ``BrokerTlsError``) and ``Delivery`` are what callers catch
-and ack; ``_Subscription`` is
-what the client remembers so that a reconnect can subscribe again.
+``BrokerError`` (and its ``BrokerTlsError`` and ``BrokerRefusedError``) and
+``Delivery`` are what callers catch and ack; ``_Subscription`` is what the client
+remembers so that a reconnect can subscribe again.
 """
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ class BrokerError(Exception):
 class BrokerTlsError(BrokerError):
     """TLS to the broker fails for a reason retrying cannot fix (an untrusted, expired
     or misnamed certificate, unreadable TLS files): someone has to change a setting."""
+
+
+class BrokerRefusedError(BrokerError):
+    """The broker answered CONNECT, SEND or SUBSCRIBE with an ERROR frame: a login it
+    refuses (a wrong or just rotated password, an unknown user) or its authorization
+    refusing this user the destination. Sending again at once will not help; the
+    message is the broker's own."""
 
 
 @dataclass(frozen=True)

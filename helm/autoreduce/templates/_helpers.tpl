@@ -83,6 +83,30 @@ Broker password Secret name and key (created by the chart, or the operator's own
 {{- end }}
 
 {{/*
+The reduction pods' broker password Secret and key: the runner identity's (created by
+the chart, or the operator's own), or the dispatcher's while broker.runner.username is
+empty.
+*/}}
+{{- define "autoreduce.runnerBrokerSecretName" -}}
+{{- $r := .Values.broker.runner }}
+{{- if not $r.username }}
+{{- include "autoreduce.brokerSecretName" . }}
+{{- else if $r.existingSecret }}
+{{- $r.existingSecret }}
+{{- else }}
+{{- include "autoreduce.suffixed" (list . "broker-runner") }}
+{{- end }}
+{{- end }}
+
+{{- define "autoreduce.runnerBrokerSecretKey" -}}
+{{- if .Values.broker.runner.username }}
+{{- .Values.broker.runner.secretKey }}
+{{- else }}
+{{- .Values.broker.secretKey }}
+{{- end }}
+{{- end }}
+
+{{/*
 TLS to the broker. Where the pods that connect with the dispatcher's settings (the
 dispatcher, the CLI in it, the canary) mount the CA bundle and the client certificate:
 the runner pods' paths too (autoreduce_common/pod_contract.py; a unit test keeps them
@@ -324,8 +348,10 @@ Secrets never appear here: the password is a mounted file.
   "label_prefix" $v.jobs.labelPrefix
   "ttl_seconds_after_finished" (int $v.jobs.ttlSecondsAfterFinished)
   "cancel_marker_ttl_seconds" (int $v.jobs.cancelMarkerTtlSeconds)
-  "broker_secret_name" (include "autoreduce.brokerSecretName" .)
-  "broker_secret_key" $v.broker.secretKey
+  "poster_sidecar" $v.jobs.posterSidecar
+  "broker_username" ($v.broker.runner.username | default nil)
+  "broker_secret_name" (include "autoreduce.runnerBrokerSecretName" .)
+  "broker_secret_key" (include "autoreduce.runnerBrokerSecretKey" .)
   "runner_config_map" (include "autoreduce.runnerConfigMapName" . | default nil)
   "broker_ca_config_map" (include "autoreduce.brokerCaConfigMapName" . | default nil)
   "broker_ca_key" (include "autoreduce.brokerCaKey" .)
