@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -48,11 +49,14 @@ class Poster:
     def __init__(self, *, settings: BrokerSettings, connect_timeout_s: float) -> None:
         self._settings = settings
         self._connect_timeout_s = connect_timeout_s
-        self._client = StompClient(
-            settings=settings,
+        self._client = self._new_client()
+
+    def _new_client(self) -> StompClient:
+        return StompClient(
+            settings=self._settings,
             client_name="autoreduce-runner",
             heartbeats=False,
-            receipt_timeout_s=settings.outcome_receipt_timeout_s,
+            receipt_timeout_s=self._settings.outcome_receipt_timeout_s,
         )
 
     def connect(self) -> None:
@@ -108,4 +112,25 @@ class Poster:
             raise
 
     def close(self) -> None:
-        self._client.disconnect()
+        if not close_within(self._client.disconnect, timeout_s=CLOSE_TIMEOUT_S):
+            # The stuck teardown holds that client's lock: post on a new one.
+            self._client = self._new_client()
+
+
+# How long closing an outcome's connection may take before it is left behind.
+CLOSE_TIMEOUT_S = 10.0
+
+
+def close_within(close: Callable[[], None], *, timeout_s: float) -> bool:
+    """Run ``close``, waiting at most ``timeout_s``; False when it is still running.
+    A close comes after the receipt (the outcome is confirmed and on record) or after
+    a failed send, and a broker that died just then can leave stomp.py's teardown
+    waiting on a peer that never answers: the pod must still end."""
+    closer = threading.Thread(target=close, name="broker-close", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    if closer.is_alive():
+        log.warning("the broker connection did not close within %.0f s; left behind",
+                    timeout_s)
+        return False
+    return True

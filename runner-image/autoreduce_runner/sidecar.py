@@ -63,8 +63,6 @@ def answer(request: PostRequest, *, poster: OutcomePoster,
         return PostReply(False, str(error), FailureKind.TLS)
     except BrokerError as error:
         return PostReply(False, str(error), FailureKind.BROKER)
-    finally:
-        poster.close()
     return PostReply(True)
 
 
@@ -133,7 +131,10 @@ def _serve_session(session: socket.socket, *, poster: OutcomePoster,
                 reply = answer(request, poster=poster, allowed=allowed)
                 log.info("%s to %s: %s", "posted" if reply.ok else "not posted",
                          request.destination, reply.error or "confirmed by the broker")
+            # The answer first, as a runner posting itself records "posted" before it
+            # closes: the close can take a while, the runner need not wait for it.
             session.sendall(encode_reply(reply))
+            poster.close()
 
 
 def main() -> int:

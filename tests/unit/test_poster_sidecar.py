@@ -4,6 +4,7 @@ is our own boundary's fake here; tests/integration runs the real thing in pods).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import BrokerError, BrokerRefusedError
+from autoreduce_runner.broker import close_within
 from autoreduce_runner.config import RunnerSettings
 from autoreduce_runner.sidecar import CLAIMED_MARKER, serve
 from autoreduce_runner.sidecar_client import SidecarPoster
@@ -142,3 +144,14 @@ def test_a_session_the_sidecar_ended_is_a_broker_error_not_a_hang(
     runner._sock.shutdown(1)  # as if the sidecar had gone: no reply will come
     with pytest.raises(BrokerError):
         runner.post(destination=QUEUES.complete, message={})
+
+
+def test_a_close_that_hangs_is_left_behind() -> None:
+    """The outcome is confirmed before the close; a broker teardown that never ends
+    must not hold the runner or the sidecar (and so the pod and its RB) for ever."""
+    release = threading.Event()
+    started = time.monotonic()
+    assert close_within(lambda: release.wait(30) and None, timeout_s=0.3) is False
+    assert time.monotonic() - started < 5
+    release.set()
+    assert close_within(lambda: None, timeout_s=5) is True
