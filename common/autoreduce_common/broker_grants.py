@@ -90,7 +90,7 @@ def grants(
         Grant(*queue(queues.dead_letter), read=(dispatcher,), write=(dispatcher,),
               admin=(dispatcher,)),
     ]  # fmt: skip
-    for outcome_queue in (queues.started, queues.complete, queues.error, queues.skipped):
+    for outcome_queue in queues.outcome_queues():
         entries.append(Grant(*queue(outcome_queue), read=(dispatcher,), write=both, admin=both))
     entries.append(Grant("topic", ADVISORY_TOPICS, admin=both))
     return entries

@@ -24,6 +24,10 @@ class QueueNames(BaseModel):
     # Where messages that can never be processed go, with the reason in a header.
     dead_letter: str = "/queue/ReductionPending.DLQ"
 
+    def outcome_queues(self) -> tuple[str, ...]:
+        """The four queues outcomes go to (Started, Complete, Error, Skipped)."""
+        return tuple(self.for_outcome(outcome) for outcome in Outcome)
+
     def for_outcome(self, outcome: Outcome) -> str:
         """The queue an outcome goes to, whoever sends it (runner or dispatcher)."""
         return {

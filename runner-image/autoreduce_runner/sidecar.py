@@ -25,7 +25,6 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from autoreduce_common.broker_settings import QueueNames
 from autoreduce_common.stomp_client import BrokerError, BrokerRefusedError, BrokerTlsError
 
 from autoreduce_runner.broker import OutcomePoster, Poster
@@ -42,10 +41,6 @@ log = logging.getLogger("autoreduce_runner.sidecar")
 
 CLAIMED_MARKER = "session-claimed"
 _ACCEPT_POLL_S = 0.5
-
-
-def outcome_queues(queues: QueueNames) -> frozenset[str]:
-    return frozenset({queues.started, queues.complete, queues.error, queues.skipped})
 
 
 def answer(request: PostRequest, *, poster: OutcomePoster,
@@ -108,7 +103,7 @@ def serve(settings: RunnerSettings, stop: threading.Event, *,
     log.info("session opened; the socket is gone, so no other can be")
     poster = poster or Poster(settings=settings.broker,
                               connect_timeout_s=settings.broker_connect_timeout_s)
-    allowed = outcome_queues(settings.broker.queues)
+    allowed = frozenset(settings.broker.queues.outcome_queues())
     try:
         _serve_session(session, poster=poster, allowed=allowed)
     except OSError as problem:  # the runner went away mid-answer: nothing to tell it
