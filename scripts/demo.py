@@ -392,16 +392,18 @@ def demo(d: Demo, *, keep: bool) -> int:
     say("demo finished: " + ("as expected (2 Complete, 1 failed, 1 cancelled, 1 dead-lettered)"
                              if ok else "UNEXPECTED outcomes"))
     if keep:
-        say("left running. In another shell:")
-        print(f"   export KUBECONFIG={d.kube.kubeconfig}\n"
-              f"   export PATH={REPO}/.venv/bin:$PATH\n"
-              f"   autoreduce status --watch --config {d.cli_config}\n"
-              f"   kubectl get jobs -n {NAMESPACE}\n"
-              f"   kubectl logs -n {NAMESPACE} deploy/{RELEASE}\n"
-              f"   helm test {RELEASE} -n {NAMESPACE}\n"
-              f"   {PORT_FORWARD.format(local=8080)}\n"
-              "   Ctrl-C here stops everything.", flush=True)
+        # The hint is printed inside the try: a Ctrl-C that comes the moment it shows
+        # is the user's asked-for stop, not an interruption of the demo.
         try:
+            say("left running. In another shell:")
+            print(f"   export KUBECONFIG={d.kube.kubeconfig}\n"
+                  f"   export PATH={REPO}/.venv/bin:$PATH\n"
+                  f"   autoreduce status --watch --config {d.cli_config}\n"
+                  f"   kubectl get jobs -n {NAMESPACE}\n"
+                  f"   kubectl logs -n {NAMESPACE} deploy/{RELEASE}\n"
+                  f"   helm test {RELEASE} -n {NAMESPACE}\n"
+                  f"   {PORT_FORWARD.format(local=8080)}\n"
+                  "   Ctrl-C here stops everything.", flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
