@@ -1,8 +1,9 @@
 """The STOMP side: N workers take deliveries off the subscription and settle them.
 
-stomp.py calls us on its receiver thread; we only queue the frame there. Workers
-handle messages on their own threads, and whether a message is acked is decided
-in one place, ``_settle``, after the handling returned.
+stomp.py calls us on its receiver thread; we only queue the frame there. A feeder
+sorts deliveries into per-RB lanes (``lanes``) in the order the broker sent them, and
+workers handle them on their own threads, one message of an RB at a time. Whether a
+message is acked is decided in one place, ``_settle``, after the handling returned.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from autoreduce_common.stomp_client import BrokerError, Delivery, StompClient
 
 from dispatcher.dispatch import Dispatcher, Received, TryLater, Verdict
+from dispatcher.lanes import Lanes, lane_of
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class Consumer:
         self._destination = destination
         self._workers = workers
         self._sink: queue.Queue[Delivery] = queue.Queue()
+        self._lanes: Lanes[Delivery] = Lanes()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._retry_initial_s = retry_initial_s
@@ -49,6 +52,9 @@ class Consumer:
             # Remembered all the same: the watchdog below reconnects and subscribes
             # again until the broker allows it, and readiness stays false meanwhile.
             log.error("cannot consume %s yet: %s", self._destination, error)
+        feeder = threading.Thread(target=self._feed, name="lanes", daemon=True)
+        feeder.start()
+        self._threads.append(feeder)
         for index in range(self._workers):
             thread = threading.Thread(target=self._work, name=f"dispatch-{index}", daemon=True)
             thread.start()
@@ -75,13 +81,25 @@ class Consumer:
                 self._client.ensure_connected(stop=self._stop)
             self._stop.wait(0.5)
 
-    def _work(self) -> None:
+    def _feed(self) -> None:
         while not self._stop.is_set():
             try:
                 delivery = self._sink.get(timeout=0.5)
             except queue.Empty:
                 continue
-            self._process(delivery)
+            fallback = delivery.headers.get("message-id") or delivery.ack_id
+            self._lanes.put(lane_of(delivery.body, fallback=fallback), delivery)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            taken = self._lanes.take(timeout=0.5)
+            if taken is None:
+                continue
+            lane, delivery = taken
+            try:
+                self._process(delivery)
+            finally:
+                self._lanes.done(lane)
 
     def _process(self, delivery: Delivery) -> None:
         received = Received(body=delivery.body, headers=delivery.headers)
