@@ -200,8 +200,40 @@ def _deadline(job: Obj) -> Verdict:
     )
 
 
+# The pod's DisruptionTarget reasons (Kubernetes 1.26+): who stopped it, in words for
+# the outcome. Each is the cluster's doing, not the run's: retried (as transient) at
+# once, since waiting would not help, and the new version asks the scheduler again.
+DISRUPTIONS = {
+    "PreemptionByScheduler": ("Preempted", "preempted by the scheduler for a run of "
+                              "higher priority"),
+    "EvictionByEvictionAPI": ("Evicted", "evicted through the Eviction API (a node drain "
+                              "or the cluster autoscaler removing its node)"),
+    "DeletionByTaintManager": ("NodeTainted", "deleted because its node was tainted "
+                               "NoExecute (the node is unreachable or being removed)"),
+    "DeletionByPodGC": ("NodeGone", "deleted because its node no longer exists"),
+    "TerminationByKubelet": ("Evicted", "stopped by its node's kubelet (node pressure or "
+                             "a node shutdown)"),
+}
+
+
+def disruption(pod: Obj) -> Verdict | None:
+    """The cluster stopped the pod (preemption, a drain, a lost node): say which."""
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") != "DisruptionTarget" or condition.get("status") != "True":
+            continue
+        reason, said = DISRUPTIONS.get(str(condition.get("reason") or ""),
+                                       ("Disrupted", "stopped by the cluster"))
+        detail = str(condition.get("message") or "").strip()
+        text = f"Reduction pod was {said}" + (f": {detail}" if detail else "")
+        return Verdict(False, reason, text, transient=True, retry_in=0)
+    return None
+
+
 def _pod_verdict(*, job: Obj, pod: Obj, log_tail: str) -> Verdict | None:
     status = pod.get("status") or {}
+    disrupted = disruption(pod)
+    if disrupted is not None:
+        return disrupted
     if status.get("reason") == "Evicted":
         return Verdict(
             False,

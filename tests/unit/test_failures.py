@@ -126,6 +126,46 @@ def test_eviction_is_transient_and_quotes_the_kubelet() -> None:
         transient=True)
 
 
+def disrupted(reason: str, message: str) -> Obj:
+    """A runner pod the cluster stopped: SIGTERM, exit 4 with "not posted", and the
+    DisruptionTarget condition the scheduler, the Eviction API or the kubelet set."""
+    stopped = pod(code=int(ExitCode.NOT_POSTED),
+                  message=said(outcome=Outcome.COMPLETE, posted=False, message=SIGTERM_NOTE))
+    stopped["status"]["conditions"] = [
+        {"type": "Ready", "status": "False"},
+        {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": message}]
+    return stopped
+
+
+@pytest.mark.parametrize(("reason", "message", "expected_reason", "expected_text"), [
+    ("PreemptionByScheduler", "node-2: preempting to accommodate a higher priority pod",
+     "Preempted", "Reduction pod was preempted by the scheduler for a run of higher "
+     "priority: node-2: preempting to accommodate a higher priority pod"),
+    ("EvictionByEvictionAPI", "Eviction API: evicting", "Evicted",
+     "Reduction pod was evicted through the Eviction API (a node drain or the cluster "
+     "autoscaler removing its node): Eviction API: evicting"),
+    ("DeletionByTaintManager", "", "NodeTainted", "Reduction pod was deleted because its "
+     "node was tainted NoExecute (the node is unreachable or being removed)"),
+    ("SomethingNew", "why", "Disrupted", "Reduction pod was stopped by the cluster: why"),
+])  # fmt: skip
+def test_a_disrupted_pod_is_retried_at_once_and_says_who_stopped_it(
+    reason: str, message: str, expected_reason: str, expected_text: str
+) -> None:
+    # The runner decided Complete but was stopped before posting: the run is retried,
+    # not reported as the "exit code 4" of a broker fault.
+    verdict = classify(job=job(failed="BackoffLimitExceeded"),
+                       pods=[disrupted(reason, message)], log_tail="")
+    assert verdict == Verdict(False, expected_reason, expected_text, transient=True,
+                              retry_in=0)
+
+
+def test_a_disruption_condition_that_is_not_true_is_not_a_disruption() -> None:
+    stopped = disrupted("PreemptionByScheduler", "x")
+    stopped["status"]["conditions"][1]["status"] = "False"
+    verdict = classify(job=job(), pods=[stopped], log_tail="")
+    assert verdict.reason == "InfrastructureError"
+
+
 def test_eviction_without_a_message() -> None:
     verdict = classify(job=job(), pods=[pod(phase_reason="Evicted")], log_tail="")
     assert verdict.message == "Reduction pod was evicted:"
