@@ -1,6 +1,7 @@
 """``autoreduce``: the operator's command line.
 
     autoreduce status [--watch [SECONDS]]       runs waiting, running, recently finished
+    autoreduce explain INSTRUMENT RUN [--version V]   one run's story, in time order
     autoreduce submit DATA SCRIPT --rb N        a manual run (priority 1, started_by -1)
     autoreduce cancel --instrument I --rb N --run R [--version V]
     autoreduce retry JOB | --instrument I --run R --version V    (alias: rerun)
@@ -24,6 +25,7 @@ from autoreduce_common.broker_grants import DISPATCHER_GROUP, RUNNER_GROUP
 from autoreduce_cli.cmd_broker_grants import cmd_broker_grants
 from autoreduce_cli.cmd_cancel import cmd_cancel
 from autoreduce_cli.cmd_dead_letters import cmd_dlq_list, cmd_dlq_requeue, cmd_dlq_show
+from autoreduce_cli.cmd_explain import cmd_explain
 from autoreduce_cli.cmd_render import cmd_render
 from autoreduce_cli.cmd_retry import cmd_retry
 from autoreduce_cli.cmd_status import cmd_status
@@ -74,6 +76,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--instrument")
     p.add_argument("--rb")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("explain", parents=[common],
+                       help="one run's story: arrival, waits, scheduling, containers, outcome")
+    p.add_argument("instrument")
+    p.add_argument("run", type=int)
+    p.add_argument("--version", type=int, help="one version only (default: every version)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("submit", parents=[common], help="submit a run by hand (priority 1)")
     p.add_argument("data", help="raw data file path as the reduction pods see it")

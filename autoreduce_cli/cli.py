@@ -9,7 +9,7 @@ are in ``args``, the exit codes in ``errors``.
 Every API call the CLI makes is a method of ``Context`` below, so its API rights,
 the chart's operator Role (values ``operatorRole.*``), follow from this one module
 (tests/unit/test_chart_render.py checks them against it): get and list Jobs, list
-Pods, get ConfigMaps, get and list Leases; ``render --dry-run-server`` also needs
+Pods, get ConfigMaps, get and list Leases, list Events; ``render --dry-run-server`` also needs
 create on Jobs (``operatorRole.serverDryRun``).
 """
 
@@ -129,6 +129,10 @@ class Context:
     def leases(self, *, selector: str) -> list[Obj]:
         """list Leases: status shows the RB holders."""
         return self._api().list_leases(selector=selector)
+
+    def events(self, *, regarding: str) -> list[Obj]:
+        """list Events: explain tells a run's story from its Jobs' and pods' Events."""
+        return self._api().list_events(regarding=regarding)
 
     def dry_run_job(self, job: Obj) -> None:
         """create Jobs, server-side dry run only (operatorRole.serverDryRun)."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from autoreduce_common.pod_contract import TerminationReport
+
 from dispatcher import admission, failures
 from dispatcher.identity import Labels
 from dispatcher.outcome_state import OUTCOME_KEY, VERDICT_KEY, OutcomeState
@@ -62,12 +64,12 @@ def _finish(job: Obj, labels: Labels, pods: Sequence[Obj]) -> tuple[str, str]:
     """(outcome, detail) of a finished Job."""
     claimed = _annotations_of(job).get(labels.key(OUTCOME_KEY), "")
     conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []}
-    for pod in pods:
-        report = failures.runner_report(dict(pod))
-        if report is not None and report.outcome is not None:
-            detail = report.message or (
-                "output in " + ", ".join(report.reduction_data) if report.reduction_data else "")
-            return report.outcome.value, detail[:200]
+    reports = [r for r in (failures.runner_report(dict(pod)) for pod in pods)
+               if r is not None and r.outcome is not None]
+    # Only what the runner posted is the run's outcome: a runner stopped after deciding
+    # (preempted, evicted, cancelled) decided nothing the web app ever saw.
+    for report in (r for r in reports if r.posted):
+        return _reported(report)
     if claimed == OutcomeState.CANCELLED:
         return "Cancelled", "cancelled by a cancel message"
     # The outcome the dispatcher posted on the runner's behalf says more than the Job's
@@ -75,11 +77,20 @@ def _finish(job: Obj, labels: Labels, pods: Sequence[Obj]) -> tuple[str, str]:
     verdict = failures.parse_verdict(_annotations_of(job).get(labels.key(VERDICT_KEY)))
     if verdict is not None:
         return verdict.outcome.value, verdict.message[:200]
+    for report in (r for r in reports if r.maybe_sent):  # the dispatcher will send it again
+        return _reported(report)
     if admission.succeeded(dict(job)):
         return "Complete", ""
     failed = conditions.get("Failed") or conditions.get("FailureTarget") or {}
     detail = f"{failed.get('reason', '')}: {failed.get('message', '')}".strip(": ")
     return "Failed", detail[:200]
+
+
+def _reported(report: TerminationReport) -> tuple[str, str]:
+    assert report.outcome is not None
+    detail = report.message or (
+        "output in " + ", ".join(report.reduction_data) if report.reduction_data else "")
+    return report.outcome.value, detail[:200]
 
 
 def _pod_state(pod: Obj) -> str:

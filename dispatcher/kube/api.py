@@ -159,6 +159,10 @@ class Kube(Transport):
         """An Event on the Job, so `kubectl describe job` tells what we decided."""
         self._events.record_event(job=job, reason=reason, note=note, warning=warning)
 
+    def list_events(self, *, regarding: str) -> list[Obj]:
+        """The Events about one object (a Job or a Pod), oldest first not guaranteed."""
+        return self._events.list_events(regarding=regarding)
+
     # -- health --------------------------------------------------------------------
 
     def healthy(self) -> bool:

@@ -89,3 +89,11 @@ class Events:
             self._t._call("create Event", "POST", self._path, body=body)
         except KubeError as error:  # an Event is commentary: never fail the run for it
             log.debug("event not recorded: %s", error)
+
+    def list_events(self, *, regarding: str) -> list[Obj]:
+        """Every Event about the object named ``regarding`` (any kind), as the API
+        holds them: the events.k8s.io view, which carries the kubelet's and the
+        scheduler's core Events too."""
+        page = self._t._call(f"list Events of {regarding}", "GET", self._path,
+                             query={"fieldSelector": f"regarding.name={regarding}"})
+        return list(page.get("items") or [])

@@ -411,6 +411,28 @@ def test_instrument_overrides_and_caps(tmp_path: Path, monkeypatch: pytest.Monke
     assert s.priority_classes.rerun == "autoreduce-low"
 
 
+def test_priority_classes_per_source_when_the_chart_creates_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = render(CHART / "ci" / "default-values.yaml", sets=(
+        "priorityClasses.create=true", "priorityClasses.manual=site-manual",
+        "priorityClasses.values.rerun=-10"))
+    classes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PriorityClass"}
+    detection, rerun = f"{RELEASE}-autoreduce-run-detection", f"{RELEASE}-autoreduce-rerun"
+    assert {name: (d["value"], d["preemptionPolicy"]) for name, d in classes.items()} == {
+        detection: (1000, "PreemptLowerPriority"),
+        f"{RELEASE}-autoreduce-manual": (500, "PreemptLowerPriority"),
+        rerun: (-10, "PreemptLowerPriority")}
+    s = load_rendered_settings(docs, tmp_path, monkeypatch)
+    # A name given wins over the chart's own class; the others use the chart's.
+    assert s.priority_classes.model_dump() == {
+        "run_detection": detection, "manual": "site-manual", "rerun": rerun}
+    # Below -10 the cluster autoscaler would ignore pending reruns: refused.
+    refused = helm("template", RELEASE, str(CHART), "--set", "priorityClasses.create=true",
+                   "--set", "priorityClasses.values.rerun=-11", check=False)
+    assert refused.returncode != 0 and "minimum" in refused.stderr, refused.stderr
+
+
 def test_volumes_and_runner_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     docs = render(CHART / "ci" / "volumes-values.yaml")
     s = load_rendered_settings(docs, tmp_path, monkeypatch)
@@ -731,12 +753,14 @@ CLI_KUBE_RIGHTS = {
     "get_lease": ("coordination.k8s.io", "leases", "get"),  # a followed run that waits
     "list_leases": ("coordination.k8s.io", "leases", "list"),  # status: the RB holders
     "dry_run_job": ("batch", "jobs", "create"),  # render --dry-run-server (serverDryRun)
+    "list_events": ("events.k8s.io", "events", "list"),  # explain: a run's Events
 }
 OPERATOR_GRANTS = {
     ("batch", "jobs"): ["get", "list"],
     ("", "pods"): ["list"],
     ("", "configmaps"): ["get"],
     ("coordination.k8s.io", "leases"): ["get", "list"],
+    ("events.k8s.io", "events"): ["list"],
 }
 
 
