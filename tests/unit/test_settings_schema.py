@@ -118,6 +118,8 @@ DERIVED = {
     "runnerConfig": "jobs.runner_config_map",  # non-empty: the runner ConfigMap's name
     "priorityClass.create": "runner.priority_class_name",  # unless runner.priorityClassName
     "priorityClass.name": "runner.priority_class_name",
+    # The chart's own class of each run source, where its name above is empty.
+    "priorityClasses.create": "priority_classes",
     # TLS on: the CA ConfigMap in effect (the site's, or the chart's made of caBundle),
     # and the files the dispatcher's pod mounts from it and from clientCertSecret.
     "broker.tls.existingCaConfigMap": "jobs.broker_ca_config_map",  # and broker.tls.ca_file
@@ -139,6 +141,7 @@ NOT_SETTINGS = {
     "priorityClass.value": "a field of the PriorityClass object the chart creates",
     "priorityClass.preemptionPolicy": "a field of the PriorityClass object",
     "priorityClass.description": "a field of the PriorityClass object",
+    "priorityClasses.values": "the value fields of the PriorityClasses the chart creates",
 }
 
 # Settings fields the chart never renders.

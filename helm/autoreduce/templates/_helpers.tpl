@@ -212,6 +212,20 @@ The reduction PriorityClass name runner pods use ("" for none).
 {{- end }}
 
 {{/*
+The PriorityClass of one run source: its name in priorityClasses, else the chart's
+own when priorityClasses.create ("" for none). Args: (list . valueKey suffix).
+*/}}
+{{- define "autoreduce.sourcePriorityClass" -}}
+{{- $root := index . 0 }}
+{{- $named := index $root.Values.priorityClasses (index . 1) }}
+{{- if $named }}
+{{- $named }}
+{{- else if $root.Values.priorityClasses.create }}
+{{- include "autoreduce.suffixed" (list $root (index . 2)) }}
+{{- end }}
+{{- end }}
+
+{{/*
 Label selector of reduction pods (Jobs and pods carry <prefix>/managed: "true").
 */}}
 {{- define "autoreduce.runnerSelectorLabels" -}}
@@ -379,7 +393,7 @@ the chart carries no copy that could drift from it. */}}
   "instruments" $instruments
   "caps" (dict "max_running" $v.caps.maxRunning)
   "retries" (dict "mode" $v.retries.mode "max_attempts" (int $v.retries.maxAttempts) "delay_s" (int $v.retries.delaySeconds))
-  "priority_classes" (dict "run_detection" ($v.priorityClasses.runDetection | default nil) "manual" ($v.priorityClasses.manual | default nil) "rerun" ($v.priorityClasses.rerun | default nil))
+  "priority_classes" (dict "run_detection" (include "autoreduce.sourcePriorityClass" (list . "runDetection" "run-detection") | default nil) "manual" (include "autoreduce.sourcePriorityClass" (list . "manual" "manual") | default nil) "rerun" (include "autoreduce.sourcePriorityClass" (list . "rerun" "rerun") | default nil))
   "image_pull_grace_s" $v.imagePullGraceSeconds
   "concurrency" (int $v.concurrency)
   "api_qps" $v.api.qps
