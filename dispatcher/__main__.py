@@ -23,7 +23,7 @@ from dispatcher.identity import Labels
 from dispatcher.kube import Kube, KubeError
 from dispatcher.lifecycle import Lifecycle, RetryPolicy
 from dispatcher.logs import JsonFormatter
-from dispatcher.manifests import load_template
+from dispatcher.manifests import effective_runner, load_template
 from dispatcher.metrics import Metrics, serve
 from dispatcher.pods import PodCache
 from dispatcher.reporting import Reporter
@@ -165,6 +165,7 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         ),
         pending_queue=settings.broker.queues.pending,
         image_pull_grace_s=settings.image_pull_grace_s,
+        oom_policy=lambda instrument: effective_runner(settings, instrument).oom_retry,
     )
     controller = Controller(
         kube=kube,

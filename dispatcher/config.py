@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from autoreduce_common.broker_settings import BrokerSettings
+from autoreduce_common.pod_contract import quantity_bytes
 from autoreduce_common.settings_sources import EnvFirstSettings
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -40,6 +41,23 @@ class Volume(BaseModel):
     read_only: bool = True
 
 
+class OomRetry(BaseModel):
+    """Out of memory, retried bigger (opt-in): a run killed for memory is retried as its
+    next version with its memory limit and request ``factor`` times the last, up to
+    ``max_memory``; at the ceiling it is not retried. Needs retries.mode "dispatcher",
+    and counts against retries.max_attempts."""
+
+    factor: float = Field(default=2.0, gt=1, le=16)
+    max_memory: str  # a Kubernetes quantity, e.g. "32Gi"
+
+    @field_validator("max_memory")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        if not quantity_bytes(value):
+            raise ValueError(f"max_memory must be a memory quantity like 32Gi, got {value!r}")
+        return value
+
+
 class RunnerSpec(BaseModel):
     """What a reduction pod looks like; every field can be overridden per instrument."""
 
@@ -61,6 +79,7 @@ class RunnerSpec(BaseModel):
     # Kubernetes rejects a negative uid or gid at Job create.
     run_as_user: int | None = Field(default=1000, ge=0)
     run_as_group: int | None = Field(default=1000, ge=0)
+    oom_retry: OomRetry | None = None
 
 
 class InstrumentOverrides(BaseModel):
@@ -74,6 +93,7 @@ class InstrumentOverrides(BaseModel):
     archive_volumes: list[Volume] | None = None
     output_volumes: list[Volume] | None = None
     env: dict[str, str] | None = None
+    oom_retry: OomRetry | None = None
     # At most this many runs of the instrument reduce at once (None: no cap).
     max_running: int | None = Field(default=None, ge=1)
 

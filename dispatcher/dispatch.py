@@ -35,6 +35,7 @@ from dispatcher.manifests import (
     render_job,
 )
 from dispatcher.metrics import Metrics
+from dispatcher.oom_retry import memory_from
 from dispatcher.outcome_state import OUTCOME_KEY, VERDICT_KEY, OutcomeState, state_of
 from dispatcher.reporting import Reporter, error_body
 
@@ -67,6 +68,7 @@ def arrival_of(headers: Mapping[str, str]) -> Arrival:
         enqueued_ms=number("timestamp", int(time.time() * 1000)),
         message_id=str(headers.get("message-id", "")),
         attempt=max(number("autoreduce-attempt", 1), 1),
+        memory=memory_from(headers),
     )
 
 

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import re
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 from autoreduce_common.messages import Outcome
 from autoreduce_common.pod_contract import (
+    OOM_KILLED,
     UNKNOWN_LIMIT,
     ExitCode,
     TerminationReport,
     out_of_memory_message,
     parse_report,
+    quantity_bytes,
     render_memory,
 )
 
@@ -44,6 +43,9 @@ class Verdict:
     reduction_data: list[str] = field(default_factory=list)
     # The runner may already have delivered this very outcome: a copy may repeat it.
     possible_repeat: bool = False
+    # A run retried bigger after running out of memory (``oom_retry``): the retry
+    # message's memory headers.
+    memory: dict[str, str] = field(default_factory=dict)
 
 
 def runner_report(pod: Obj) -> TerminationReport | None:
@@ -102,29 +104,6 @@ def _terminated(pod: Obj) -> Obj:
     return {}
 
 
-# A Kubernetes quantity: a number, then a binary or decimal suffix or an exponent.
-_QUANTITY = re.compile(
-    r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m|[eE][+-]?[0-9]+)?"
-)
-_SUFFIX_SCALE = {
-    "": Decimal(1), "m": Decimal("0.001"),
-    **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
-    **{s: Decimal(1000) ** (i + 1) for i, s in enumerate(("k", "M", "G", "T", "P", "E"))},
-}  # fmt: skip
-
-
-def quantity_bytes(text: str) -> int | None:
-    """A memory quantity ("256Mi", "1G", "1e9", "268435456") in bytes, rounded up as
-    Kubernetes does; None when it is not one."""
-    match = _QUANTITY.fullmatch(text.strip())
-    if match is None:
-        return None
-    number, suffix = Decimal(match[1]), match[2] or ""
-    exponent = suffix not in _SUFFIX_SCALE  # "e9", "E3" ("E" alone is exa)
-    scale = Decimal(10) ** int(suffix[1:]) if exponent else _SUFFIX_SCALE[suffix]
-    return math.ceil(number * scale)
-
-
 def _memory_limit(job: Obj) -> str:
     """The runner's memory limit as the runner itself would render it from its cgroup."""
     containers = (((job.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
@@ -144,7 +123,7 @@ def classify(*, job: Obj, pods: list[Obj], log_tail: str) -> Verdict:
     if posted:
         return Verdict(
             True,
-            posted[0].outcome.value if posted[0].outcome else "Error",
+            posted[0].reason or (posted[0].outcome.value if posted[0].outcome else "Error"),
             posted[0].message,
             transient=posted[0].retry_in is not None,
             retry_in=posted[0].retry_in,
@@ -211,8 +190,8 @@ DISRUPTIONS = {
     "DeletionByTaintManager": ("NodeTainted", "deleted because its node was tainted "
                                "NoExecute (the node is unreachable or being removed)"),
     "DeletionByPodGC": ("NodeGone", "deleted because its node no longer exists"),
-    "TerminationByKubelet": ("Evicted", "stopped by its node's kubelet (node pressure or "
-                             "a node shutdown)"),
+    "TerminationByKubelet": ("NodeShutdown", "stopped by its node's kubelet (a node "
+                             "shutdown)"),
 }
 
 
@@ -231,23 +210,25 @@ def disruption(pod: Obj) -> Verdict | None:
 
 def _pod_verdict(*, job: Obj, pod: Obj, log_tail: str) -> Verdict | None:
     status = pod.get("status") or {}
-    disrupted = disruption(pod)
-    if disrupted is not None:
-        return disrupted
     if status.get("reason") == "Evicted":
+        # The kubelet's own eviction (node pressure, often this pod's own use): its
+        # message says which resource; retried after the usual delay, not at once.
         return Verdict(
             False,
             "Evicted",
             f"Reduction pod was evicted: {status.get('message', '')}".strip(),
             transient=True,
         )
+    disrupted = disruption(pod)
+    if disrupted is not None:
+        return disrupted
     if status.get("reason") == "DeadlineExceeded":
         return _deadline(job)
     terminated = _terminated(pod)
-    if terminated.get("reason") == "OOMKilled":
+    if terminated.get("reason") == OOM_KILLED:
         return Verdict(
             False,
-            "OOMKilled",
+            OOM_KILLED,
             out_of_memory_message(limit=_memory_limit(job)),
             transient=False,
         )

@@ -17,14 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoreduce_common.messages import Outcome, encode, rerun
+from autoreduce_common.pod_contract import OOM_KILLED
 from autoreduce_common.stomp_client import BrokerError
 
 from dispatcher import admission, failures, faults
+from dispatcher.config import OomRetry
 from dispatcher.identity import Labels
 from dispatcher.kube import Conflict, Kube, KubeError, NotFound
 from dispatcher.logs import job_logger
 from dispatcher.manifests import message_of
 from dispatcher.metrics import Metrics
+from dispatcher.oom_retry import MEMORY_LIMIT_HEADER, after_oom
 from dispatcher.outcome_state import (
     IN_PROGRESS,
     OUTCOME_KEY,
@@ -61,6 +64,7 @@ class Lifecycle:
         retry: RetryPolicy,
         pending_queue: str,
         image_pull_grace_s: float,
+        oom_policy: Callable[[str], OomRetry | None] = lambda _instrument: None,
         pods: PodCache | None = None,
         fault_point: faults.FaultPoint | None = None,
         metrics: Metrics | None = None,
@@ -73,6 +77,8 @@ class Lifecycle:
         self.retry = retry
         self.pending_queue = pending_queue
         self.image_pull_grace_s = image_pull_grace_s
+        # An instrument's oom_retry (its effective runner spec's), for runs killed for memory.
+        self.oom_policy = oom_policy
         self.metrics = metrics if metrics is not None else Metrics()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lifecycle")
         self._stuck_since: dict[str, float] = {}
@@ -169,7 +175,7 @@ class Lifecycle:
         if self._state(job) is OutcomeState.CANCELLING:
             self._settle_cancelled(job, pods)
             return
-        verdict = failures.classify(job=job, pods=pods, log_tail="")
+        verdict = self._retried_bigger(job, failures.classify(job=job, pods=pods, log_tail=""))
         if verdict.posted_by_runner and not (verdict.transient and self.retry.by_dispatcher):
             # The runner's own outcome stands and nothing is to be retried. Say so on the
             # Job before the pods go: they are the only other record of it, and a
@@ -179,11 +185,22 @@ class Lifecycle:
             self.release_pods(name)
             return
         if not verdict.posted_by_runner and verdict.outcome is Outcome.ERROR:
-            verdict = failures.classify(job=job, pods=pods, log_tail=self._log_tail(pods))
+            verdict = self._retried_bigger(
+                job, failures.classify(job=job, pods=pods, log_tail=self._log_tail(pods)))
         claimed = self._claim(job, verdict)
         if claimed is None:
             return
         self._settle(claimed, verdict, raw=self._message(name))
+
+    def _retried_bigger(self, job: Obj, verdict: failures.Verdict) -> failures.Verdict:
+        """A run killed for memory, with oom_retry on and an attempt left: retried as its
+        next version with more memory, decided as at render time (manifests)."""
+        if verdict.reason != OOM_KILLED or not self.retry.by_dispatcher:
+            return verdict
+        instrument = ((job.get("metadata") or {}).get("labels") or {}).get(
+            self.labels.key("instrument"), "")
+        return after_oom(job, verdict, labels=self.labels, policy=self.oom_policy(instrument),
+                         max_attempts=self.retry.max_attempts)
 
     def _settle_cancelled(self, job: Obj, pods: list[Obj]) -> None:
         """A running run was cancelled and its pods have stopped: the runner's outcome
@@ -325,13 +342,15 @@ class Lifecycle:
             body=encode(retry),
             priority=0,
             delay_ms=max(delay, 0) * 1000,
-            headers={ATTEMPT_HEADER: str(attempt + 1)},
+            headers={ATTEMPT_HEADER: str(attempt + 1), **verdict.memory},
         )
         self.kube.record_event(
             job=job,
             reason="RetryScheduled",
             note=f"retry as version {retry['run_version']} in {delay} s "
-            f"(attempt {attempt + 1} of {self.retry.max_attempts})",
+            f"(attempt {attempt + 1} of {self.retry.max_attempts})"
+            + (f" with a memory limit of {verdict.memory[MEMORY_LIMIT_HEADER]}"
+               if MEMORY_LIMIT_HEADER in verdict.memory else ""),
         )
         job_logger(log, self.labels, job).info(
             "scheduled retry of %s as v%s in %ss",

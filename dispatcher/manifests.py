@@ -16,6 +16,7 @@ from autoreduce_common.pod_contract import MESSAGE_KEY, PodEnv
 
 from dispatcher.config import DispatcherSettings, RunnerSpec
 from dispatcher.identity import Labels, RunKey, job_name
+from dispatcher.oom_retry import Memory, next_memory
 
 # libyaml's safe loader when present: parsing a rendered Job is most of the
 # dispatcher's CPU per run (8.5 ms with the pure-Python loader, 4 ms with libyaml).
@@ -34,6 +35,8 @@ class Arrival:
     enqueued_ms: int  # broker timestamp; earlier first
     message_id: str
     attempt: int = 1  # 1 for the first run, +1 for each automatic retry
+    # A retry after running out of memory: its bigger memory (``oom_retry``).
+    memory: Memory | None = None
 
 
 def effective_runner(settings: DispatcherSettings, instrument: str) -> RunnerSpec:
@@ -124,7 +127,20 @@ def _runner_values(settings: DispatcherSettings, key: RunKey, arrival: Arrival) 
     by_source = settings.priority_classes.for_priority(arrival.priority)
     if by_source is not None:
         runner["priority_class_name"] = by_source
+    if arrival.memory is not None:
+        runner["resources"] = arrival.memory.apply(runner["resources"])
     return runner
+
+
+def oom_retry_limit(settings: DispatcherSettings, key: RunKey, *, resources: dict[str, Any],
+                    attempt: int) -> str | None:
+    """The memory limit this run is retried with if it runs out of memory; None when it
+    would not be (no ``oom_retry``, at the ceiling, or no attempt left)."""
+    retries = settings.retries
+    if retries.mode != "dispatcher" or attempt >= retries.max_attempts:
+        return None
+    memory = next_memory(resources, effective_runner(settings, key.instrument).oom_retry)
+    return memory.limit if memory is not None else None
 
 
 def render_job(
@@ -138,6 +154,7 @@ def render_job(
     labels = Labels(settings.jobs.label_prefix)
     name = job_name(key)
     run_labels = labels.for_run(key)
+    runner = _runner_values(settings, key, arrival)
     context = {
         "job": {
             "name": name,
@@ -153,7 +170,7 @@ def render_job(
             },
             "config_map": name,
         },
-        "runner": _runner_values(settings, key, arrival),
+        "runner": runner,
         "jobs": settings.jobs.model_dump(mode="json"),
         "broker": {
             "hosts": settings.broker.hosts,
@@ -172,14 +189,21 @@ def render_job(
     except (jinja2.TemplateError, yaml.YAMLError) as error:
         raise TemplateError(f"Job template failed to render: {error}") from error
     _check_job(manifest, name=name)
-    _add_pod_contract(manifest, name=name, finalizer=labels.pod_finalizer)
+    env = {PodEnv.OUTCOME_ID: name}
+    retry_limit = oom_retry_limit(settings, key, resources=runner["resources"],
+                                  attempt=arrival.attempt)
+    if retry_limit is not None:
+        env[PodEnv.OOM_RETRY_LIMIT] = retry_limit
+    _add_pod_contract(manifest, env=env, finalizer=labels.pod_finalizer)
     return manifest  # type: ignore[no-any-return]
 
 
-def _add_pod_contract(manifest: dict[str, Any], *, name: str, finalizer: str) -> None:
+def _add_pod_contract(manifest: dict[str, Any], *, env: dict[PodEnv, str],
+                      finalizer: str) -> None:
     """What every reduction pod needs whatever the (site's own) template says: our
     finalizer, which keeps a stopped pod and its termination report until the run's
-    outcome is settled, and the run's outcome identity for the runner's headers."""
+    outcome is settled, and the runner's per-run env: the run's outcome identity for
+    its headers, and the memory of an out-of-memory retry for its error text."""
     template = manifest["spec"].get("template")
     if not isinstance(template, dict) or not (template.get("spec") or {}).get("containers"):
         raise TemplateError("Job template must define spec.template.spec.containers")
@@ -189,8 +213,8 @@ def _add_pod_contract(manifest: dict[str, Any], *, name: str, finalizer: str) ->
     if finalizer not in finalizers:
         metadata["finalizers"] = [*finalizers, finalizer]
     for container in template["spec"]["containers"][:1]:  # the runner comes first
-        env = [e for e in container.get("env") or [] if e.get("name") != PodEnv.OUTCOME_ID]
-        container["env"] = [*env, {"name": PodEnv.OUTCOME_ID.value, "value": name}]
+        kept = [e for e in container.get("env") or [] if e.get("name") not in env]
+        container["env"] = [*kept, *({"name": k.value, "value": v} for k, v in env.items())]
 
 
 def _check_job(manifest: object, *, name: str) -> None:

@@ -22,7 +22,10 @@ re-sends that same outcome, never a different one.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from enum import IntEnum, StrEnum
 from typing import Any
 
@@ -87,6 +90,9 @@ class PodEnv(StrEnum):
     BROKER_TLS_KEY_FILE = "AUTOREDUCE_BROKER__TLS__KEY_FILE"
     POSTER_SOCKET = "AUTOREDUCE_POSTER_SOCKET"
     POSTER_STATE_DIR = "AUTOREDUCE_POSTER_STATE_DIR"
+    # Set when a run killed for memory will be retried bigger (settings oom_retry): the
+    # memory limit its next version gets, for the runner's ReductionError to say so.
+    OOM_RETRY_LIMIT = "AUTOREDUCE_OOM_RETRY_LIMIT"
 
 
 # Every ReductionStarted/Complete/Error/Skipped carries these (message-contract notes
@@ -124,6 +130,9 @@ class TerminationReport:
     message: str = ""  # the outcome's ``message`` field, or why nothing was posted
     retry_in: int | None = None
     reduction_data: list[str] = field(default_factory=list)
+    # Why, in one word, when the runner knows (OOM_KILLED): the dispatcher's retries
+    # act on it without reading the message.
+    reason: str = ""
 
     @property
     def posted(self) -> bool:
@@ -140,6 +149,7 @@ class TerminationReport:
             "outcome": self.outcome.value if self.outcome is not None else "none",
             "posted": self.posted,  # kept for readers of the first version of the report
             "retry_in": self.retry_in,
+            "reason": self.reason[:40],
             "message": bound_text(self.message, limit=TERMINATION_MESSAGE_CHARS),
             "reduction_data": [
                 bound_text(path, limit=300)
@@ -167,6 +177,7 @@ def parse_report(text: str) -> TerminationReport | None:
         message=str(data.get("message") or ""),
         retry_in=data["retry_in"] if isinstance(data.get("retry_in"), int) else None,
         reduction_data=[str(p) for p in data.get("reduction_data") or [] if isinstance(p, str)],
+        reason=str(data.get("reason") or ""),
     )
 
 
@@ -211,9 +222,19 @@ def render_memory(count: int) -> str:
     return str(count)
 
 
+# The reason of a run killed for memory, from the kubelet (a container's terminated
+# reason) or the runner (its report, when only the script was killed).
+OOM_KILLED = "OOMKilled"
+
+
 def out_of_memory_message(*, limit: str) -> str:
     """The ReductionError text for a run killed for memory (``limit`` already rendered)."""
     return f"Reduction ran out of memory (limit {limit}) and was killed"
+
+
+def oom_retry_note(*, limit: str) -> str:
+    """What the ReductionError of a run killed for memory adds when it is retried bigger."""
+    return f"; it is retried as its next version with a memory limit of {limit}"
 
 
 def outcome_headers(*, outcome_id: str, possible_repeat: bool) -> dict[str, str]:
@@ -228,3 +249,26 @@ def started_id(outcome_id: str) -> str:
     """ReductionStarted is not the run's outcome: its own id, so "one terminal outcome
     per id" stays a rule a consumer can apply to everything it reads."""
     return f"{outcome_id}.started" if outcome_id else ""
+
+
+# A Kubernetes quantity: a number, then a binary or decimal suffix or an exponent.
+_QUANTITY = re.compile(
+    r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m|[eE][+-]?[0-9]+)?"
+)
+_SUFFIX_SCALE = {
+    "": Decimal(1), "m": Decimal("0.001"),
+    **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: Decimal(1000) ** (i + 1) for i, s in enumerate(("k", "M", "G", "T", "P", "E"))},
+}  # fmt: skip
+
+
+def quantity_bytes(text: str) -> int | None:
+    """A memory quantity ("256Mi", "1G", "1e9", "268435456") in bytes, rounded up as
+    Kubernetes does; None when it is not one."""
+    match = _QUANTITY.fullmatch(text.strip())
+    if match is None:
+        return None
+    number, suffix = Decimal(match[1]), match[2] or ""
+    exponent = suffix not in _SUFFIX_SCALE  # "e9", "E3" ("E" alone is exa)
+    scale = Decimal(10) ** int(suffix[1:]) if exponent else _SUFFIX_SCALE[suffix]
+    return math.ceil(number * scale)

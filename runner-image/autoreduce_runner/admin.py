@@ -6,6 +6,7 @@ path through a run ends in exactly one outcome.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from autoreduce_common.messages import Outcome, ReductionMessage
+from autoreduce_common.pod_contract import OOM_KILLED, oom_retry_note
 
 from autoreduce_runner.config import RunnerSettings
 from autoreduce_runner.oom import MemorySample, oom_verdict, read_sample
@@ -173,8 +175,7 @@ def _reduce_in(
     reduction_log = capture.text(limit_chars=settings.log_caps.reduction_log)
     result = _conclude(scratch=scratch, settings=settings, plan=plan, supervised=supervised,
                        memory=memory)
-    return RunResult(outcome=result.outcome, message=result.message, retry_in=result.retry_in,
-                     reduction_data=result.reduction_data, reduction_log=reduction_log)
+    return dataclasses.replace(result, reduction_log=reduction_log)
 
 
 def _crash_text(returncode: int) -> str:
@@ -198,14 +199,16 @@ def _read_result(path: Path) -> dict[str, Any] | None:
     return result if isinstance(result, dict) else None
 
 
-def _crash_verdict(*, returncode: int, memory: tuple[MemorySample, MemorySample]) -> str:
+def _crashed(*, returncode: int, memory: tuple[MemorySample, MemorySample],
+             oom_retry_limit: str) -> RunResult:
     before, after = memory
     out_of_memory = oom_verdict(returncode=returncode, before=before, after=after)
     if out_of_memory is not None:
         log.info("the memory cgroup counted an OOM kill during the run (%s -> %s)",
                  before.oom_kills, after.oom_kills)
-        return out_of_memory
-    return _crash_text(returncode)
+        note = oom_retry_note(limit=oom_retry_limit) if oom_retry_limit else ""
+        return error(out_of_memory + note, reason=OOM_KILLED)
+    return error(_crash_text(returncode))
 
 
 def _conclude(
@@ -220,7 +223,8 @@ def _conclude(
                      "the script's processes were killed")
     result = _read_result(scratch / "result.json")
     if result is None:
-        return error(_crash_verdict(returncode=supervised.returncode, memory=memory))
+        return _crashed(returncode=supervised.returncode, memory=memory,
+                        oom_retry_limit=settings.oom_retry_limit)
     return _from_result(result, scratch=scratch, settings=settings, plan=plan)
 
 

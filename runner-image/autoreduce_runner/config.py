@@ -120,6 +120,9 @@ class RunnerSettings(EnvFirstSettings):
     log_level: str = "INFO"
     # This run's outcome identity (the Job's name), sent as a header on every outcome.
     outcome_id: str = ""
+    # The memory limit the dispatcher retries this run with if it runs out of memory
+    # (its oom_retry setting); empty: it would not be retried for that.
+    oom_retry_limit: str = ""
     # The pod's poster sidecar (autoreduce_runner/sidecar.py), when it has one: the
     # runner posts through this Unix socket and holds no broker credential itself.
     poster_socket: Path | None = None

@@ -18,11 +18,13 @@ class RunResult:
     retry_in: int | None = None
     reduction_data: list[str] = field(default_factory=list)
     reduction_log: str = ""
+    reason: str = ""  # pod_contract.OOM_KILLED when the script was killed for memory
 
 
-def error(message: str, *, retry_in: int | None = None, reduction_log: str = "") -> RunResult:
+def error(message: str, *, retry_in: int | None = None, reduction_log: str = "",
+          reason: str = "") -> RunResult:
     return RunResult(outcome=Outcome.ERROR, message=message, retry_in=retry_in,
-                     reduction_log=reduction_log)
+                     reduction_log=reduction_log, reason=reason)
 
 
 def outcome_message(
@@ -63,6 +65,7 @@ def termination_report(result: RunResult | None, *, stage: Stage,
         message=message if message is not None else (result.message or summary(result)),
         retry_in=result.retry_in if result.outcome is Outcome.ERROR else None,
         reduction_data=list(result.reduction_data),
+        reason=result.reason,
     )
 
 

@@ -479,7 +479,7 @@ def test_runner_config_schema_knows_every_runner_file_setting() -> None:
     in_schema = set(schema["properties"]["runnerConfig"]["properties"])
     # These come from the Job template's environment, not from the file.
     from_env = {"broker", "message_file", "runner_config", "termination_log", "outcome_id",
-                "poster_socket", "poster_state_dir"}
+                "poster_socket", "poster_state_dir", "oom_retry_limit"}
     # The fault suite's fault points are never chart settings (faults.py).
     from_env |= {"fault_point", "fault_action"}
     assert in_schema == set(config.RunnerSettings.model_fields) - from_env

@@ -124,6 +124,7 @@ def test_the_jobs_env_names_are_the_runners_settings(
         PodEnv.BROKER_TLS_KEY_FILE: "/tls/tls.key",
         PodEnv.POSTER_SOCKET: "/p/poster.sock",
         PodEnv.POSTER_STATE_DIR: "/p/state",
+        PodEnv.OOM_RETRY_LIMIT: "4Gi",
     }
     assert set(values) == set(PodEnv)
     for name, value in values.items():
@@ -144,6 +145,7 @@ def test_the_jobs_env_names_are_the_runners_settings(
     assert (tls.cert_file, tls.key_file) == (Path("/tls/tls.crt"), Path("/tls/tls.key"))
     assert settings.poster_socket == Path("/p/poster.sock")
     assert settings.poster_state_dir == Path("/p/state")
+    assert settings.oom_retry_limit == "4Gi"
 
 
 def test_the_runner_defaults_to_the_pods_paths() -> None:

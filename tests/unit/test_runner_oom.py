@@ -15,12 +15,17 @@ from pathlib import Path
 
 import pytest
 from autoreduce_common.messages import validate
-from autoreduce_common.pod_contract import out_of_memory_message, render_memory
+from autoreduce_common.pod_contract import (
+    OOM_KILLED,
+    out_of_memory_message,
+    quantity_bytes,
+    render_memory,
+)
 from autoreduce_runner.admin import reduce
 from autoreduce_runner.config import RunnerSettings
 from autoreduce_runner.oom import MemorySample, oom_verdict, parse_sample, read_sample
 
-from dispatcher.failures import classify, quantity_bytes
+from dispatcher.failures import classify
 
 REPO = Path(__file__).resolve().parents[2]
 KILLED = -signal.SIGKILL
@@ -165,7 +170,7 @@ def main(input_file, output_dir):
 
 
 def run_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, cgroup: Path,
-               events: Path, count: bool) -> str | None:  # fmt: skip
+               events: Path, count: bool, oom_retry_limit: str = "") -> str | None:  # fmt: skip
     monkeypatch.setenv("PYTHONPATH", f"{REPO / 'common'}:{REPO / 'runner-image'}")
     archive, output = tmp_path / "archive", tmp_path / "output"
     (archive / "cycle_23_4").mkdir(parents=True)
@@ -173,6 +178,7 @@ def run_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, cgroup: Path,
     output.mkdir()
     settings = RunnerSettings(
         archive_roots=[archive], output_roots=[output], cgroup_root=cgroup, path_mappings=[],
+        oom_retry_limit=oom_retry_limit,
         directories={"output": f"{output}/{{run_number}}", "flat_output": f"{output}/flat",
                      "log": f"{output}/log", "temp_root": tmp_path / "temp"},
     )  # fmt: skip
@@ -183,6 +189,7 @@ def run_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, cgroup: Path,
         "reduction_script": script, "reduction_arguments": {},
     })  # fmt: skip
     result = reduce(settings=settings, message=message, stop=threading.Event(), tee=None)
+    assert result.reason == (OOM_KILLED if count else "")
     return result.message
 
 
@@ -192,6 +199,16 @@ def test_the_admin_reports_an_oom_killed_script_as_out_of_memory(
     cgroup = v1_root(tmp_path / "cgroup", oom_kills=0)
     events = cgroup / "memory" / "memory.oom_control"
     assert run_killed(tmp_path, monkeypatch, cgroup=cgroup, events=events, count=True) == OOM_128
+
+
+def test_the_admin_says_when_an_oom_killed_run_is_retried_bigger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Job told the runner (AUTOREDUCE_OOM_RETRY_LIMIT) what the retry would get.
+    cgroup = v1_root(tmp_path / "cgroup", oom_kills=0)
+    said = run_killed(tmp_path, monkeypatch, cgroup=cgroup, count=True, oom_retry_limit="256Mi",
+                      events=cgroup / "memory" / "memory.oom_control")  # fmt: skip
+    assert said == OOM_128 + "; it is retried as its next version with a memory limit of 256Mi"
 
 
 def test_the_admin_reports_a_sigkill_without_an_oom_kill_as_a_signal(

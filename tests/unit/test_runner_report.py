@@ -82,7 +82,7 @@ def test_termination_message_stays_under_4kb(text: str) -> None:
 def test_termination_message_when_nothing_was_posted() -> None:
     decoded = json.loads(termination_report(None, stage=Stage.NONE).render())
     assert decoded == {"stage": "none", "outcome": "none", "posted": False, "retry_in": None,
-                       "message": "", "reduction_data": []}
+                       "reason": "", "message": "", "reduction_data": []}
 
 
 def test_the_report_of_a_run_being_sent_carries_its_output() -> None:

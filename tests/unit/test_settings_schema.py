@@ -118,6 +118,9 @@ DERIVED = {
     "runnerConfig": "jobs.runner_config_map",  # non-empty: the runner ConfigMap's name
     "priorityClass.create": "runner.priority_class_name",  # unless runner.priorityClassName
     "priorityClass.name": "runner.priority_class_name",
+    # {} (off) renders null; {factor, maxMemory} the model (maxMemory -> max_memory).
+    "runner.oomRetry": "runner.oom_retry",
+    "instruments.*.oomRetry": "instruments.*.oom_retry",
     # The chart's own class of each run source, where its name above is empty.
     "priorityClasses.create": "priority_classes",
     # TLS on: the CA ConfigMap in effect (the site's, or the chart's made of caBundle),
@@ -208,6 +211,7 @@ def _instrument(suffix: str) -> dict[str, Any]:
         ],
         "env": {"MANTID_THREADS": "8"},
         "maxRunning": 2,
+        "oomRetry": {"factor": 1.5, "maxMemory": "128Gi"},
     }
 
 
@@ -275,6 +279,7 @@ EVERY_VALUE: dict[str, Any] = {
         "priorityClassName": "reduction-high",
         "runAsUser": 2000,
         "runAsGroup": 3000,
+        "oomRetry": {"factor": 3, "maxMemory": "48Gi"},
     },
     "instruments": {"wish": _instrument("wish")},
     "caps": {"maxRunning": 12},

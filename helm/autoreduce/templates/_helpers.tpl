@@ -314,6 +314,11 @@ so they inherit.
 {{- if hasKey $v "env" }}
 {{- $_ := set $out "env" (fromYaml (include "autoreduce.stringMap" $v.env)) }}
 {{- end }}
+{{- if $v.oomRetry }}
+{{- $_ := set $out "oom_retry" (dict "factor" (float64 (default 2 $v.oomRetry.factor)) "max_memory" (toString $v.oomRetry.maxMemory)) }}
+{{- else if not $override }}
+{{- $_ := set $out "oom_retry" nil }}
+{{- end }}
 {{- if and $override (hasKey $v "maxRunning") }}
 {{- $_ := set $out "max_running" (int $v.maxRunning) }}
 {{- end }}
