@@ -130,9 +130,10 @@ class Context:
         """list Leases: status shows the RB holders."""
         return self._api().list_leases(selector=selector)
 
-    def events(self, *, regarding: str) -> list[Obj]:
-        """list Events: explain tells a run's story from its Jobs' and pods' Events."""
-        return self._api().list_events(regarding=regarding)
+    def events(self, *, regarding: str | None = None, reason: str | None = None) -> list[Obj]:
+        """list Events: explain tells a run's story from its Jobs' and pods' Events;
+        status reads the cluster autoscaler's verdicts on pending pods by reason."""
+        return self._api().list_events(regarding=regarding, reason=reason)
 
     def dry_run_job(self, job: Obj) -> None:
         """create Jobs, server-side dry run only (operatorRole.serverDryRun)."""

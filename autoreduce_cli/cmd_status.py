@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from autoreduce_cli.errors import EXIT_OK
+from autoreduce_cli.rows import AUTOSCALER_REASONS, autoscaler_notes
 from autoreduce_cli.status import Status, format_status, status_json, summarize
 
 if TYPE_CHECKING:
@@ -17,9 +18,16 @@ if TYPE_CHECKING:
 
 def _status(ctx: Context, args: argparse.Namespace) -> Status:
     selector = f"{ctx.labels.managed}=true"
+    pods = ctx.pods(selector=selector)
+    # The cluster autoscaler's word on pending pods: one list per reason, and only
+    # when a pod is pending (a quiet cluster costs no Event reads).
+    pending = any((p.get("status") or {}).get("phase") == "Pending" for p in pods)
+    events = [e for reason in AUTOSCALER_REASONS for e in ctx.events(reason=reason)
+              ] if pending else []
     return summarize(
         jobs=ctx.jobs(selector=selector),
-        pods=ctx.pods(selector=selector),
+        pods=pods,
+        autoscaler=autoscaler_notes(events),
         leases=ctx.leases(selector=selector),
         labels=ctx.labels,
         now=time.time(),

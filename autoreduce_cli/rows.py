@@ -93,17 +93,42 @@ def _reported(report: TerminationReport) -> tuple[str, str]:
     return report.outcome.value, detail[:200]
 
 
-def _pod_state(pod: Obj) -> str:
+# The cluster autoscaler's verdicts on a pending pod (its Events' reasons).
+AUTOSCALER_REASONS = ("TriggeredScaleUp", "NotTriggerScaleUp")
+
+
+def autoscaler_notes(events: Sequence[Obj]) -> dict[str, str]:
+    """Pod name -> the cluster autoscaler's latest word on it ("TriggeredScaleUp: pod
+    triggered scale-up: [{pool 1->2 (max: 5)}]"), from its Events of those reasons."""
+    latest: dict[str, tuple[float, str]] = {}
+    for event in events:
+        if event.get("reason") not in AUTOSCALER_REASONS:
+            continue
+        pod = str((event.get("regarding") or {}).get("name", ""))
+        series = event.get("series") or {}
+        at = parse_time(series.get("lastObservedTime") or event.get("eventTime")
+                        or event.get("deprecatedLastTimestamp")) or 0.0
+        note = f"{event['reason']}: {str(event.get('note') or '').strip()}".strip(": ")
+        if pod and at >= latest.get(pod, (-1.0, ""))[0]:
+            latest[pod] = (at, note)
+    return {pod: note for pod, (_, note) in latest.items()}
+
+
+def _pod_state(pod: Obj, autoscaler: Mapping[str, str]) -> str:
     """A pod's phase, and why a pending one is not running yet: the scheduler's own
     message ("0/2 nodes are available: 2 Insufficient memory."), which is also what the
-    cluster autoscaler acts on, or a container's waiting reason (an image pull)."""
+    cluster autoscaler acts on, and the autoscaler's answer when it gave one, or a
+    container's waiting reason (an image pull)."""
     status = pod.get("status") or {}
-    text = f"{(pod.get('metadata') or {}).get('name', '?')} {status.get('phase', '?')}"
+    name = str((pod.get("metadata") or {}).get("name", "?"))
+    text = f"{name} {status.get('phase', '?')}"
     if status.get("phase") != "Pending":
         return text
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
             why = f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
+            if name in autoscaler:
+                why = f"{why}; cluster-autoscaler: {autoscaler[name]}".strip("; ")
             return f"{text} ({why})" if why else text
     for container in status.get("containerStatuses") or []:
         waiting = (container.get("state") or {}).get("waiting") or {}
@@ -119,9 +144,11 @@ def _state(job: Obj) -> str:
         return WAITING
     return RUNNING
 def row_for(
-    job: Obj, *, labels: Labels, pods: Sequence[Obj], holders: Mapping[str, str], now: float
+    job: Obj, *, labels: Labels, pods: Sequence[Obj], holders: Mapping[str, str], now: float,
+    autoscaler: Mapping[str, str] | None = None,
 ) -> RunRow:
-    """One Job as a row (``pods``: this Job's pods; ``holders``: RB -> holding Job)."""
+    """One Job as a row (``pods``: this Job's pods; ``holders``: RB -> holding Job;
+    ``autoscaler``: pod -> the cluster autoscaler's word on it)."""
     meta = job.get("metadata") or {}
     tags = labels_of(job)
     notes = _annotations_of(job)
@@ -141,7 +168,7 @@ def row_for(
     elif state == RUNNING:
         since = parse_time((job.get("status") or {}).get("startTime")) or created
         running_pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-        detail = ", ".join(_pod_state(p) for p in running_pods) or "starting"
+        detail = ", ".join(_pod_state(p, autoscaler or {}) for p in running_pods) or "starting"
     else:
         status = job.get("status") or {}
         since = parse_time(status.get("completionTime")) or _last_transition(job) or created

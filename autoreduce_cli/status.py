@@ -8,7 +8,7 @@ of ``autoreduce status`` can be tested with plain values.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -79,6 +79,7 @@ def summarize(
     recent: int = 10,
     instrument: str | None = None,
     rb: str | None = None,
+    autoscaler: Mapping[str, str] | None = None,
 ) -> Status:
     """Rows for every run, grouped; finished runs limited to the ``recent`` newest."""
     by_job: dict[str, list[Obj]] = {}
@@ -98,6 +99,7 @@ def summarize(
             pods=by_job.get(str((job.get("metadata") or {}).get("name", "")), []),
             holders=holders,
             now=now,
+            autoscaler=autoscaler,
         )
         if instrument and row.instrument != instrument.upper():
             continue

@@ -12,6 +12,8 @@ API returns, so every line is testable with plain values.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -36,6 +38,14 @@ class Entry:
     source: str  # broker, dispatcher, job-controller, default-scheduler, kubelet, runner...
     about: str  # the Job or Pod name
     text: str
+    # Where it comes in a run's life: most API times are whole seconds, so within one
+    # second this orders the records (enqueued, created, admitted, started, pod...).
+    stage: int = 0
+
+
+# Stages of a run's life (Entry.stage), in order.
+ENQUEUED, CREATED, WAITED, ADMITTED, STARTED, POD, SCHEDULING, NODE, STOPPING, RUNNER, \
+    ENDED, POSTED = range(12)
 
 
 @dataclass(frozen=True)
@@ -62,24 +72,26 @@ def _job_entries(job: Obj, labels: Labels) -> list[Entry]:
     priority = notes.get(labels.key("priority"), "?")
     if enqueued:
         entries.append(Entry(enqueued, "broker", name,
-                             f"message enqueued on the pending queue (priority {priority})"))
+                             f"message enqueued on the pending queue (priority {priority})",
+                             ENQUEUED))
     entries.append(Entry(parse_time(_meta(job).get("creationTimestamp")), "dispatcher", name,
-                         "run accepted: Job created (suspended until admitted)"))
+                         "run accepted: Job created (suspended until admitted)", CREATED))
     status = job.get("status") or {}
     if status.get("startTime"):
         entries.append(Entry(parse_time(status["startTime"]), "job-controller", name,
-                             "Job started: admitted, its pod may be created"))
+                             "Job started: admitted, its pod may be created", STARTED))
     for condition in status.get("conditions") or []:
         if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
             why = f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
             entries.append(Entry(parse_time(condition.get("lastTransitionTime")),
                                  "job-controller", name,
-                                 f"Job {condition['type']}" + (f" ({why})" if why else "")))
+                                 f"Job {condition['type']}" + (f" ({why})" if why else ""),
+                                 ENDED))
     verdict = failures.parse_verdict(notes.get(labels.key(VERDICT_KEY)))
     if verdict is not None and not verdict.posted_by_runner:
         entries.append(Entry(None, "dispatcher", name,
                              f"verdict recorded: Reduction{verdict.outcome.value} on the run's "
-                             f"behalf ({verdict.reason}): {verdict.message}"))
+                             f"behalf ({verdict.reason}): {verdict.message}", POSTED))
     return entries
 
 
@@ -98,36 +110,39 @@ def _container_entries(pod: Obj) -> list[Entry]:
         started = running.get("startedAt") or terminated.get("startedAt")
         if started:
             entries.append(Entry(parse_time(started), "kubelet", name,
-                                 f"container {container} running"))
+                                 f"container {container} running", NODE))
         if terminated:
             code, reason = terminated.get("exitCode"), terminated.get("reason", "")
             entries.append(Entry(parse_time(terminated.get("finishedAt")), "kubelet", name,
-                                 f"container {container} ended: exit {code} ({reason})"))
+                                 f"container {container} ended: exit {code} ({reason})",
+                                 RUNNER))
         report = parse_report(terminated.get("message") or "") if terminated else None
         if report is not None:
             said = report.message.strip()
             what = (f"posted Reduction{report.outcome.value}" if report.posted and report.outcome
                     else "did not post an outcome")
             entries.append(Entry(parse_time(terminated.get("finishedAt")), "runner", name,
-                                 what + (f": {said}" if said else "")))
+                                 what + (f": {said}" if said else ""), RUNNER))
     return entries
 
 
 def _pod_entries(pod: Obj, *, scheduling_events: bool) -> list[Entry]:
     name, status = _name(pod), pod.get("status") or {}
     entries = [Entry(parse_time(_meta(pod).get("creationTimestamp")), "job-controller", name,
-                     "pod created")]
+                     "pod created", POD)]
     for condition in status.get("conditions") or []:
         kind, true = condition.get("type"), condition.get("status") == "True"
         why = f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
         at = parse_time(condition.get("lastTransitionTime"))
         if kind == "PodScheduled" and not true and not scheduling_events:
-            entries.append(Entry(at, "default-scheduler", name, f"not scheduled: {why}"))
+            entries.append(Entry(at, "default-scheduler", name, f"not scheduled: {why}",
+                                 SCHEDULING))
         elif kind == "PodScheduled" and true and not scheduling_events:
             entries.append(Entry(at, "default-scheduler", name,
-                                 f"scheduled to {(pod.get('spec') or {}).get('nodeName', '?')}"))
+                                 f"scheduled to {(pod.get('spec') or {}).get('nodeName', '?')}",
+                                 SCHEDULING))
         elif kind == "DisruptionTarget" and true:
-            entries.append(Entry(at, "cluster", name, f"pod to be stopped: {why}"))
+            entries.append(Entry(at, "cluster", name, f"pod to be stopped: {why}", STOPPING))
     return entries + _container_entries(pod)
 
 
@@ -152,7 +167,21 @@ def _event_entry(event: Obj) -> Entry:
     if int(count) > 1:
         text += f" (x{count})"
     regarding = str((event.get("regarding") or {}).get("name", ""))
-    return Entry(event_time(event), str(source), regarding, text)
+    return Entry(event_time(event), str(source), regarding, text,
+                 _EVENT_STAGES.get(str(event.get("reason", "")), _SOURCE_STAGES.get(
+                     str(source), NODE)))
+
+
+# Where an Event comes in a run's life, by its reason, else by who reported it.
+_EVENT_STAGES = {
+    "Waiting": WAITED, "Suspended": WAITED, "Admitted": ADMITTED, "Resumed": STARTED,
+    "SuccessfulCreate": POD, "Scheduled": SCHEDULING, "FailedScheduling": SCHEDULING,
+    "Preempted": STOPPING, "Killing": STOPPING, "Cancelled": STOPPING,
+    "Completed": ENDED, "BackoffLimitExceeded": ENDED, "OutcomePosted": POSTED,
+    "RetryScheduled": POSTED, "RetriesExhausted": POSTED,
+}  # fmt: skip
+_SOURCE_STAGES = {"default-scheduler": SCHEDULING, "cluster-autoscaler": SCHEDULING,
+                  "kubelet": NODE}  # fmt: skip
 
 
 def _is_scheduling(event: Obj) -> bool:
@@ -176,7 +205,8 @@ def tell(*, jobs: Iterable[Obj], pods: Iterable[Obj], events: Iterable[Obj],
     entries.extend(_event_entry(e) for e in events)
     # Untimed records (a recorded verdict) go right after the last timed one of their
     # object: the Job's final condition, which comes just before the post.
-    timed = sorted((e for e in entries if e.at is not None), key=lambda e: (e.at, e.source))
+    timed = sorted((e for e in entries if e.at is not None),
+                   key=lambda e: (math.floor(e.at or 0), e.stage, e.at))
     for loose in (e for e in entries if e.at is None):
         last = max((i for i, e in enumerate(timed) if e.about == loose.about), default=None)
         timed.insert(len(timed) if last is None else last + 1, loose)
@@ -228,6 +258,16 @@ def _short(name: str, versions: Sequence[RunRow]) -> str:
 def story_json(story: Story) -> dict[str, Any]:
     return {"versions": [asdict(r) for r in story.versions],
             "entries": [asdict(e) for e in story.entries]}  # fmt: skip
+
+
+_CREATED_POD = re.compile(r"Created pod: (\S+)")
+
+
+def pods_named(events: Iterable[Obj]) -> set[str]:
+    """The pods the Job controller said it created: a pod gone since (its outcome
+    settled, the preempted or evicted one) still has Events worth telling."""
+    return {match[1] for event in events if event.get("reason") == "SuccessfulCreate"
+            for match in [_CREATED_POD.search(str(event.get("note") or ""))] if match}
 
 
 def selector_of(labels: Labels, *, instrument: str, run: int) -> str:

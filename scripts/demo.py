@@ -302,6 +302,8 @@ class Demo:
         self.wait("all runs finished", lambda: '"running": []' in self.autoreduce(
             "status", "-o", "json", quiet=True), timeout=60)
         self.autoreduce("status")
+        # One run's whole story: it waited for its RB, then reduced.
+        self.autoreduce("explain", "wish", "44002")
         self.autoreduce("dead-letters", "list")
         print("   (`autoreduce dead-letters show <id>` prints it whole; `requeue <id>` sends it\n"
               "    back to the pending queue once the producer's bug is understood)\n")

@@ -159,9 +159,9 @@ class Kube(Transport):
         """An Event on the Job, so `kubectl describe job` tells what we decided."""
         self._events.record_event(job=job, reason=reason, note=note, warning=warning)
 
-    def list_events(self, *, regarding: str) -> list[Obj]:
-        """The Events about one object (a Job or a Pod), oldest first not guaranteed."""
-        return self._events.list_events(regarding=regarding)
+    def list_events(self, *, regarding: str | None = None, reason: str | None = None) -> list[Obj]:
+        """The Events about one object (a Job or a Pod), or of one reason (in no order)."""
+        return self._events.list_events(regarding=regarding, reason=reason)
 
     # -- health --------------------------------------------------------------------
 

@@ -90,10 +90,12 @@ class Events:
         except KubeError as error:  # an Event is commentary: never fail the run for it
             log.debug("event not recorded: %s", error)
 
-    def list_events(self, *, regarding: str) -> list[Obj]:
-        """Every Event about the object named ``regarding`` (any kind), as the API
-        holds them: the events.k8s.io view, which carries the kubelet's and the
-        scheduler's core Events too."""
-        page = self._t._call(f"list Events of {regarding}", "GET", self._path,
-                             query={"fieldSelector": f"regarding.name={regarding}"})
+    def list_events(self, *, regarding: str | None = None, reason: str | None = None) -> list[Obj]:
+        """The Events about the object named ``regarding`` (any kind), or with this
+        ``reason``, as the API holds them: the events.k8s.io view, which carries the
+        kubelet's, the scheduler's and the cluster autoscaler's core Events too."""
+        fields = [f"{key}={value}" for key, value in (("regarding.name", regarding),
+                                                       ("reason", reason)) if value]
+        page = self._t._call(f"list Events ({', '.join(fields)})", "GET", self._path,
+                             query={"fieldSelector": ",".join(fields)})
         return list(page.get("items") or [])

@@ -72,6 +72,10 @@ def assert_expected_end(out: str) -> None:
     # While running: one WISH run reducing, the others of its RB waiting for it.
     assert re.search(r"WISH\s+1920001\s+44002\s+0\s+\S+\s+1\s+red-wish-44002-v0-\S+\s+"
                      r"RB held by red-wish-44001-v0-", out), out
+    # explain tells the waiting run's story: it waited for its RB, then reduced.
+    assert "WISH run 44002: 1 version(s)" in out, out
+    assert re.search(r"Waiting: waiting for RB 1920001: held by Job red-wish-44001-v0-", out), out
+    assert re.search(r"runner\s+v0 pod \w+\s+posted ReductionComplete", out), out
     # Every outcome, one each.
     for line in (r"ReductionComplete\s+WISH\s+run 44001",
                  r"ReductionComplete\s+WISH\s+run 44002",

@@ -7,10 +7,7 @@ installed console script) reading the same settings file as the dispatcher.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,8 +20,6 @@ from autoreduce_common.stomp_client import StompClient
 from kubernetes import client as k8s
 
 from devstack.product import (
-    PYTHONPATH,
-    REPO,
     DispatcherProcess,
     Facility,
     run_message,
@@ -33,6 +28,7 @@ from devstack.product import (
 from devstack.queues import QueueReader
 from dispatcher.identity import RunKey, job_name
 from tests.harness.checks import SELECTOR, send
+from tests.harness.cli import as_json, cli
 
 pytestmark = pytest.mark.integration
 
@@ -52,27 +48,6 @@ import time
 def main(input_file, output_dir):
     time.sleep(6)
 """
-
-
-def config_of(proc: DispatcherProcess) -> Path:
-    return proc.workdir / f"{proc.name}.yaml"
-
-
-def cli(
-    proc: DispatcherProcess, *args: str, script: bool = False, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    command = [str(Path(sys.executable).parent / "autoreduce")] if script else [
-        sys.executable, "-m", "autoreduce_cli"]
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "KUBECONFIG": str(proc.kubeconfig)}
-    return subprocess.run(
-        [*command, *args, "--config", str(config_of(proc))],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout, check=False,
-    )
-
-
-def as_json(result: subprocess.CompletedProcess[str]) -> Any:
-    assert result.stdout.strip(), result.stderr
-    return json.loads(result.stdout)
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -224,6 +199,19 @@ def test_status_gives_the_schedulers_own_reason_for_a_pod_it_cannot_place(
                      row["detail"]), row
     human = cli(proc, "status", "--instrument", "gem").stdout
     assert "Insufficient cpu" in human, human
+    # explain tells the run's story: its arrival, its admission and the scheduler's
+    # own Event, in time order.
+    explained = as_json(cli(proc, "explain", "gem", "77", "-o", "json"))
+    said = [(e["source"], e["text"]) for e in explained["entries"]]
+    sources = [source for source, _ in said]
+    assert sources[:2] == ["broker", "dispatcher"], said
+    assert any(source == "default-scheduler" and re.search(
+        r"FailedScheduling: 0/\d+ nodes are available: .*Insufficient cpu", text)
+        for source, text in said), said
+    assert any(source == "autoreduce.io/dispatcher" and text.startswith("Admitted")
+               for source, text in said), said
+    story = cli(proc, "explain", "gem", "77").stdout
+    assert "GEM run 77: 1 version(s)" in story and "Insufficient cpu" in story, story
     cancelled = cli(proc, "cancel", "--instrument", "gem", "--rb", "1930077", "--run", "77",
                     "--version", "0")
     assert cancelled.returncode == 0, cancelled.stderr

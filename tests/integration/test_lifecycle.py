@@ -267,6 +267,40 @@ def test_evicted_run_is_reported_once_and_retried_as_the_next_version(
         "Normal", "retry as version 1 in 1 s (attempt 2 of 2)")
 
 
+def test_a_run_out_of_memory_is_retried_bigger_and_completes(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str, batch: k8s.BatchV1Api,
+) -> None:
+    """oom_retry on the real node: the 600 MiB script is killed under a 300Mi limit,
+    its error says what is tried next, and version 1 gets 750Mi and completes."""
+    start_dispatcher(
+        instruments={"OOMB": {
+            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                          "limits": {"memory": "300Mi"}},
+            "oom_retry": {"factor": 2.5, "max_memory": "1Gi"}}},
+        retries={"mode": "dispatcher", "max_attempts": 3, "delay_s": 300},
+    )  # fmt: skip
+    send(stomp, broker_settings, run_message(facility=facility, instrument="OOMB", rb=2150001,
+                                             run=15, script=HUNGRY_SCRIPT))
+    reader.wait_for(lambda seen: bool(outcomes(reader, broker_settings, "complete")),
+                    timeout=180)  # not the 300 s retry delay: at once
+    reader.settle(3)
+    (error,) = errors_for(reader, broker_settings, 15)
+    assert error["run_version"] == 0
+    assert error["message"] == (
+        "Reduction ran out of memory (limit 300Mi) and was killed; it is retried as its "
+        "next version with a memory limit of 750Mi"), error["message"]
+    (complete,) = outcomes(reader, broker_settings, "complete")
+    assert complete["run_version"] == 1
+    retried = batch.read_namespaced_job(name_of("OOMB", 2150001, 15, version=1), namespace)
+    runner = retried.spec.template.spec.containers[0]
+    assert runner.resources.limits["memory"] == "750Mi"
+    assert runner.resources.requests["memory"] == "160Mi"
+    assert event_of(kube, namespace, name_of("OOMB", 2150001, 15), "RetryScheduled") == (
+        "Normal", "retry as version 1 in 0 s (attempt 2 of 3) with a memory limit of 750Mi")
+
+
 def test_retry_in_is_honoured_bounded_and_survives_a_dispatcher_restart(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,

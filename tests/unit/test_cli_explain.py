@@ -13,7 +13,14 @@ from autoreduce_common.messages import Outcome
 from autoreduce_common.pod_contract import Stage, TerminationReport
 
 from autoreduce_cli.args import parser
-from autoreduce_cli.story import event_time, format_story, selector_of, story_json, tell
+from autoreduce_cli.story import (
+    event_time,
+    format_story,
+    pods_named,
+    selector_of,
+    story_json,
+    tell,
+)
 from dispatcher import failures
 from dispatcher.identity import Labels
 
@@ -142,3 +149,26 @@ def test_explain_parses_instrument_run_and_an_optional_version() -> None:
     assert (args.instrument, args.run, args.version, args.output) == ("mari", 7, 1, "json")
     assert selector_of(LABELS, instrument="mari", run=7) == (
         "autoreduce.io/managed=true,autoreduce.io/instrument=MARI,autoreduce.io/run-number=7")
+
+
+def test_within_one_second_the_story_follows_a_runs_life_not_the_alphabet() -> None:
+    # API times are whole seconds: the broker's millisecond enqueue time, the Job's
+    # creationTimestamp and our Admitted Event all fall in the same second.
+    quick = job(failed=False)
+    quick["metadata"]["annotations"]["autoreduce.io/enqueued-at"] = "1767225601300"
+    quick["status"] = {"startTime": "2026-01-01T00:00:01Z"}
+    events = [event("Admitted", "RB 1 is free: reducing", about=JOB, source="autoreduce.io/"
+                    "dispatcher", at="2026-01-01T00:00:01.000000Z"),
+              event("Suspended", "Job suspended", about=JOB, source="job-controller",
+                    at="2026-01-01T00:00:01.000000Z")]
+    story = tell(jobs=[quick], pods=[], events=events, labels=LABELS, now=1767225800.0)
+    assert [e.text.split(":")[0] for e in story.entries] == [
+        "message enqueued on the pending queue (priority 9)",
+        "run accepted", "Suspended", "Admitted", "Job started"]
+
+
+def test_pods_gone_since_are_found_from_the_job_controllers_events() -> None:
+    events = [event("SuccessfulCreate", f"Created pod: {POD}", about=JOB, at="",
+                    source="job-controller"),
+              event("Completed", "Job completed", about=JOB, at="", source="job-controller")]
+    assert pods_named(events) == {POD}

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from autoreduce_cli import cli, status
+from autoreduce_cli.rows import autoscaler_notes, row_for
 from dispatcher import failures
 from dispatcher.admission import Caps
 from dispatcher.events import caps_note, held_note
@@ -402,3 +403,32 @@ def test_dashboard_config_map_renders_behind_its_value() -> None:
     assert cm["metadata"]["annotations"]["grafana_folder"] == "Autoreduction"
     shipped = json.loads((CHART / "dashboards" / "autoreduce.json").read_text())
     assert json.loads(cm["data"]["autoreduce.json"]) == shipped
+
+
+def test_a_pending_pod_shows_the_cluster_autoscalers_latest_word() -> None:
+    def said(reason: str, note: str, at: str) -> dict[str, object]:
+        # As the autoscaler writes them (core/v1): no eventTime in the new API's view.
+        return {"reason": reason, "note": note, "regarding": {"name": "red-x-1-v0-ab-p1"},
+                "deprecatedLastTimestamp": at, "deprecatedSource": {"component":
+                                                                    "cluster-autoscaler"}}
+
+    notes = autoscaler_notes([
+        said("NotTriggerScaleUp", "pod didn't trigger scale-up: 1 max node group size reached",
+             "2026-01-01T00:00:05Z"),
+        said("TriggeredScaleUp", "pod triggered scale-up: [{pool 1->2 (max: 3)}]",
+             "2026-01-01T00:00:09Z"),
+        said("Scheduled", "not the autoscaler's", "2026-01-01T00:00:10Z"),
+    ])
+    assert notes == {"red-x-1-v0-ab-p1": "TriggeredScaleUp: pod triggered scale-up: "
+                                         "[{pool 1->2 (max: 3)}]"}
+    job = {"metadata": {"name": "red-x-1-v0-ab", "labels": {}, "annotations": {}},
+           "spec": {"suspend": False}, "status": {"startTime": "2026-01-01T00:00:01Z"}}
+    pod = {"metadata": {"name": "red-x-1-v0-ab-p1"}, "status": {
+        "phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                            "reason": "Unschedulable",
+                                            "message": "0/2 nodes are available"}]}}
+    row = row_for(job, labels=Labels("autoreduce.io"), pods=[pod], holders={}, now=0.0,
+                  autoscaler=notes)
+    assert row.detail == ("red-x-1-v0-ab-p1 Pending (Unschedulable: 0/2 nodes are available; "
+                          "cluster-autoscaler: TriggeredScaleUp: pod triggered scale-up: "
+                          "[{pool 1->2 (max: 3)}])")
