@@ -104,6 +104,7 @@ class LocalKube:
     controller_manager: Process | None = None
     scheduler: Scheduler | None = None
     nodes: dict[str, Node] = field(default_factory=dict)
+    retired_node_indexes: list[int] = field(default_factory=list)
     # repository -> tag of every product image the nodes have (autoreduce-runner, ...)
     images: dict[str, str] = field(default_factory=dict)
     image_ids: dict[str, str | None] = field(default_factory=dict)
@@ -254,13 +255,28 @@ class LocalKube:
         """Another real node, Ready on return; ``taints`` as ``key=value:Effect``."""
         self._require_local()
         assert self.image_archive is not None
-        node = Node(name=name, index=len(self.nodes) + 1, workdir=self.workdir / "nodes" / name,
+        # Never an index used before: a removed node's pod addresses may be in caches.
+        index = max([n.index for n in self.nodes.values()] + self.retired_node_indexes,
+                    default=0) + 1
+        node = Node(name=name, index=index, workdir=self.workdir / "nodes" / name,
                     access=self.access, stack_id=self.stack_id,
                     image_archives=[self.image_archive], labels=labels or {},
                     taints=taints or [], host_ports=list(self.host_ports))  # fmt: skip
         node.start()
         self.nodes[name] = node
         return node
+
+    def remove_node(self, name: str) -> None:
+        """Stop a node added by ``add_node`` and delete its Node object, as a cluster
+        autoscaler's scale-down ends: its pods go with it."""
+        self._require_local()
+        node = self.nodes.pop(name)
+        self.retired_node_indexes.append(node.index)
+        try:
+            node.stop()
+        finally:
+            self.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false",
+                         check=True)
 
     def expose_host_port(self, port: int) -> None:
         """Pods on every node (and on nodes added later) reach ``<host address>:port``,
