@@ -14,6 +14,7 @@ from typing import Any
 
 from bench import machine, report
 from bench.env import Stack
+from bench.plot import plot_cycle, title_of
 from bench.scenarios import PRESETS, SCENARIOS
 from dispatcher.config import DispatcherSettings
 
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 results[name] = {"error": repr(error)}
             results[name]["seconds"] = round(time.monotonic() - begun, 1)
+            if name == "cycle" and "series" in results[name]:
+                picture = plot_cycle(results[name], args.out / "busy-cycle.png",
+                                     title=title_of(results[name]))
+                results[name]["png"] = picture.name
             print(f"[bench] {name} done in {results[name]['seconds']} s", flush=True)
             report.write(results, args.out)  # so far: a long run leaves partial figures
     finally:

@@ -313,7 +313,8 @@ class OutcomeClock:
         self._sink: queue.Queue[Delivery] = queue.Queue()
         for destination in destinations:
             self._client.subscribe(destination=destination, sink=self._sink, prefetch=100)
-        self.arrived: dict[tuple[str, int], float] = {}
+        self.arrived: dict[tuple[str, int], float] = {}  # the first of each
+        self.counts: Counter[tuple[str, int]] = Counter()  # every copy
 
     def wait_for_run(self, destination: str, run: int, *, timeout: float) -> float:
         """When the run's message reached ``destination`` (monotonic seconds)."""
@@ -322,15 +323,25 @@ class OutcomeClock:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no message for run {run} on {destination}")
-            try:
-                delivery = self._sink.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            at = time.monotonic()
-            self._client.ack(delivery)
-            number = json.loads(delivery.body).get("run_number")
-            self.arrived.setdefault((delivery.destination, int(number)), at)
+            self._take(timeout=remaining)
         return self.arrived[(destination, run)]
+
+    def drain(self, seconds: float) -> None:
+        """Take what arrives for ``seconds`` more (repeats included)."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self._take(timeout=remaining)
+
+    def _take(self, *, timeout: float) -> None:
+        try:
+            delivery = self._sink.get(timeout=timeout)
+        except queue.Empty:
+            return
+        at = time.monotonic()
+        self._client.ack(delivery)
+        key = (delivery.destination, int(json.loads(delivery.body).get("run_number")))
+        self.arrived.setdefault(key, at)
+        self.counts[key] += 1
 
     def close(self) -> None:
         self._client.disconnect()

@@ -10,7 +10,7 @@ from typing import Any
 from bench.stats import ratio
 
 SECTIONS = ("machine", "settings", "limit", "dispatch", "burst", "handoff", "scale", "poster",
-            "targets")
+            "cycle", "targets")
 Row = tuple[str, str, str, str]  # figure, value, beside the limit / note, met
 
 
@@ -159,6 +159,18 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
     rows.append(("poster sidecar: extra per run (p50)",
                  _num(posting.get("started_p50_extra_s"), " s"),
                  f"to Complete {_num(posting.get('complete_p50_extra_s'), ' s')}", ""))
+    busy = results.get("cycle") or {}
+    if busy.get("series"):
+        outcomes = busy.get("outcomes") or {}
+        missing = outcomes.get("runs_without_exactly_one") or []
+        rows.append(("busy cycle: runs, one outcome each",
+                     f"{busy.get('runs')} runs, {len(missing)} without exactly one",
+                     f"{outcomes.get('complete', 0)} Complete, {outcomes.get('error', 0)} Error",
+                     ""))
+        rows.append(("busy cycle: most pods pending, nodes used",
+                     f"{busy.get('max_pending')} pending, {busy.get('max_nodes_used')} nodes",
+                     f"all finished at {_num(busy.get('all_finished_s'))} s "
+                     f"(picture: {busy.get('png', 'not drawn')})", ""))
     for target in results.get("targets") or []:
         value = target["value"]
         shown = "n/a" if value is None else f"{value:.2f} {target['unit']}"

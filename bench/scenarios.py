@@ -13,6 +13,7 @@ from typing import Any
 
 from autoreduce_common.messages import parse_run
 
+from bench.cycle import cycle
 from bench.env import Scenario, Stack, cpu_seconds, job_of, rss_mb, run_body
 from bench.machine import load
 from bench.stats import summary
@@ -49,10 +50,13 @@ class Sizes:
     scale_runs_per_rb: int
     idle_s: float = 15.0  # how long the scale scenario measures the idle dispatcher's CPU
     poster_runs: int = 10  # runs per mode in the poster-sidecar scenario
+    cycle_scale: int = 1  # the busy cycle's waves times this (0: the tiny smoke cycle)
+    cycle_max_nodes: int = 3  # the busy cycle's node pool grows up to this
 
 
 PRESETS = {
-    "tiny": Sizes(10, 20, 5, ((5, 2),), 20, 5, 2, 3, 5, 3, idle_s=3.0, poster_runs=1),
+    "tiny": Sizes(10, 20, 5, ((5, 2),), 20, 5, 2, 3, 5, 3, idle_s=3.0, poster_runs=1,
+                  cycle_scale=0, cycle_max_nodes=2),
     "quick": Sizes(100, 200, 30, ((5, 6), (20, 5)), 200, 50, 5, 5, 100, 10, poster_runs=4),
     "full": Sizes(300, 600, 100, ((5, 20), (20, 20), (50, 20)), 2000, 500, 20, 10, 1000, 10),
 }
@@ -555,6 +559,12 @@ def _poster_runs(stack: Stack, *, sidecar: bool, runs: int) -> dict[str, Any]:
         scenario.stop()
 
 
+def busy_cycle(stack: Stack, sizes: Sizes) -> dict[str, Any]:
+    """A cycle's arrival pattern against a node pool that grows when pods pend
+    (``bench/cycle.py``; drawn to ``busy-cycle.png`` beside the results)."""
+    return cycle(stack, scale=sizes.cycle_scale, max_nodes=sizes.cycle_max_nodes)
+
+
 SCENARIOS: dict[str, Callable[[Stack, Sizes], dict[str, Any]]] = {
     "limit": limit,
     "dispatch": dispatch,
@@ -562,4 +572,5 @@ SCENARIOS: dict[str, Callable[[Stack, Sizes], dict[str, Any]]] = {
     "handoff": handoff,
     "scale": scale,
     "poster": poster,
+    "cycle": busy_cycle,
 }

@@ -23,13 +23,13 @@ from devstack.stack import leftovers
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_bench_tiny_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "results"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--tiny", "--out", str(out)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": PYTHONPATH},
-        capture_output=True, text=True, timeout=580, check=False,
+        capture_output=True, text=True, timeout=880, check=False,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     # A stack stopped at a normal exit leaves nothing: no process, mount, namespace,
@@ -44,3 +44,9 @@ def test_bench_tiny_writes_every_section(tmp_path: Path) -> None:
               if isinstance(value, dict) and "error" in value}
     assert not errors, errors
     assert (out / "latest.md").read_text().count("TARGET") == len(results["targets"])
+    # The busy cycle ran real runs on a pool that grew, each with one outcome, and
+    # its picture was drawn.
+    cycle = results["cycle"]
+    assert cycle["outcomes"]["runs_without_exactly_one"] == [], cycle["outcomes"]
+    assert cycle["max_nodes_used"] == 2 and cycle["max_pending"] >= 1, cycle["pool_events"]
+    assert (out / cycle["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
