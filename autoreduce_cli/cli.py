@@ -33,7 +33,7 @@ from autoreduce_cli.errors import EXIT_USAGE, CliError, mapped_errors
 from autoreduce_cli.queues import browse
 from dispatcher.config import DispatcherSettings, load_settings
 from dispatcher.identity import Labels
-from dispatcher.kube import Kube, Obj
+from dispatcher.kube import Forbidden, Kube, Obj
 
 # _arguments, browse and the cmd_* functions live in their own modules; they are
 # named here because tests read them from this one: tests/unit/test_cli_status.py
@@ -64,6 +64,7 @@ class Context:
     namespace: str
     _kube: Kube | None = None
     _broker: StompClient | None = None
+    _events_refused: bool = False
 
     @property
     def json(self) -> bool:
@@ -132,8 +133,18 @@ class Context:
 
     def events(self, *, regarding: str | None = None, reason: str | None = None) -> list[Obj]:
         """list Events: explain tells a run's story from its Jobs' and pods' Events;
-        status reads the cluster autoscaler's verdicts on pending pods by reason."""
-        return self._api().list_events(regarding=regarding, reason=reason)
+        status reads the cluster autoscaler's verdicts on pending pods by reason.
+
+        Events are commentary: a Role without this right (an operator Role bound
+        before the CLI read Events) gets the rest of the answer, and one warning."""
+        try:
+            return self._api().list_events(regarding=regarding, reason=reason)
+        except Forbidden as error:
+            if not self._events_refused:
+                self._events_refused = True
+                print(f"autoreduce: no Events shown: {error} (the chart's operator Role "
+                      "grants list on events.k8s.io Events)", file=sys.stderr)
+            return []
 
     def dry_run_job(self, job: Obj) -> None:
         """create Jobs, server-side dry run only (operatorRole.serverDryRun)."""

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from autoreduce_common.messages import Outcome
 from autoreduce_common.pod_contract import Stage, TerminationReport
 
 from autoreduce_cli.args import parser
+from autoreduce_cli.cli import Context
 from autoreduce_cli.story import (
     event_time,
     format_story,
@@ -22,7 +24,9 @@ from autoreduce_cli.story import (
     tell,
 )
 from dispatcher import failures
+from dispatcher.config import DispatcherSettings
 from dispatcher.identity import Labels
+from dispatcher.kube import Forbidden
 
 LABELS = Labels("autoreduce.io")
 JOB = "red-mari-7-v0-0123abcd"
@@ -172,3 +176,21 @@ def test_pods_gone_since_are_found_from_the_job_controllers_events() -> None:
                     source="job-controller"),
               event("Completed", "Job completed", about=JOB, at="", source="job-controller")]
     assert pods_named(events) == {POD}
+
+
+class EventsRefused:
+    """Our own Kube boundary, as a Role without ``list`` on Events answers."""
+
+    def list_events(self, **_: Any) -> list[dict[str, Any]]:
+        raise Forbidden("list Events: events.events.k8s.io is forbidden", status=403)
+
+
+def test_a_role_without_events_still_gets_its_answer_and_one_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = DispatcherSettings.model_validate({})
+    ctx = Context(settings=settings, labels=LABELS, output="text", kubeconfig=None,
+                  namespace="ns", _kube=EventsRefused())  # type: ignore[arg-type]
+    assert ctx.events(regarding=JOB) == [] and ctx.events(reason="TriggeredScaleUp") == []
+    warned = capsys.readouterr().err
+    assert warned.count("no Events shown") == 1 and "forbidden" in warned, warned
