@@ -254,7 +254,7 @@ def assert_error_exit(run: JobRun, body: dict[str, Any]) -> None:
     assert run.condition == "Failed"
     assert body["retry_in"] is None
     assert run.termination == {
-        "stage": "posted", "outcome": "Error", "posted": True, "retry_in": None,
+        "stage": "posted", "outcome": "Error", "posted": True, "retry_in": None, "reason": "",
         "message": body["message"], "reduction_data": [],
     }
 
@@ -297,7 +297,7 @@ def test_runner_job_posts_complete_and_kubectl_logs_show_the_script(
         assert line in body["reduction_log"]
         assert line in logs.stdout, logs.stdout[-3000:]
     assert run.termination == {
-        "stage": "posted", "outcome": "Complete", "posted": True, "retry_in": None,
+        "stage": "posted", "outcome": "Complete", "posted": True, "retry_in": None, "reason": "",
         "message": "", "reduction_data": [FINAL],
     }
 
@@ -323,7 +323,7 @@ def test_runner_job_skipped_run_exits_0_and_says_skipped_in_the_termination_mess
     assert run.condition == "Complete"
     # ...told apart by the termination message, which the README's jsonpath reads.
     assert run.termination == {
-        "stage": "posted", "outcome": "Skipped", "posted": True, "retry_in": None,
+        "stage": "posted", "outcome": "Skipped", "posted": True, "retry_in": None, "reason": "",
         "message": body["message"], "reduction_data": [],
     }
     shown = kube.kubectl("get", "pods", "-n", namespace, "-l", f"job-name={run.name}",

@@ -270,6 +270,7 @@ def test_web_variables_applied_output_copied_and_complete_posted(
         "outcome": "Complete",
         "posted": True,
         "retry_in": None,
+        "reason": "",
         "message": "",  # the outcome's own message field: none on success
         "reduction_data": [str(final), str(extra)],
     }
@@ -582,6 +583,7 @@ def test_unwritable_output_is_a_permission_problem_with_retry_in(
         "outcome": "Error",
         "posted": True,
         "retry_in": 21600,
+        "reason": "",
         "message": body["message"],
         "reduction_data": [],
     }
