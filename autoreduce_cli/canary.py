@@ -195,6 +195,21 @@ def withdraw(ctx: Context, message: dict[str, Any]) -> bool:
     return False
 
 
+def browse_outcomes(ctx: Context, key: RunKey, *, elapsed: float
+                    ) -> list[tuple[Outcome, dict[str, Any]]] | None:  # fmt: skip
+    """``final_outcomes``, or None when the broker connection dropped under the browse.
+
+    A missed heartbeat on a loaded node drops the connection for a moment and the
+    client reconnects by itself; failing the canary on that would page an operator
+    for a blip the dispatcher rode out too. The next poll browses again, and the
+    timeout still bounds the whole wait."""
+    try:
+        return final_outcomes(ctx, key)
+    except BrokerError as error:
+        ctx.progress(f"[{elapsed:6.1f}s] broker: {error}; browsing again")
+        return None
+
+
 def watch(ctx: Context, key: RunKey, message: dict[str, Any], *, timeout: float) -> Verdict:
     name = job_name(key)
     started = time.monotonic()
@@ -202,10 +217,11 @@ def watch(ctx: Context, key: RunKey, message: dict[str, Any], *, timeout: float)
     last = ""
     while True:
         elapsed = time.monotonic() - started
-        finals = final_outcomes(ctx, key)
+        finals = browse_outcomes(ctx, key, elapsed=elapsed)
         if finals:
             time.sleep(SETTLE_S)
-            return judge_messages(final_outcomes(ctx, key) or finals)
+            again = browse_outcomes(ctx, key, elapsed=time.monotonic() - started)
+            return judge_messages(again or finals)
         state, detail, report = job_state(ctx, name)
         if state != last:
             where = f" ({detail})" if detail else ""
