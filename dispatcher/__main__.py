@@ -130,6 +130,7 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         namespace=settings.jobs.namespace,
         qps=settings.api_qps,
         burst=settings.api_burst,
+        observer=metrics,
     )
     client = StompClient(settings=settings.broker, client_name=settings.identity)
     # Outcomes and dead letters go on a connection of their own without heartbeats,

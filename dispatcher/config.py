@@ -191,13 +191,16 @@ class DispatcherSettings(EnvFirstSettings):
     # Seconds a pod may fail to pull its image before the run is failed and reported.
     image_pull_grace_s: float = Field(default=300.0, ge=0)
     # Messages handled at once (and so the broker prefetch). 1 by default: a message
-    # is dispatched in about 20 ms (two creates), so one at a time already outruns
-    # the default API budget, and several replicas share the queue evenly. Raise it
-    # with api_qps for faster bursts; each worker holds at most one unacked message.
+    # is dispatched in about 20 ms (two creates), and several replicas share the
+    # queue evenly. Raise it for faster bursts; each worker holds at most one unacked
+    # message.
     concurrency: int = Field(default=1, ge=1, le=64)
-    # Client-side API budget so a burst cannot flood the apiserver.
-    api_qps: float = Field(default=50.0, gt=0)
-    api_burst: int = Field(default=100, ge=1)
+    # An explicit client-side API cap (requests/s sustained, and at once). None: paced
+    # by the server when it runs API Priority and Fairness (429 + Retry-After waited
+    # out), else 50/s and 100 at once (dispatcher.kube.pacing says why). Burst None
+    # with qps set: twice qps.
+    api_qps: float | None = Field(default=None, gt=0)
+    api_burst: int | None = Field(default=None, ge=1)
     # Safety-net resync; admission itself is driven by the Job watch, not by this.
     resync_seconds: float = Field(default=300.0, gt=0)
     # Where /healthz, /readyz and /metrics are served (0 disables).

@@ -71,9 +71,33 @@ class Metrics:
         self.events_dropped = Counter(
             "autoreduce_events_dropped", "Waiting Events not recorded (queue full)", registry=r
         )
+        self.api_throttled_total = Counter(
+            "autoreduce_api_throttled",
+            "API requests the apiserver refused with 429 (each waited out and sent again)",
+            registry=r,
+        )
+        self.api_throttled_seconds = Counter(
+            "autoreduce_api_throttled_wait_seconds",
+            "Seconds every request was held after a 429 (Retry-After, backoff, jitter)",
+            registry=r,
+        )
+        self.api_client_qps = Gauge(
+            "autoreduce_api_client_qps_limit",
+            "Client-side API budget in requests/s; 0 while the apiserver paces us (APF)",
+            registry=r,
+        )
         self._gauge_lock = threading.Lock()
         # Called before every scrape: fills the gauges from the process's live state.
         self.refresh: Callable[[], None] | None = None
+
+    # -- dispatcher.kube.PaceObserver ----------------------------------------------
+
+    def api_throttled(self, wait_s: float) -> None:
+        self.api_throttled_total.inc()
+        self.api_throttled_seconds.inc(wait_s)
+
+    def api_client_budget(self, qps: float | None) -> None:
+        self.api_client_qps.set(qps or 0)
 
     def set_runs(self, *, waiting: Mapping[str, int], running: Mapping[str, int]) -> None:
         """Replace the waiting/running gauges (instruments at zero disappear)."""

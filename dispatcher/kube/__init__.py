@@ -10,8 +10,9 @@ re-reads our credentials from disk and retries once: tokens rotate and expire.
 Modules, one concern each; import from here, not from them:
 
 - ``errors``: our exception types and the HTTP status mapping (pure);
-- ``connection``: credentials (read again on a 401) and the QPS token bucket;
-- ``transport``: one rate-limited, authenticated exchange, failures mapped;
+- ``connection``: credentials (read again on a 401);
+- ``pacing``: the server's pace (APF, 429 and Retry-After) or an operator's QPS cap;
+- ``transport``: one paced, authenticated exchange, failures mapped;
 - ``objects``: Job, ConfigMap and Lease calls;
 - ``pods``: Pod lists, finalizers and log tails, and our Events;
 - ``watch``: watch streaming;
@@ -19,7 +20,7 @@ Modules, one concern each; import from here, not from them:
 """
 
 from dispatcher.kube.api import Kube
-from dispatcher.kube.connection import Credentials, RateLimiter
+from dispatcher.kube.connection import Credentials
 from dispatcher.kube.errors import (
     AlreadyExists,
     Conflict,
@@ -28,9 +29,11 @@ from dispatcher.kube.errors import (
     Invalid,
     KubeError,
     NotFound,
+    Throttled,
     Unauthorized,
     Unavailable,
 )
+from dispatcher.kube.pacing import PaceObserver, Pacer, RateLimiter
 from dispatcher.kube.transport import REQUEST_TIMEOUT, Obj
 from dispatcher.kube.watch import WatchEvent
 
@@ -46,7 +49,10 @@ __all__ = [
     "KubeError",
     "NotFound",
     "Obj",
+    "PaceObserver",
+    "Pacer",
     "RateLimiter",
+    "Throttled",
     "Unauthorized",
     "Unavailable",
     "WatchEvent",

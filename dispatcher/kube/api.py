@@ -7,9 +7,10 @@ from pathlib import Path
 
 from kubernetes import client
 
-from dispatcher.kube.connection import Credentials, RateLimiter, _credentials_for
-from dispatcher.kube.errors import KubeError
+from dispatcher.kube.connection import Credentials, _credentials_for
+from dispatcher.kube.errors import KubeError, Throttled
 from dispatcher.kube.objects import ConfigMaps, Jobs, Leases
+from dispatcher.kube.pacing import PaceObserver, Pacer
 from dispatcher.kube.pods import Events, Pods
 from dispatcher.kube.transport import Obj, Transport
 from dispatcher.kube.watch import WatchEvent
@@ -34,10 +35,10 @@ class Kube(Transport):
         *,
         api_client: client.ApiClient,
         namespace: str,
-        limiter: RateLimiter,
+        pacer: Pacer,
         credentials: Credentials | None = None,
     ) -> None:
-        super().__init__(api_client=api_client, limiter=limiter, credentials=credentials)
+        super().__init__(api_client=api_client, pacer=pacer, credentials=credentials)
         self.namespace = namespace
         self._jobs = Jobs(self, namespace)
         self._config_maps = ConfigMaps(self, namespace)
@@ -46,13 +47,23 @@ class Kube(Transport):
         self._events = Events(self, namespace)
 
     @classmethod
-    def connect(cls, *, kubeconfig: Path | None, namespace: str, qps: float, burst: int) -> Kube:
-        """In-cluster credentials when running in a pod, else the given kubeconfig."""
+    def connect(
+        cls,
+        *,
+        kubeconfig: Path | None,
+        namespace: str,
+        qps: float | None = None,
+        burst: int | None = None,
+        observer: PaceObserver | None = None,
+    ) -> Kube:
+        """In-cluster credentials when running in a pod, else the given kubeconfig.
+
+        ``qps``/``burst`` None: paced by the server when it runs APF (see ``pacing``)."""
         credentials = _credentials_for(kubeconfig)
         return cls(
             api_client=client.ApiClient(credentials.load()),
             namespace=namespace,
-            limiter=RateLimiter(qps=qps, burst=burst),
+            pacer=Pacer(qps=qps, burst=burst, observer=observer),
             credentials=credentials,
         )
 
@@ -166,8 +177,12 @@ class Kube(Transport):
     # -- health --------------------------------------------------------------------
 
     def healthy(self) -> bool:
+        """The apiserver answers now. Unpaced: a readiness probe held behind a throttling
+        spell's wait would time out; and a 429 is an answer (busy, not unreachable)."""
         try:
-            self._send("readyz", "GET", "/readyz", timeout=(1.0, 1.5))
+            self._send("readyz", "GET", "/readyz", timeout=(1.0, 1.5), paced=False)
+        except Throttled:
+            return True
         except KubeError:
             return False
         return True

@@ -1,38 +1,13 @@
-"""Where our credentials come from (read again on a 401), and the client-side QPS budget."""
+"""Where our credentials come from (read again on a 401)."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
-
-
-class RateLimiter:
-    """Token bucket: ``qps`` sustained, ``burst`` at once (client-side API budget)."""
-
-    def __init__(self, *, qps: float, burst: int) -> None:
-        self._rate = qps
-        self._capacity = float(burst)
-        self._tokens = float(burst)
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        while True:
-            with self._lock:
-                now = time.monotonic()
-                self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
-                self._last = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
-                wait = (1 - self._tokens) / self._rate
-            time.sleep(wait)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from dispatcher.kube.pacing import retry_after_s
+
 
 class KubeError(Exception):
     """An API call failed; ``status`` is the HTTP status when there was one."""
@@ -44,6 +46,18 @@ class Unavailable(KubeError):
     """The API could not answer (connection refused, timeout, 429, 5xx): retry later."""
 
 
+class Throttled(Unavailable):
+    """429: the API server's Priority and Fairness (or another limit) refused the
+    request before executing it; ``retry_after_s`` is its Retry-After, if it sent one.
+
+    ``Kube`` waits these out itself (see ``pacing``) and raises one only after
+    ``pacing.MAX_THROTTLED_S``; callers see an Unavailable like any other."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message, status=429)
+        self.retry_after_s = retry_after_s
+
+
 class Gone(KubeError):
     """410 on a watch: the resourceVersion is too old; re-list."""
 
@@ -59,10 +73,13 @@ class Unauthorized(Unavailable):
 
 
 def _map_api_exception(error: ApiException, what: str) -> KubeError:
-    return _map_status(error.status or 0, error.body, what)
+    headers = error.headers or {}
+    return _map_status(error.status or 0, error.body, what,
+                       retry_after=headers.get("Retry-After"))  # fmt: skip
 
 
-def _map_status(status: int, payload: Any, what: str) -> KubeError:
+def _map_status(status: int, payload: Any, what: str, *, retry_after: str | None = None
+                ) -> KubeError:  # fmt: skip
     reason = ""
     detail = ""
     try:
@@ -76,6 +93,8 @@ def _map_status(status: int, payload: Any, what: str) -> KubeError:
             f"{what}: API server rejected our credentials (401) {detail}".rstrip(), status=401
         )
     message = f"{what}: {status} {detail}"
+    if status == 429:
+        return Throttled(message, retry_after_s=retry_after_s(retry_after))
     if status == 409:
         return (
             AlreadyExists(message, status=409)
@@ -88,7 +107,6 @@ def _map_status(status: int, payload: Any, what: str) -> KubeError:
         404: NotFound,
         410: Gone,
         422: Invalid,
-        429: Unavailable,
     }
     if status in kinds:
         return kinds[status](message, status=status)

@@ -1,10 +1,10 @@
-"""One HTTP exchange with the API: rate limited, authenticated, failures mapped.
+"""One HTTP exchange with the API: paced, authenticated, failures mapped.
 
 Requests go through the client's own transport (auth, TLS, proxies from the
 kubeconfig) but as raw JSON on explicit paths (``_preload_content=False``): the
 generated models' deserialisation costs more CPU than the request itself at 10,000
 Jobs. A 401 re-reads our credentials from disk and retries once: tokens rotate and
-expire.
+expire. A 429 is waited out and sent again (``pacing``): the server refused it unexecuted.
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from dispatcher.kube.connection import Credentials, RateLimiter, _identity
-from dispatcher.kube.errors import Unauthorized, Unavailable, _map_api_exception, _map_status
+from dispatcher.kube.connection import Credentials, _identity
+from dispatcher.kube.errors import (
+    Throttled,
+    Unauthorized,
+    Unavailable,
+    _map_api_exception,
+    _map_status,
+)
+from dispatcher.kube.pacing import MAX_THROTTLED_S, Pacer
 
 # One logger for the whole boundary, named "dispatcher.kube" as before it was a package.
 log = logging.getLogger(__package__)
@@ -40,6 +47,7 @@ class _Request:
     body: Any
     content_type: str
     timeout: tuple[float, float]
+    paced: bool  # False: the API's health, asked now (a probe must not queue behind a 429)
 
 
 class Transport:
@@ -50,14 +58,14 @@ class Transport:
         self,
         *,
         api_client: client.ApiClient,
-        limiter: RateLimiter,
+        pacer: Pacer,
         credentials: Credentials | None,
     ) -> None:
         self._api = api_client
         self._credentials = credentials  # None: nothing to re-read on a 401
         self._renew_lock = threading.Lock()
         self._rejected = False  # the last 401 outlived a re-read (logged once)
-        self._limiter = limiter
+        self.pacer = pacer
 
     def _send(
         self,
@@ -69,10 +77,11 @@ class Transport:
         body: Any = None,
         content_type: str = "application/json",
         timeout: tuple[float, float] = REQUEST_TIMEOUT,
+        paced: bool = True,
     ) -> Any:
         """One HTTP exchange; returns the raw urllib3 response (status checked)."""
         request = _Request(what=what, method=method, path=path, query=query or {}, body=body,
-                           content_type=content_type, timeout=timeout)  # fmt: skip
+                           content_type=content_type, timeout=timeout, paced=paced)  # fmt: skip
         try:
             response = self._authenticated(request)
         except Unauthorized as error:
@@ -134,7 +143,25 @@ class Transport:
         )  # fmt: skip
 
     def _exchange(self, api: client.ApiClient, request: _Request) -> Any:
-        self._limiter.acquire()
+        """``_once``, paced; a 429 waited out and sent again for up to MAX_THROTTLED_S."""
+        throttled_s = 0.0
+        attempt = 0
+        while True:
+            if request.paced:
+                self.pacer.wait()
+            try:
+                return self._once(api, request)
+            except Throttled as error:
+                if not request.paced:
+                    raise
+                if throttled_s >= MAX_THROTTLED_S:
+                    raise Unavailable(f"{request.what}: throttled by the API server (429) for "
+                                      f"{throttled_s:.0f} s: {error}", status=429) from error
+                throttled_s += self.pacer.throttled(
+                    what=request.what, retry_after=error.retry_after_s, attempt=attempt)
+                attempt += 1
+
+    def _once(self, api: client.ApiClient, request: _Request) -> Any:
         what = request.what
         headers = {"Accept": "application/json", "Content-Type": request.content_type}
         params = [(k, v) for k, v in request.query.items() if v is not None]
@@ -155,7 +182,9 @@ class Transport:
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise Unavailable(f"{what}: API unreachable: {error}") from error
         if not 200 <= response.status < 300:
-            raise _map_status(response.status, response.read(), what)  # type: ignore[no-untyped-call]
+            raise _map_status(response.status, response.read(), what,  # type: ignore[no-untyped-call]
+                              retry_after=response.headers.get("Retry-After"))  # fmt: skip
+        self.pacer.answered(response.headers)
         return response
 
     def _call(self, what: str, method: str, path: str, **kwargs: Any) -> Obj:

@@ -323,7 +323,8 @@ def test_default_settings_match_the_values(tmp_path: Path, monkeypatch: pytest.M
     assert s.runner.resources.requests == {"cpu": "1", "memory": "2Gi"}
     assert s.runner.active_deadline_seconds == values["runner"]["activeDeadlineSeconds"]
     assert s.caps.max_running is None
-    assert (s.concurrency, s.api_qps, s.api_burst) == (1, 50.0, 100)
+    # No API cap by default: the apiserver paces us (dispatcher.kube.pacing).
+    assert (s.concurrency, s.api_qps, s.api_burst) == (1, None, None)
     assert (s.retries.mode, s.retries.max_attempts, s.retries.delay_s) == ("dispatcher", 3, 300)
     assert s.image_pull_grace_s == 300
     assert s.priority_classes.model_dump() == {"run_detection": None, "manual": None, "rerun": None}
@@ -457,6 +458,20 @@ def test_volumes_and_runner_config(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     runner_yaml = yaml.safe_load(runner_cm["data"]["runner.yaml"])
     assert runner_yaml["archive_roots"] == ["/isis", "/cache"]
     assert runner_yaml["path_mappings"] == [{"windows": "\\\\isis\\inst$\\", "linux": "/isis/"}]
+
+
+def test_an_api_cap_set_alone_gets_its_default_burst_and_null_means_the_servers_pace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = CHART / "ci" / "default-values.yaml"
+    capped = load_rendered_settings(render(base, sets=("api.qps=20",)), tmp_path, monkeypatch)
+    assert (capped.api_qps, capped.api_burst) == (20, None)  # the Pacer makes it 2 x qps
+    both = load_rendered_settings(render(base, sets=("api.qps=20", "api.burst=5")), tmp_path,
+                                  monkeypatch)  # fmt: skip
+    assert (both.api_qps, both.api_burst) == (20, 5)
+    result = helm("template", RELEASE, str(CHART), "-f", str(base), "--set", "api.qps=0",
+                  check=False)  # fmt: skip
+    assert result.returncode != 0 and "qps" in result.stderr
 
 
 def test_runner_config_is_a_valid_runner_settings_file(

@@ -402,7 +402,7 @@ the chart carries no copy that could drift from it. */}}
   "image_pull_grace_s" $v.imagePullGraceSeconds
   "concurrency" (int $v.concurrency)
   "api_qps" $v.api.qps
-  "api_burst" (int $v.api.burst)
+  "api_burst" (ternary nil (int $v.api.burst) (kindIs "invalid" $v.api.burst))
   "resync_seconds" $v.resyncSeconds
   "http_port" (int $v.httpPort)
   "log_json" $v.logJson
