@@ -50,8 +50,9 @@ class Throttled(Unavailable):
     """429: the API server's Priority and Fairness (or another limit) refused the
     request before executing it; ``retry_after_s`` is its Retry-After, if it sent one.
 
-    ``Kube`` waits these out itself (see ``pacing``) and raises one only after
-    ``pacing.MAX_THROTTLED_S``; callers see an Unavailable like any other."""
+    ``Kube`` waits these out itself (see ``pacing``); after ``pacing.MAX_THROTTLED_S``
+    callers get a plain Unavailable (status 429). Only an unpaced request (the health
+    check) sees a Throttled."""
 
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message, status=429)
