@@ -16,7 +16,6 @@ the same flow would. Then:
 from __future__ import annotations
 
 import threading
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from devstack.product import DispatcherProcess, Facility, run_message, wait_unti
 from devstack.queues import QueueReader
 from dispatcher.kube import Kube
 from tests.harness.checks import count_outcomes, http_status, outcomes, send
+from tests.integration.test_observability import scrape, total
 from tests.integration.test_token_rotation import ACCOUNT, grant_anything_here
 
 pytestmark = pytest.mark.integration
@@ -167,14 +167,6 @@ def test_kube_lifts_its_budget_under_apf_and_stores_every_throttled_create_once(
     assert all(stored[name] == 1 for name in names)
 
 
-def scrape(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
-
-
 def test_a_throttled_dispatcher_keeps_every_run_and_says_so(
     tiny_flow: Path, namespace: str, start_dispatcher: Callable[..., DispatcherProcess],
     stomp: StompClient, broker_settings: BrokerSettings, reader: QueueReader,
@@ -189,7 +181,7 @@ def test_a_throttled_dispatcher_keeps_every_run_and_says_so(
             send(stomp, broker_settings, run_message(
                 facility=facility, instrument="WISH", rb=3200000 + run % 3, run=run,
                 script="def main(input_file, output_dir):\n    pass\n"))  # fmt: skip
-        wait_until(lambda: scrape(port, THROTTLED) >= 3, timeout=120,
+        wait_until(lambda: total(scrape(port), THROTTLED) >= 3, timeout=120,
                    what="the dispatcher throttled by the apiserver")  # fmt: skip
     reader.wait_for(count_outcomes(broker_settings, len(runs)), timeout=300)
     reader.settle(5)
