@@ -18,6 +18,7 @@ from dispatcher.admission import Caps, is_running, is_waiting
 from dispatcher.config import DispatcherSettings, load_settings
 from dispatcher.consumer import Consumer
 from dispatcher.controller import Controller
+from dispatcher.direct import DirectAdmission
 from dispatcher.dispatch import Dispatcher
 from dispatcher.identity import Labels
 from dispatcher.kube import Kube, KubeError
@@ -178,6 +179,8 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         on_finished=lifecycle.on_finished,
         on_pod_stopped=lifecycle.on_pod_stopped,
         metrics=metrics,
+        void_image=settings.runner.image,
+        fault_point=settings.fault_point,
     )
     lifecycle.on_gave_up = controller.forget_finished
     metrics.refresh = lambda: _refresh_metrics(metrics, controller, client)
@@ -188,6 +191,8 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         reporter=reporter,
         template=template,  # type: ignore[arg-type]
         metrics=metrics,
+        direct=DirectAdmission(controller=controller, enabled=settings.direct_admission,
+                               fault_point=settings.fault_point),
     )
     consumer = Consumer(
         client=client,

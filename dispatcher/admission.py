@@ -106,6 +106,15 @@ def occupant(jobs: Iterable[Job]) -> Job | None:
     return next((job for job in jobs if is_running(job) and not is_deleting(job)), None)
 
 
+def free_on_arrival(*, jobs: Iterable[Job], lingering: bool) -> bool:
+    """Whether a run that arrives now may be admitted directly (``dispatcher.direct``):
+    every Job our view has of its RB is finished and no pod of the RB still runs.
+
+    Only an optimisation's gate: the Lease compare-and-swap that follows decides, so a
+    stale view costs a refused write, never a second run in the RB."""
+    return not lingering and all(is_finished(job) for job in jobs)
+
+
 def plan_rb(*, labels: Labels, holder: str | None, jobs: list[Job], lease_exists: bool) -> Plan:
     """Decide what to do for one RB given its Lease holder and its Jobs.
 

@@ -195,6 +195,11 @@ class DispatcherSettings(EnvFirstSettings):
     # queue evenly. Raise it for faster bursts; each worker holds at most one unacked
     # message.
     concurrency: int = Field(default=1, ge=1, le=64)
+    # A run whose RB is free on arrival takes the RB's Lease and is created running:
+    # 4 API writes instead of 5, and no unsuspend round trip (dispatcher.direct).
+    # Off: every run is created suspended and admitted by the controller. Caps set
+    # (caps.max_running or an instrument's) turn it off too.
+    direct_admission: bool = True
     # An explicit client-side API cap (requests/s sustained, and at once). None: paced
     # by the server when it runs API Priority and Fairness (429 + Retry-After waited
     # out), else 50/s and 100 at once (dispatcher.kube.pacing says why). Burst None

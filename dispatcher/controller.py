@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dispatcher import admission
+from dispatcher import admission, faults, voids
 from dispatcher.admission import Action
 from dispatcher.events import WaitingEvents, caps_note, held_note
 from dispatcher.identity import Labels
-from dispatcher.kube import Gone, Kube, KubeError, NotFound, Unavailable
+from dispatcher.kube import AlreadyExists, Gone, Kube, KubeError, NotFound, Unavailable
 from dispatcher.leases import RbLeases, holder_of
 from dispatcher.logs import job_logger
 from dispatcher.metrics import Metrics
@@ -93,6 +93,31 @@ class RbQueue:
             self._busy.discard(rb)
             if rb in self._items:
                 self._cond.notify()
+
+
+class InFlight:
+    """RBs whose direct admission (``dispatcher.direct``) is between its Lease write and
+    its Job create in this process: admission leaves them alone until it is done,
+    rather than void a Job that is about to exist."""
+
+    def __init__(self) -> None:
+        self._rbs: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, rb: str) -> bool:
+        with self._lock:
+            if rb in self._rbs:
+                return False
+            self._rbs.add(rb)
+            return True
+
+    def discard(self, rb: str) -> None:
+        with self._lock:
+            self._rbs.discard(rb)
+
+    def __contains__(self, rb: object) -> bool:
+        with self._lock:
+            return rb in self._rbs
 
 
 class JobCache:
@@ -181,9 +206,14 @@ class Controller:
         on_finished: FinishedHook | None = None,
         on_pod_stopped: PodStoppedHook | None = None,
         metrics: Metrics | None = None,
+        void_image: str = "autoreduce-runner:0.1.0",
+        fault_point: faults.FaultPoint | None = None,
     ) -> None:
         self.kube = kube
         self.pods = pods if pods is not None else PodCache()
+        self.creating = InFlight()
+        self._void_image = void_image
+        self._fault_point = fault_point
         self._on_pod_stopped = on_pod_stopped
         self.metrics = metrics if metrics is not None else Metrics()
         self.waiting_events = WaitingEvents(kube=kube, on_drop=self.metrics.events_dropped.inc)
@@ -256,6 +286,30 @@ class Controller:
     def enqueue(self, rb: str) -> None:
         if rb:
             self.queue.put(rb)
+
+    def enqueue_after(self, rb: str, seconds: float) -> None:
+        """Look at ``rb`` again in ``seconds`` (a wait that no watch event ends)."""
+        timer = threading.Timer(max(seconds, 0.05), self.enqueue, args=(rb,))
+        timer.daemon = True
+        timer.start()
+
+    def synced(self) -> bool:
+        return self._synced.is_set() and self.pods.synced.is_set()
+
+    def capped(self) -> bool:
+        return self.caps.max_running is not None or bool(self.caps.per_instrument)
+
+    def note_lease_exists(self, rb: str) -> None:
+        """A Lease create for ``rb`` was refused: read it on the next pass."""
+        with self._hint_lock:
+            self._lease_exists_hint.add(rb)
+
+    def admitted_directly(self, job: Job) -> None:
+        """A run created running under its RB's Lease (``dispatcher.direct``)."""
+        self.cache.upsert(job)
+        rb = self.cache.rb_of(job)
+        self.waiting_events.record(job, reason="Admitted", note=f"RB {rb} was free: reducing")
+        self._observe_admitted(job)
 
     # -- watch ---------------------------------------------------------------------
 
@@ -384,6 +438,8 @@ class Controller:
             self._stop.wait(0.2)
             self.enqueue(rb)
             return
+        if rb in self.creating:
+            return  # a direct admission of ours is creating its Job; it enqueues rb after
         jobs = self.cache.of_rb(rb)
         busy = admission.occupant(jobs)
         if busy is not None:
@@ -400,9 +456,13 @@ class Controller:
             # Not in our cache: maybe another replica just made it. Ask the API
             # before treating the Lease as stale.
             confirmed = self.kube.get_job(holder)
-            if confirmed is not None:
+            if confirmed is not None and not voids.is_void(self.labels, confirmed):
                 self.cache.upsert(confirmed)
                 jobs = self.cache.of_rb(rb)
+            elif confirmed is None and voids.is_direct(self.labels, lease):
+                assert lease is not None
+                if not self._void(rb, holder, lease):
+                    return
         plan = admission.plan_rb(
             labels=self.labels, holder=holder, jobs=jobs, lease_exists=lease is not None
         )
@@ -427,8 +487,32 @@ class Controller:
         ):
             self.enqueue(rb)  # the Lease moved under us: look again
 
+    def _void(self, rb: str, holder: str, lease: Job) -> bool:
+        """The Lease was granted to ``holder`` before it existed, and it still does not:
+        take its name with a void Job before the Lease may move (``dispatcher.voids``).
+        True when the void is there; False when this pass must end (rb is requeued)."""
+        wait = voids.reclaim_wait(lease, now=time.time())
+        if wait > 0:
+            self.enqueue_after(rb, wait)
+            return False
+        body = voids.void_job(labels=self.labels, name=holder, rb=rb, image=self._void_image)
+        try:
+            self.kube.create_job(body)
+        except AlreadyExists:
+            existing = self.kube.get_job(holder)
+            if existing is not None and voids.is_void(self.labels, existing):
+                return True
+            if existing is not None:
+                self.cache.upsert(existing)  # its own create won: the Lease stays with it
+            self.enqueue(rb)
+            return False
+        log.warning("RB %s: Lease named Job %s, which was never created; voided its name "
+                    "so that the RB can move on", rb, holder)
+        faults.reach(faults.FaultPoint.AFTER_VOID, configured=self._fault_point)
+        return True
+
     def _admit(self, rb: str, job: Job, lease: Job | None) -> None:
-        if not self._capped():
+        if not self.capped():
             self._admit_within_caps(rb, job, lease)
             return
         # Admission workers run in parallel; counting and taking a slot must not.
@@ -436,13 +520,12 @@ class Controller:
             self._admit_within_caps(rb, job, lease)
 
     def _admit_within_caps(self, rb: str, job: Job, lease: Job | None) -> None:
-        if self._capped() and not self._room_for(rb, job):
+        if self.capped() and not self._room_for(rb, job):
             return
         name = admission.name_of(job)
         if not self.leases.grant(rb=rb, job=name, base=lease):
             if lease is None:
-                with self._hint_lock:
-                    self._lease_exists_hint.add(rb)
+                self.note_lease_exists(rb)
             self.enqueue(rb)  # someone else moved the Lease: look again
             return
         self._unsuspend(job)
@@ -463,9 +546,6 @@ class Controller:
                 self._lease_exists_hint.discard(rb)
                 return False
         return bool(jobs) and all(admission.is_waiting(job) for job in jobs)
-
-    def _capped(self) -> bool:
-        return self.caps.max_running is not None or bool(self.caps.per_instrument)
 
     def _room_for(self, rb: str, job: Job) -> bool:
         """Whether the caps let ``job`` start; if not, its RB waits for a slot (noted).

@@ -19,9 +19,10 @@ import jinja2
 from autoreduce_common.messages import MessageError, Outcome, ReductionMessage, parse_run
 from autoreduce_common.stomp_client import BrokerError
 
-from dispatcher import admission, failures
+from dispatcher import admission, failures, voids
 from dispatcher.config import DispatcherSettings
 from dispatcher.controller import Controller
+from dispatcher.direct import DirectAdmission, Grant
 from dispatcher.identity import Labels, RunKey, job_name, run_key
 from dispatcher.kube import AlreadyExists, Forbidden, Invalid, Kube, KubeError, Unavailable
 from dispatcher.logs import run_logger
@@ -48,6 +49,10 @@ class Verdict(StrEnum):
 
 class TryLater(Exception):
     """Transient: leave the message unacked and try again (or let it be redelivered)."""
+
+
+class _Void(Exception):
+    """The run's name is taken by a void too young to delete (``dispatcher.voids``)."""
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,12 @@ class Dispatcher:
         reporter: Reporter,
         template: jinja2.Template,
         metrics: Metrics | None = None,
+        direct: DirectAdmission | None = None,
     ) -> None:
         self.settings = settings
         self.kube = kube
         self.controller = controller
+        self.direct = direct
         self.reporter = reporter
         self.template = template
         self.labels = Labels(settings.jobs.label_prefix)
@@ -124,6 +131,8 @@ class Dispatcher:
             raise TryLater(str(error)) from error
         except (Invalid, TemplateError) as error:
             return self._reject(received, f"the cluster refused the run's Job: {error}", raw=raw)
+        except _Void as void:
+            raise TryLater(str(void)) from None
 
     # -- runs ----------------------------------------------------------------------
 
@@ -140,33 +149,73 @@ class Dispatcher:
                 raw=raw,
             )
         started = time.monotonic()
-        job = self._ensure_job(key, arrival_of(received.headers))
-        if self._is_cancel_marker(job):
-            self._drop_cancelled(key, raw, job)
-            return Verdict.ACK
-        self._ensure_config_map(key, raw, job)
+        grant = self.direct.claim(key) if self.direct is not None else None
+        try:
+            job = self._ensure_job(key, arrival_of(received.headers), grant)
+            if self._is_cancel_marker(job):
+                self._drop_cancelled(key, raw, job)
+                return Verdict.ACK
+            self._ensure_config_map(key, raw, job)
+            if grant is not None and self.direct is not None:
+                self.direct.stored()
+        finally:
+            if grant is not None and self.direct is not None:
+                self.direct.done(grant)
         self.controller.observe(job)
         self.controller.enqueue(key.rb_number)
         self.metrics.dispatch_latency.observe(time.monotonic() - started)
         run_logger(log, key).info("accepted %s as Job %s", key.describe(), job_name(key))
         return Verdict.ACK
 
-    def _ensure_job(self, key: RunKey, arrival: Arrival) -> dict[str, Any]:
+    def _ensure_job(self, key: RunKey, arrival: Arrival, grant: Grant | None) -> dict[str, Any]:
+        """The run's Job: created running when ``grant`` (its RB's Lease) allows, else
+        suspended; or the one already there (a redelivery, a cancel marker)."""
         manifest = render_job(
             settings=self.settings, template=self.template, key=key, arrival=arrival
         )
+        running = grant is not None and self.direct is not None and self.direct.in_window(grant)
+        if running:
+            manifest["spec"]["suspend"] = False
         try:
-            job = self.kube.create_job(manifest)
-            self.metrics.accepted.inc()
-            return job
+            job = self._create_job(manifest, grant)
         except AlreadyExists:
             # A redelivery (or a duplicate): the run is already in the cluster.
             existing = self.kube.get_job(job_name(key))
             if existing is None:
                 raise TryLater(f"Job {job_name(key)} exists and vanished; retrying") from None
+            if grant is not None and self.direct is not None and (
+                    voids.is_void(self.labels, existing) or self._is_cancel_marker(existing)):
+                self.direct.release(grant)  # its Job will never run under this Lease
+            if voids.is_void(self.labels, existing):
+                self._clear_void(existing)
+                return self._ensure_job(key, arrival, None)
             if not self._is_cancel_marker(existing):
                 self.metrics.duplicates.inc()
             return existing
+        self.metrics.accepted.inc()
+        if running and self.direct is not None:
+            self.direct.created(job)
+        return job
+
+    def _create_job(self, manifest: dict[str, Any], grant: Grant | None) -> dict[str, Any]:
+        try:
+            return self.kube.create_job(manifest)
+        except (Invalid, TemplateError):
+            if grant is not None and self.direct is not None:
+                self.direct.release(grant)
+            raise
+
+    def _clear_void(self, void: dict[str, Any]) -> None:
+        """Delete the void under the run's name once no late create can meet the gap
+        (``voids.VOID_DELETABLE_AFTER_S``); until then the message waits in the broker."""
+        name = admission.name_of(void)
+        wait = voids.delete_wait(void, now=time.time())
+        if wait > 0:
+            raise _Void(f"Job {name} is a void made {voids.VOID_DELETABLE_AFTER_S - wait:.0f} s "
+                        f"ago; its run is stored once it is {voids.VOID_DELETABLE_AFTER_S:.0f} s "
+                        "old")
+        self.kube.delete_job(name, uid=(void.get("metadata") or {}).get("uid"))
+        log.info("deleted the void %s: its run arrived again and is stored, waiting", name)
 
     def _ensure_config_map(self, key: RunKey, raw: dict[str, Any], job: dict[str, Any]) -> None:
         config_map = owned_by(
@@ -283,28 +332,34 @@ class Dispatcher:
         log.info("cancel for unknown %s remembered", key.describe())
 
     def sweep_cancel_markers(self, *, now: float) -> int:
-        """Delete cancel markers older than ``jobs.cancel_marker_ttl_seconds``.
+        """Delete cancel markers and voids older than ``jobs.cancel_marker_ttl_seconds``.
 
-        Markers are suspended, so the TTL controller never takes them; without this
+        Both are suspended, so the TTL controller never takes them; without this
         they pile up for ever. Each replica may sweep: the uid precondition and a
-        404 make a second delete harmless. Returns how many were deleted.
+        404 make a second delete harmless. A void is never swept before it may be
+        deleted at all (``voids.VOID_DELETABLE_AFTER_S``). Returns how many were deleted.
         """
         ttl = self.settings.jobs.cancel_marker_ttl_seconds
         if ttl <= 0:
             return 0
-        markers, _ = self.kube.list_jobs(selector=f"{self.labels.key('cancel')}=true")
         deleted = 0
-        for marker in admission.expired(markers, now=now, ttl_s=ttl):
-            name = admission.name_of(marker)
-            uid = str((marker.get("metadata") or {}).get("uid") or "") or None
-            try:
-                self.kube.delete_job(name, uid=uid)
-            except KubeError as error:
-                log.warning("cancel marker %s not deleted (%s); next sweep retries", name, error)
-                continue
-            deleted += 1
-            log.info("cancel marker %s expired after %d s: deleted", name, ttl)
+        for label, ttl_s in (("cancel", ttl), (voids.VOID_LABEL,
+                                               max(ttl, voids.VOID_DELETABLE_AFTER_S))):
+            found, _ = self.kube.list_jobs(selector=f"{self.labels.key(label)}=true")
+            deleted += sum(self._sweep(job, kind=label, ttl_s=ttl_s)
+                           for job in admission.expired(found, now=now, ttl_s=ttl_s))
         return deleted
+
+    def _sweep(self, job: dict[str, Any], *, kind: str, ttl_s: float) -> bool:
+        name = admission.name_of(job)
+        uid = str((job.get("metadata") or {}).get("uid") or "") or None
+        try:
+            self.kube.delete_job(name, uid=uid)
+        except KubeError as error:
+            log.warning("%s Job %s not deleted (%s); next sweep retries", kind, name, error)
+            return False
+        log.info("%s Job %s expired after %d s: deleted", kind, name, ttl_s)
+        return True
 
     def park(self, received: Received, reason: str) -> Verdict:
         """Dead-letter a message we failed on repeatedly (TryLater if the broker is away)."""

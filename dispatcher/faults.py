@@ -6,6 +6,13 @@ can set) means none. The points (README "Faults"):
 
 - ``before-outcome-send``: a verdict is claimed and recorded on the Job; nothing sent;
 - ``after-outcome-send``: the broker confirmed the outcome; the Job is not marked Done.
+
+and between the writes of a direct admission (``dispatcher.direct``), and of a void:
+
+- ``after-direct-lease``: the RB's Lease names the run's Job; no Job yet;
+- ``after-job-create``: the run's Job exists; no ConfigMap yet, message not acked;
+- ``after-config-map``: Job and ConfigMap exist; no Admitted Event, message not acked;
+- ``after-void``: a void Job took a missing holder's name; the Lease has not moved.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ log = logging.getLogger(__name__)
 class FaultPoint(StrEnum):
     BEFORE_OUTCOME_SEND = "before-outcome-send"
     AFTER_OUTCOME_SEND = "after-outcome-send"
+    AFTER_DIRECT_LEASE = "after-direct-lease"
+    AFTER_JOB_CREATE = "after-job-create"
+    AFTER_CONFIG_MAP = "after-config-map"
+    AFTER_VOID = "after-void"
 
 
 def reach(point: FaultPoint, *, configured: FaultPoint | None) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from dispatcher.identity import Labels, lease_name
 from dispatcher.kube import AlreadyExists, Conflict, Kube, NotFound
+from dispatcher.voids import DIRECT_KEY
 
 Obj = dict[str, Any]
 
@@ -32,12 +33,19 @@ def holder_of(lease: Obj | None) -> str | None:
     return str(holder) if holder else None
 
 
-def lease_body(*, labels: Labels, rb: str, holder: str, identity: str, base: Obj | None) -> Obj:
-    """The Lease granting ``rb`` to Job ``holder`` (``base``: the Lease as read, for CAS)."""
+def lease_body(
+    *, labels: Labels, rb: str, holder: str, identity: str, base: Obj | None,
+    direct: bool = False,
+) -> Obj:
+    """The Lease granting ``rb`` to Job ``holder`` (``base``: the Lease as read, for CAS;
+    ``direct``: granted before the Job exists, see ``dispatcher.voids``)."""
+    annotations = {labels.key("granted-by"): identity}
+    if direct:
+        annotations[labels.key(DIRECT_KEY)] = "true"
     metadata: Obj = {
         "name": lease_name(rb),
         "labels": {labels.managed: "true", labels.key("rb-number"): rb},
-        "annotations": {labels.key("granted-by"): identity},
+        "annotations": annotations,
     }
     if base is not None:
         metadata["resourceVersion"] = base["metadata"]["resourceVersion"]
@@ -65,17 +73,17 @@ class RbLeases:
     def read(self, rb: str) -> Obj | None:
         return self.kube.get_lease(lease_name(rb))
 
-    def grant(self, *, rb: str, job: str, base: Obj | None) -> bool:
-        """CAS the RB to ``job``; False when someone else changed the Lease first."""
-        body = lease_body(labels=self.labels, rb=rb, holder=job, identity=self.identity, base=base)
+    def grant(self, *, rb: str, job: str, base: Obj | None, direct: bool = False) -> Obj | None:
+        """CAS the RB to ``job``: the Lease as written, or None when someone else
+        changed the Lease first."""
+        body = lease_body(labels=self.labels, rb=rb, holder=job, identity=self.identity,
+                          base=base, direct=direct)
         try:
             if base is None:
-                self.kube.create_lease(body)
-            else:
-                self.kube.replace_lease(body)
+                return self.kube.create_lease(body)
+            return self.kube.replace_lease(body)
         except (AlreadyExists, Conflict, NotFound):
-            return False
-        return True
+            return None
 
     def release(self, *, rb: str, base: Obj) -> bool:
         """Drop the Lease if it is still as we read it."""

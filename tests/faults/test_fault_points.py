@@ -210,6 +210,92 @@ def test_dispatcher_stopped_at_each_step_of_its_own_post(
     assert "exited with code 137" in messages.pop()
 
 
+# -- direct admission: the dispatcher stopped between the writes of a run (issue 18) -----
+
+
+def outcomes_by_run(seen: list[Delivery]) -> dict[int, list[str]]:
+    by_run: dict[int, list[str]] = {}
+    for copy in seen:
+        by_run.setdefault(json.loads(copy.body)["run_number"], []).append(
+            copy.destination.rsplit("/", 1)[-1].split(".")[0])
+    return by_run
+
+
+def stopped_at(faulty: DispatcherProcess, point: str) -> None:
+    wait_until(lambda: faulty.process is not None and faulty.process.poll() is not None,
+               timeout=120, what=f"the dispatcher to reach fault point {point}")
+    assert faulty.process is not None and faulty.process.returncode == 137
+    assert f"fault point {point} reached" in faulty.log()
+
+
+@pytest.mark.parametrize("point", ["after-direct-lease", "after-job-create", "after-config-map"])
+def test_dispatcher_stopped_between_the_writes_of_a_direct_admission(
+    point: str, start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str,
+) -> None:
+    """Run 61 finds its RB free: Lease, then its Job created running, then its
+    ConfigMap, then the ack. The dispatcher exits (137, as abruptly as a SIGKILL) at
+    each point in between; a successor gets the message again. Run 62 of the same RB
+    arrives meanwhile. Each run reduces once, one at a time, and nothing is lost."""
+    rb = 3300000 + ["after-direct-lease", "after-job-create", "after-config-map"].index(point)
+    faulty = start_dispatcher(name="faulty", fault_point=point, retries=RETRIES_OFF)
+    for run in (61, 62):
+        send(stomp, broker_settings, run_message(facility=facility, instrument="WISH", rb=rb,
+                                                 run=run, script=timeline_script(2)))
+    stopped_at(faulty, point)
+    start_dispatcher(name="successor", retries=RETRIES_OFF)
+    seen = settle(reader, broker_settings, at_least=2, kube=kube, namespace=namespace)
+    assert outcomes_by_run(seen) == {61: ["ReductionComplete"], 62: ["ReductionComplete"]}
+    jobs = list_jobs(kube, namespace)
+    assert sorted(job["metadata"]["name"] for job in jobs) == sorted(
+        job_of(run, rb) for run in (61, 62))  # one Job per run, no void, no stray
+    found = exclusivity_violations(jobs=jobs, timeline=read_timeline(facility))
+    assert not found, found
+    starts = [e["file"] for e in read_timeline(facility) if e["event"] == "start"]
+    assert len(starts) == 2 and "61" in starts[0], starts  # each script once, in RB order
+
+
+@pytest.mark.parametrize("fault", [None, "after-void"])
+def test_a_cancelled_direct_run_is_voided_and_its_rb_moves_on(
+    fault: str | None, start_dispatcher: Callable[..., DispatcherProcess],
+    stomp: StompClient, broker_settings: BrokerSettings, reader: QueueReader,
+    facility: Facility, kube: Any, namespace: str,
+) -> None:
+    """Run 71 is admitted directly, then cancelled while it reduces: its Job is
+    deleted while the RB's Lease still names it. Before the waiting run 72 may have
+    the RB, the dispatcher takes 71's name with a void Job, so that no late create of
+    71 can ever run beside 72 (dispatcher.voids). With the fault, the dispatcher exits
+    right after making the void, and a successor moves the Lease."""
+    rb = 3310000 if fault is None else 3310001
+    first = start_dispatcher(name="first", fault_point=fault, retries=RETRIES_OFF)
+    cancelled = run_message(facility=facility, instrument="WISH", rb=rb, run=71,
+                            script=timeline_script(120))
+    send(stomp, broker_settings, cancelled)
+    send(stomp, broker_settings, run_message(facility=facility, instrument="WISH", rb=rb,
+                                             run=72, script=timeline_script(1)))
+    wait_until(lambda: any(e["event"] == "start" for e in read_timeline(facility)),
+               timeout=120, what="run 71 to reduce")
+    send(stomp, broker_settings, {**cancelled, "cancel": True})
+    if fault is not None:
+        stopped_at(first, fault)
+        start_dispatcher(name="successor", retries=RETRIES_OFF)
+    seen = settle(reader, broker_settings, at_least=2, kube=kube, namespace=namespace,
+                  timeout=180)
+    by_run = outcomes_by_run(seen)
+    assert by_run == {71: ["ReductionError"], 72: ["ReductionComplete"]}, by_run
+    (error,) = [json.loads(d.body) for d in seen if json.loads(d.body)["run_number"] == 71]
+    assert error["message"].startswith("Run cancelled"), error["message"]
+    void = k8s.BatchV1Api(kube.api_client()).read_namespaced_job(job_of(71, rb), namespace)
+    assert void.metadata.labels.get("autoreduce.io/void") == "true"
+    assert void.spec.suspend is True
+    timeline = read_timeline(facility)
+    found = exclusivity_violations(jobs=list_jobs(kube, namespace), timeline=timeline)
+    assert not found, found
+    assert [e["file"] for e in timeline if e["event"] == "end"] == [
+        facility.data_file("WISH", 72)]  # 71 was stopped; 72 ran whole, after it
+
+
 # -- the RB stays held until the holder's pod has really stopped ---------------------------
 
 

@@ -37,6 +37,7 @@ from tests.harness.checks import (
     outcomes,
     send,
 )
+from tests.harness.cli import as_json, cli
 from tests.harness.pods import evict, kill_runner_when_running
 
 pytestmark = pytest.mark.integration
@@ -273,8 +274,10 @@ def test_a_run_out_of_memory_is_retried_bigger_and_completes(
     kube: Any, namespace: str, batch: k8s.BatchV1Api,
 ) -> None:
     """oom_retry on the real node: the 600 MiB script is killed under a 300Mi limit,
-    its error says what is tried next, and version 1 gets 750Mi and completes."""
-    start_dispatcher(
+    its error says what is tried next, and version 1 gets 750Mi and completes. The
+    operator's status shows version 0 as the error it posted (out of memory), not as
+    the Job's own BackoffLimitExceeded."""
+    proc = start_dispatcher(
         instruments={"OOMB": {
             "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
                           "limits": {"memory": "300Mi"}},
@@ -299,6 +302,15 @@ def test_a_run_out_of_memory_is_retried_bigger_and_completes(
     assert runner.resources.requests["memory"] == "160Mi"
     assert event_of(kube, namespace, name_of("OOMB", 2150001, 15), "RetryScheduled") == (
         "Normal", "retry as version 1 in 0 s (attempt 2 of 3) with a memory limit of 750Mi")
+    v0 = name_of("OOMB", 2150001, 15)
+
+    def v0_finished() -> dict[str, Any] | None:
+        rows = as_json(cli(proc, "status", "--instrument", "oomb", "-o", "json"))["finished"]
+        return next((row for row in rows if row["job"] == v0), None)
+
+    row = wait_until(v0_finished, timeout=60, what="version 0 finished in status")
+    assert row["outcome"] == "Error", row
+    assert row["detail"].startswith("Reduction ran out of memory (limit 300Mi)"), row
 
 
 def test_retry_in_is_honoured_bounded_and_survives_a_dispatcher_restart(

@@ -401,6 +401,7 @@ the chart carries no copy that could drift from it. */}}
   "priority_classes" (dict "run_detection" (include "autoreduce.sourcePriorityClass" (list . "runDetection" "run-detection") | default nil) "manual" (include "autoreduce.sourcePriorityClass" (list . "manual" "manual") | default nil) "rerun" (include "autoreduce.sourcePriorityClass" (list . "rerun" "rerun") | default nil))
   "image_pull_grace_s" $v.imagePullGraceSeconds
   "concurrency" (int $v.concurrency)
+  "direct_admission" $v.directAdmission
   "api_qps" $v.api.qps
   "api_burst" (ternary nil (int $v.api.burst) (kindIs "invalid" $v.api.burst))
   "resync_seconds" $v.resyncSeconds
