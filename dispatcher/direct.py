@@ -78,23 +78,30 @@ class DirectAdmission:
         taken_at = self._clock()
         # An RB we know no Job of has no Lease as a rule: let the create be the CAS.
         lease = c.leases.read(rb) if jobs else None
-        if lease is not None:
-            holder = holder_of(lease)
-            if holder == name and voids.is_direct(c.labels, lease):
-                return Grant(rb, lease, taken_at)  # an earlier delivery of this run wrote it
-            known = c.cache.get(holder or "")
-            if holder and (known is None or not admission.is_finished(known)):
-                return None  # held, or by a Job we cannot see yet: the controller decides
+        if lease is not None and holder_of(lease) == name and voids.is_direct(c.labels, lease):
+            return Grant(rb, lease, taken_at)  # an earlier delivery of this run wrote it
+        if lease is not None and not self._holder_done(lease):
+            return None  # held, or by a Job we cannot see yet: the controller decides
         written = c.leases.grant(rb=rb, job=name, base=lease, direct=True)
         if written is not None:
             return Grant(rb, written, taken_at)
-        if lease is None:
-            c.note_lease_exists(rb)
-            # Our own Lease from an earlier delivery of this run (its Job never came)?
-            again = c.leases.read(rb)
-            if holder_of(again) == name and again is not None and voids.is_direct(c.labels, again):
-                return Grant(rb, again, taken_at)
+        return self._own_lease(rb, name, taken_at) if lease is None else None
+
+    def _own_lease(self, rb: str, name: str, taken_at: float) -> Grant | None:
+        """The Lease create was refused: is it our own, from an earlier delivery of
+        this run whose Job never came?"""
+        c = self._controller
+        c.note_lease_exists(rb)
+        again = c.leases.read(rb)
+        if again is not None and holder_of(again) == name and voids.is_direct(c.labels, again):
+            return Grant(rb, again, taken_at)
         return None
+
+    def _holder_done(self, lease: Obj) -> bool:
+        """The Lease names nobody, or a Job our view shows finished."""
+        holder = holder_of(lease)
+        known = self._controller.cache.get(holder or "")
+        return not holder or (known is not None and admission.is_finished(known))
 
     def in_window(self, grant: Grant) -> bool:
         """Whether the Job may still be created running (``voids.DIRECT_WINDOW_S``)."""
