@@ -14,6 +14,7 @@ from pathlib import Path
 
 from autoreduce_common.stomp_client import BrokerError, StompClient
 
+from dispatcher import voids
 from dispatcher.admission import Caps, is_running, is_waiting
 from dispatcher.config import DispatcherSettings, load_settings
 from dispatcher.consumer import Consumer
@@ -108,6 +109,16 @@ class _MarkerSweep:
             log.warning("cancel-marker sweep failed: %s", error)
 
 
+def _direct_admission(settings: DispatcherSettings) -> bool:
+    ttl = settings.jobs.ttl_seconds_after_finished
+    if settings.direct_admission and not voids.direct_allowed(ttl_seconds_after_finished=ttl):
+        log.warning("direct admission off: jobs.ttl_seconds_after_finished (%d s) is under "
+                    "%.0f s (dispatcher/voids.py); every run is created suspended", ttl,
+                    voids.VOID_DELETABLE_AFTER_S)
+        return False
+    return settings.direct_admission
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
@@ -191,7 +202,7 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         reporter=reporter,
         template=template,  # type: ignore[arg-type]
         metrics=metrics,
-        direct=DirectAdmission(controller=controller, enabled=settings.direct_admission,
+        direct=DirectAdmission(controller=controller, enabled=_direct_admission(settings),
                                fault_point=settings.fault_point),
     )
     consumer = Consumer(

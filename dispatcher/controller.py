@@ -452,17 +452,9 @@ class Controller:
         # expected: skip the read and let the create (a CAS too) tell us otherwise.
         lease = None if self._lease_probably_absent(rb, jobs) else self.leases.read(rb)
         holder = holder_of(lease)
-        if holder and self.cache.get(holder) is None:
-            # Not in our cache: maybe another replica just made it. Ask the API
-            # before treating the Lease as stale.
-            confirmed = self.kube.get_job(holder)
-            if confirmed is not None and not voids.is_void(self.labels, confirmed):
-                self.cache.upsert(confirmed)
-                jobs = self.cache.of_rb(rb)
-            elif confirmed is None and voids.is_direct(self.labels, lease):
-                assert lease is not None
-                if not self._void(rb, holder, lease):
-                    return
+        if holder and not self._holder_known(rb, holder, lease):
+            return
+        jobs = self.cache.of_rb(rb)
         plan = admission.plan_rb(
             labels=self.labels, holder=holder, jobs=jobs, lease_exists=lease is not None
         )
@@ -486,6 +478,23 @@ class Controller:
             and not self.leases.release(rb=rb, base=lease)
         ):
             self.enqueue(rb)  # the Lease moved under us: look again
+
+    def _holder_known(self, rb: str, holder: str, lease: Job | None) -> bool:
+        """Make our view of the Lease's holder good enough to plan on: False when this
+        pass must end (the RB is requeued, or an event will bring it back)."""
+        if self.cache.get(holder) is None:
+            # Not in our cache: maybe another replica just made it. Ask the API
+            # before treating the Lease as stale.
+            confirmed = self.kube.get_job(holder)
+            if confirmed is not None and not voids.is_void(self.labels, confirmed):
+                self.cache.upsert(confirmed)
+            elif confirmed is None and lease is not None and voids.is_direct(self.labels, lease):
+                return self._void(rb, holder, lease)
+        # Granted before it existed, and now being deleted (a cancellation): once it is
+        # gone its name could be created again, so the Lease moves only after a void has
+        # taken it. Its DELETED event brings us back.
+        deleting = admission.is_deleting(self.cache.get(holder) or {})
+        return not (deleting and voids.is_direct(self.labels, lease))
 
     def _void(self, rb: str, holder: str, lease: Job) -> bool:
         """The Lease was granted to ``holder`` before it existed, and it still does not:

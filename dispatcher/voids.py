@@ -55,6 +55,13 @@ VOID_LABEL = "void"
 DIRECT_KEY = "admitted-before-create"  # Lease annotation: granted before its Job existed
 
 
+def direct_allowed(*, ttl_seconds_after_finished: int) -> bool:
+    """Whether direct admission is safe with this Job TTL. A finished holder hands its
+    RB on without a void (it still exists, so its name cannot be created again); a
+    TTL shorter than a late create can take could delete it in time for one."""
+    return ttl_seconds_after_finished >= VOID_DELETABLE_AFTER_S
+
+
 def is_void(labels: Labels, job: Obj | None) -> bool:
     found = ((job or {}).get("metadata") or {}).get("labels") or {}
     return found.get(labels.key(VOID_LABEL)) == "true"

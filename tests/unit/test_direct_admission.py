@@ -270,3 +270,31 @@ def test_a_duplicate_of_a_finished_run_takes_no_lease() -> None:
     kube.writes.clear()
     assert node.handle(message(1)) is Verdict.ACK
     assert kube.writes == []  # its create answered 409; the ConfigMap is there too
+
+
+def test_a_cancelled_direct_holder_keeps_its_rb_until_it_is_gone_and_voided() -> None:
+    """A Job being deleted still exists, but once gone its name could be created
+    again: the Lease moves only after a void has taken that name."""
+    kube = FakeKube()
+    node = Node(kube)
+    node.handle(message(1))
+    node.handle(message(2))
+    kube.objects[("Lease", lease_name(RB))]["spec"]["renewTime"] = "2020-01-01T00:00:00Z"
+    kube.objects[("Job", name(1))]["metadata"]["deletionTimestamp"] = "2026-12-07T08:00:01Z"
+    node.see(kube)
+    kube.writes.clear()
+    node.reconcile()
+    assert kube.writes == []  # deleting: not yet
+    kube.delete_job(name(1))
+    node.controller.cache.remove(name(1))
+    kube.writes.clear()
+    node.reconcile()  # all its known Jobs wait: it tries a Lease create, refused
+    node.reconcile()  # and reads the Lease on the next pass
+    assert kube.writes == [("create Job", name(1)), ("update Lease", lease_name(RB)),
+                           ("patch Job", name(2))]
+    assert voids.is_void(LABELS, kube.get_job(name(1)))
+
+
+def test_a_short_job_ttl_turns_direct_admission_off() -> None:
+    assert voids.direct_allowed(ttl_seconds_after_finished=86_400)
+    assert not voids.direct_allowed(ttl_seconds_after_finished=60)
