@@ -515,8 +515,8 @@ class Controller:
                 self.cache.upsert(existing)  # its own create won: the Lease stays with it
             self.enqueue(rb)
             return False
-        log.warning("RB %s: Lease named Job %s, which was never created; voided its name "
-                    "so that the RB can move on", rb, holder)
+        log.warning("RB %s: its Lease names Job %s, which is not there (never created, or "
+                    "deleted); voided that name so that the RB can move on", rb, holder)
         faults.reach(faults.FaultPoint.AFTER_VOID, configured=self._fault_point)
         return True
 
