@@ -10,7 +10,7 @@ from typing import Any
 from bench.stats import ratio
 
 SECTIONS = ("machine", "settings", "limit", "dispatch", "burst", "handoff", "scale", "poster",
-            "cycle", "targets")
+            "startup", "cycle", "targets")
 Row = tuple[str, str, str, str]  # figure, value, beside the limit / note, met
 
 
@@ -75,6 +75,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         ("<= 4 API writes per run (happy path: free RB)",
          _get(results, "dispatch", "api", "dispatcher_writes_per_run"), lambda v: v <= 4,
          "writes"),
+        ("message -> ReductionStarted p50 <= 1.2x raw Job -> pod Running p50 (real node)",
+         _get(results, "startup", "started_p50_over_raw_running_p50"), lambda v: v <= 1.2,
+         "x the raw"),
     ]  # fmt: skip
     return [
         {"target": name, "value": value, "unit": unit, "status": _check(value, test)}
@@ -159,6 +162,17 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
     rows.append(("poster sidecar: extra per run (p50)",
                  _num(posting.get("started_p50_extra_s"), " s"),
                  f"to Complete {_num(posting.get('complete_p50_extra_s'), ' s')}", ""))
+    start = results.get("startup") or {}
+    raw_side, product_side = start.get("raw") or {}, start.get("product") or {}
+    rows.append(("LIMIT raw Job -> pod Running (real node)",
+                 f"p50 {_ms(_get(raw_side, 'to_running', 'p50'))} "
+                 f"p99 {_ms(_get(raw_side, 'to_running', 'p99'))}",
+                 f"its runner's Started: p50 {_ms(_get(raw_side, 'to_started', 'p50'))}", ""))
+    rows.append(("message -> ReductionStarted (real node)",
+                 f"p50 {_ms(_get(product_side, 'to_started', 'p50'))} "
+                 f"p99 {_ms(_get(product_side, 'to_started', 'p99'))}",
+                 f"p50 {_num(start.get('started_p50_over_raw_running_p50'), '', 2)}x the raw "
+                 "pod Running", ""))
     busy = results.get("cycle") or {}
     if busy.get("series"):
         outcomes = busy.get("outcomes") or {}

@@ -16,6 +16,7 @@ from autoreduce_common.messages import parse_run
 from bench.cycle import cycle
 from bench.env import Scenario, Stack, cpu_seconds, job_of, rss_mb, run_body
 from bench.machine import load
+from bench.startup import startup
 from bench.stats import summary
 from dispatcher.config import DispatcherSettings
 from dispatcher.identity import Labels, job_name, run_key
@@ -86,14 +87,19 @@ def _api_delta(before: Counter[str], after: Counter[str]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in sorted(after) if after[k] - before[k] > 0}
 
 
-def _per_run(delta: dict[str, int], runs: int, *, reporters: Counter[str]) -> dict[str, Any]:
-    # The kubelets renew their node Leases (PUT) about as often as they heartbeat
-    # (PATCH nodes/status): those Lease writes are not the dispatcher's. Nor are the
-    # scheduler's Events (same API as ours), counted apart by their reporter.
+def _per_run(delta: dict[str, int], runs: int, *, reporters: Counter[str],
+             lease_puts: int | None = None) -> dict[str, Any]:
+    # The scheduler's Events and the Job controller's use the same APIs as ours, so
+    # ours are counted by their reporter in the scenario's namespace (subtracting the
+    # others from the apiserver's counter counted the scheduler's Events for pods of
+    # the previous scenario's Jobs as ours). The kubelets renew their node Leases
+    # (PUT): ``lease_puts`` is the dispatcher's own count when the scenario knows it
+    # (its Leases' leaseTransitions), else the heuristic below.
     node_leases = min(delta.get("PUT coordination.k8s.io/leases", 0),
                       delta.get("PATCH nodes/status", 0))  # fmt: skip
-    others = sum(n for reporter, n in reporters.items() if reporter != EVENT_REPORTER)
-    events = max(delta.get("POST events.k8s.io/events", 0) - others, 0)
+    if lease_puts is not None:
+        node_leases = delta.get("PUT coordination.k8s.io/leases", 0) - lease_puts
+    events = min(reporters.get(EVENT_REPORTER, 0), delta.get(EVENTS_POST, 0))
     writes = sum(delta.get(k, 0) for k in DISPATCHER_WRITES if k != EVENTS_POST) + events
     writes -= node_leases
     reads = sum(delta.get(k, 0) for k in DISPATCHER_READS)
@@ -105,6 +111,13 @@ def _per_run(delta: dict[str, int], runs: int, *, reporters: Counter[str]) -> di
         "events_by_reporter": dict(reporters),
         "by_request": {k: round(v / runs, 3) for k, v in delta.items()} if runs else {},
     }
+
+
+def _lease_transitions(stack: Stack, namespace: str) -> int:
+    """The dispatcher's Lease replaces in ``namespace`` (each adds a transition);
+    right only while none of its Leases was deleted, as in the dispatch scenario."""
+    leases = stack.kube_client(namespace).list_leases(selector="")
+    return sum(int((lease.get("spec") or {}).get("leaseTransitions") or 0) for lease in leases)
 
 
 def _settled(stack: Stack, *, quiet_s: float = 3.0, timeout: float = 300) -> Counter[str]:
@@ -240,7 +253,8 @@ def dispatch(stack: Stack, sizes: Sizes) -> dict[str, Any]:
             "what": "STOMP send -> Job ADDED / unsuspended event seen by the bench's watch; "
             "every run on its own RB (free: admitted at once)",
             "rates": rates,
-            "api": _per_run(delta, total, reporters=scenario.events_by_reporter()),
+            "api": _per_run(delta, total, reporters=scenario.events_by_reporter(),
+                            lease_puts=_lease_transitions(stack, scenario.namespace)),
             "api_delta": delta,
         }
     finally:
@@ -565,6 +579,12 @@ def busy_cycle(stack: Stack, sizes: Sizes) -> dict[str, Any]:
     return cycle(stack, scale=sizes.cycle_scale, max_nodes=sizes.cycle_max_nodes)
 
 
+def start_to_started(stack: Stack, sizes: Sizes) -> dict[str, Any]:
+    """Message -> ReductionStarted beside the raw Job -> pod Running (bench/startup.py)."""
+    return startup(stack, runs=sizes.poster_runs, next_run=lambda: next(_run_numbers),
+                   next_rb=lambda: next(_rb_numbers))
+
+
 SCENARIOS: dict[str, Callable[[Stack, Sizes], dict[str, Any]]] = {
     "limit": limit,
     "dispatch": dispatch,
@@ -572,5 +592,6 @@ SCENARIOS: dict[str, Callable[[Stack, Sizes], dict[str, Any]]] = {
     "handoff": handoff,
     "scale": scale,
     "poster": poster,
+    "startup": start_to_started,
     "cycle": busy_cycle,
 }
