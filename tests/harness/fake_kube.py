@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from dispatcher.kube import AlreadyExists, Conflict, NotFound
@@ -29,7 +30,9 @@ class FakeKube:
         self.events: list[tuple[str, str, str]] = []  # (job, reason, note)
         self.before: dict[str, Callable[[], None]] = {}  # "create Job" -> hook, run once
         self._versions = itertools.count(1)
-        self.now = "2026-12-07T08:00:00Z"  # creationTimestamp of new objects
+        # creationTimestamp of new objects: now, as the apiserver would stamp them
+        # (a fixed stamp made "a void made a moment ago" depend on the time of day).
+        self.now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     # -- plumbing ------------------------------------------------------------------
 
