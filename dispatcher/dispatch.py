@@ -255,6 +255,12 @@ class Dispatcher:
     def _cancel(self, raw: dict[str, Any], message: ReductionMessage) -> Verdict:
         key = run_key(message)
         job = self.kube.get_job(job_name(key))
+        if job is not None and voids.is_void(self.labels, job):
+            # The run is not in the cluster, but a void has its name: deleting the void
+            # early would let a late create run it (dispatcher.voids), so the cancel
+            # waits in the broker until the void may go, and is then remembered.
+            self._clear_void(job)
+            job = None
         self.metrics.cancels.inc()
         if job is None:
             self._remember_cancel(key)

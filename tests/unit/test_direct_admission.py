@@ -298,3 +298,23 @@ def test_a_cancelled_direct_holder_keeps_its_rb_until_it_is_gone_and_voided() ->
 def test_a_short_job_ttl_turns_direct_admission_off() -> None:
     assert voids.direct_allowed(ttl_seconds_after_finished=86_400)
     assert not voids.direct_allowed(ttl_seconds_after_finished=60)
+
+
+def test_a_cancel_for_a_voided_run_waits_for_the_void_then_is_remembered() -> None:
+    kube = FakeKube()
+    old_direct_lease(kube, name(1))
+    node = Node(kube)
+    node.handle(message(2))
+    node.reconcile()  # voids run 1's name
+    body = json.loads(message(1).body)
+    cancel = Received(body=json.dumps({**body, "cancel": True}).encode(),
+                      headers={"message-id": "ID:cancel"})
+    with pytest.raises(TryLater, match="is a void made"):
+        node.handle(cancel)  # never deleted young, never "cancelled while waiting"
+    assert voids.is_void(LABELS, kube.get_job(name(1)))
+    assert node.dispatcher.reporter.client.sent == []  # type: ignore[attr-defined]
+    kube.objects[("Job", name(1))]["metadata"]["creationTimestamp"] = "2020-01-01T00:00:00Z"
+    assert node.handle(cancel) is Verdict.ACK
+    marker = kube.get_job(name(1))
+    assert marker is not None and not voids.is_void(LABELS, marker)
+    assert (marker["metadata"]["labels"] or {}).get(LABELS.key("cancel")) == "true"
