@@ -582,7 +582,8 @@ def busy_cycle(stack: Stack, sizes: Sizes) -> dict[str, Any]:
 def start_to_started(stack: Stack, sizes: Sizes) -> dict[str, Any]:
     """Message -> ReductionStarted beside the raw Job -> pod Running (bench/startup.py)."""
     return startup(stack, runs=sizes.poster_runs, next_run=lambda: next(_run_numbers),
-                   next_rb=lambda: next(_rb_numbers))
+                   next_rb=lambda: next(_rb_numbers),
+                   product=_poster_runs(stack, sidecar=True, runs=sizes.poster_runs))
 
 
 SCENARIOS: dict[str, Callable[[Stack, Sizes], dict[str, Any]]] = {

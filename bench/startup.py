@@ -32,9 +32,11 @@ POLL_S = 0.02  # the raw side's poll: at most this much is added to its figure
 Numbers = Callable[[], int]  # the next unused run (or RB) number of the bench
 
 
-def startup(stack: Stack, *, runs: int, next_run: Numbers, next_rb: Numbers) -> dict[str, Any]:
+def startup(stack: Stack, *, runs: int, next_run: Numbers, next_rb: Numbers,
+            product: dict[str, Any]) -> dict[str, Any]:
+    """``product``: the poster scenario's runs with the sidecar (the product's default
+    pod), measured by ``bench.scenarios._poster_runs`` in the same stack."""
     raw = _raw(stack, runs=runs, next_run=next_run, next_rb=next_rb)
-    product = _product(stack, runs=runs, next_run=next_run, next_rb=next_rb)
     raw_p50 = (raw["to_running"] or {}).get("p50")
     started_p50 = (product["to_started"] or {}).get("p50")
     return {
@@ -92,38 +94,3 @@ def _wait_running(kube: Any, job: str, timeout: float = 120) -> float:
             return time.monotonic()
         time.sleep(POLL_S)
     raise RuntimeError(f"no pod of Job {job} Running within {timeout} s")
-
-
-def _product(stack: Stack, *, runs: int, next_run: Numbers, next_rb: Numbers) -> dict[str, Any]:
-    scenario = Scenario(stack, "startup-product")
-    try:
-        scenario.start_dispatcher(scenario.real_runner_settings())
-        _wait_consuming(scenario)
-        reader = scenario.outcome_reader()
-        to_started, to_complete = [], []
-        load_before = load()
-        for _ in range(runs):
-            run = next_run()
-            body = run_body(instrument="LET", rb=next_rb(), run=run, script=SCRIPT,
-                            data=scenario.data_file("LET", run))
-            sent = time.monotonic()
-            scenario.send_all([body], threads=1)
-            to_started.append(reader.wait_for_run(scenario.broker_queue("started"), run,
-                                                  timeout=120) - sent)
-            to_complete.append(reader.wait_for_run(scenario.broker_queue("complete"), run,
-                                                   timeout=120) - sent)
-        reader.close()
-        return {"to_started": summary(to_started), "to_complete": summary(to_complete),
-                "load": [load_before, load()]}
-    finally:
-        scenario.stop()
-
-
-def _wait_consuming(scenario: Scenario, timeout: float = 120) -> None:
-    assert scenario.dispatcher is not None
-    deadline = time.monotonic() + timeout
-    while "consuming" not in scenario.dispatcher.log():
-        if time.monotonic() > deadline or not scenario.dispatcher.alive():
-            raise RuntimeError(f"dispatcher not consuming:\n{scenario.dispatcher.log()[-2000:]}")
-        time.sleep(0.05)
-
