@@ -93,6 +93,11 @@ class Stack(DevStack):
             totals[f"{labels.get('verb', '')} {resource}"] += int(float(line.rsplit(" ", 1)[1]))
         return totals
 
+    def etcd_db_mb(self) -> float | None:
+        """Size of etcd's database file (what the cluster's objects cost on disk), in MB."""
+        db = self.kube.workdir / "etcd-data" / "member" / "snap" / "db"
+        return db.stat().st_size / 1e6 if db.exists() else None
+
 
 # -- one scenario's corner of the stack -----------------------------------------------
 

@@ -50,26 +50,27 @@ def _check(value: float | None, test: Callable[[float], bool]) -> str:
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Where we stand on each target (reported, never asserted)."""
     limit_p99 = _get(results, "limit", "sequential", "p99")
-    limit_rate = _get(results, "limit", "concurrent", "runs_per_s")
+    limit_rate = _get(results, "limit", "sequential", "runs_per_s")
     at20 = _rate_at(results, 20) or {}
     p99_20 = _get(at20, "exists", "p99")
-    sustained = max(
-        [r.get("achieved_exists_per_s") or 0 for r in _get(results, "dispatch", "rates") or []]
-        + [_get(results, "burst", "accepted_per_s") or 0]
-    ) or None
+    at100 = _rate_at(results, 100) or {}
     scale_runs = _get(results, "scale", "runs")
     at = f" (at {scale_runs} runs)" if scale_runs else ""
     rows = [
         ("dispatch p99 at 20 runs/s <= 2x the limit's p99",
          ratio(p99_20, limit_p99), lambda v: v <= 2, "x the limit"),
-        ("sustained throughput >= 80% of the limit's",
-         ratio(sustained, limit_rate), lambda v: v >= 0.8, "of the limit"),
+        ("offered 100 runs/s (prefetch 1): achieved >= 80% of the sequential limit's runs/s",
+         ratio(at100.get("achieved_exists_per_s"), limit_rate), lambda v: v >= 0.8,
+         "of the limit"),
+        ("burst: accepted >= 80% of the sequential limit's runs/s",
+         ratio(_get(results, "burst", "accepted_per_s"), limit_rate), lambda v: v >= 0.8,
+         "of the limit"),
         ("hand-off p50 < 250 ms", _get(results, "handoff", "from_terminal_condition", "p50"),
          lambda v: v < 0.25, "s"),
         ("hand-off p99 < 1 s", _get(results, "handoff", "from_terminal_condition", "p99"),
          lambda v: v < 1.0, "s"),
-        (f"resident memory < 250 MB{at}", _get(results, "scale", "rss_mb"),
-         lambda v: v < 250, "MB"),
+        (f"resident memory < 300 MB{at}", _get(results, "scale", "rss_mb"),
+         lambda v: v < 300, "MB"),
         (f"restart to next admission < 15 s{at}",
          _get(results, "scale", "restart", "restart_to_next_admission_s"), lambda v: v < 15, "s"),
         ("<= 4 API writes per run (happy path: free RB)",
@@ -141,6 +142,9 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
                  f"{_num(api.get('dispatcher_writes_per_run'), '', 2)} writes, "
                  f"{_num(api.get('dispatcher_reads_per_run'), '', 2)} reads",
                  f"all clients: {_num(api.get('all_requests_per_run'), '', 2)}", ""))
+    etcd = scale.get("etcd_db_mb") or [None, None]
+    rows.append(("scale: etcd database file", _num(etcd[1], " MB"),
+                 f"before the runs: {_num(etcd[0], ' MB')}", ""))
     restart = scale.get("restart") or {}
     rows.append(("scale: restart -> next admission",
                  _num(restart.get("restart_to_next_admission_s"), " s"),

@@ -59,7 +59,8 @@ PRESETS = {
     "tiny": Sizes(10, 20, 5, ((5, 2),), 20, 5, 2, 3, 5, 3, idle_s=3.0, poster_runs=1,
                   cycle_scale=0, cycle_max_nodes=2),
     "quick": Sizes(100, 200, 30, ((5, 6), (20, 5)), 200, 50, 5, 5, 100, 10, poster_runs=4),
-    "full": Sizes(300, 600, 100, ((5, 20), (20, 20), (50, 20)), 2000, 500, 20, 10, 1000, 10),
+    "full": Sizes(300, 600, 100, ((5, 20), (20, 20), (50, 20), (100, 20)), 2000, 500, 20, 10,
+                  1000, 10),
 }
 
 _run_numbers = itertools.count(1)
@@ -436,6 +437,7 @@ def scale(stack: Stack, sizes: Sizes) -> dict[str, Any]:
                     probe.append(job_of(bodies[-1]))
         names = [job_of(body) for body in bodies]
         before = stack.request_totals()
+        etcd_before = stack.etcd_db_mb()
         cpu_before = cpu_seconds(pid)
         load_before = load()
         started = time.monotonic()
@@ -450,6 +452,7 @@ def scale(stack: Stack, sizes: Sizes) -> dict[str, Any]:
         settled_s = time.monotonic() - started
         cpu_fill = cpu_seconds(pid) - cpu_before
         memory = rss_mb(pid)
+        etcd_after = stack.etcd_db_mb()
         idle_started, idle_cpu0 = time.monotonic(), cpu_seconds(pid)
         time.sleep(sizes.idle_s)
         idle_cpu = (cpu_seconds(pid) - idle_cpu0) / (time.monotonic() - idle_started)
@@ -469,6 +472,7 @@ def scale(stack: Stack, sizes: Sizes) -> dict[str, Any]:
             "rss_mb": memory.get("VmRSS"),
             "peak_rss_mb": memory.get("VmHWM"),
             "cpu_s_per_run": cpu_fill / len(names),
+            "etcd_db_mb": [etcd_before, etcd_after],
             "idle_cpu_percent": 100 * idle_cpu,
             "api": _per_run(delta, len(names), reporters=scenario.events_by_reporter()),
             "api_delta": delta,

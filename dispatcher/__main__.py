@@ -84,7 +84,7 @@ def _refresh_metrics(metrics: Metrics, controller: Controller, client: StompClie
 
 def _check_stuck(lifecycle: Lifecycle, controller: Controller) -> None:
     try:
-        lifecycle.check_stuck(controller.cache.running())
+        lifecycle.check_stuck(controller.pods.stuck())
     except (KubeError, BrokerError) as error:
         log.warning("stuck-pod check failed: %s", error)
 

@@ -206,7 +206,8 @@ class DispatcherSettings(EnvFirstSettings):
     # with qps set: twice qps.
     api_qps: float | None = Field(default=None, gt=0)
     api_burst: int | None = Field(default=None, ge=1)
-    # Safety-net resync; admission itself is driven by the Job watch, not by this.
+    # Safety-net resync: every RB and finished Job is looked at again from the cache
+    # (no re-list). Admission itself is driven by the watches, not by this.
     resync_seconds: float = Field(default=300.0, gt=0)
     # Where /healthz, /readyz and /metrics are served (0 disables).
     http_port: int = Field(default=8080, ge=0, le=65535)

@@ -182,6 +182,10 @@ class JobCache:
         with self._lock:
             return [job for job in self._jobs.values() if admission.is_running(job)]
 
+    def finished(self) -> list[Job]:
+        with self._lock:
+            return [job for job in self._jobs.values() if admission.is_finished(job)]
+
     def all(self) -> list[Job]:
         with self._lock:
             return list(self._jobs.values())
@@ -365,7 +369,18 @@ class Controller:
                 if self._stop.is_set():
                     return
             if time.monotonic() - last_resync > self._resync_seconds:
-                return  # re-list: the safety net, not the admission mechanism
+                # The safety net, not the admission mechanism: every RB and finished
+                # Job is looked at again from the cache. Not a re-list: the watch
+                # misses nothing, and at 50,000 waiting runs a re-list is seconds of
+                # CPU and twice the cache in memory.
+                last_resync = time.monotonic()
+                self._replay()
+
+    def _replay(self) -> None:
+        for rb in self.cache.rbs():
+            self.enqueue(rb)
+        for job in self.cache.finished():
+            self._maybe_finished(job)
 
     def _on_event(self, kind: str, job: Job) -> None:
         name = admission.name_of(job)

@@ -361,24 +361,22 @@ class Lifecycle:
 
     # -- stuck pods ----------------------------------------------------------------
 
-    def check_stuck(self, running: list[Obj]) -> None:
-        """Fail runs whose pod has been unable to start (image pull) past the grace."""
-        if not running:
-            self._stuck_since.clear()
-            return
-        pods = self.kube.list_pods(selector=f"{self.labels.managed}=true")
+    def check_stuck(self, stuck: list[PodView]) -> None:
+        """Fail runs whose pod has been unable to start (image pull) past the grace.
+
+        ``stuck`` comes from the pod watch's cache: listing every managed pod here
+        cost a LIST of thousands of Pending pods every few seconds in a busy cycle.
+        """
         now = time.monotonic()
         seen = set()
-        for pod in pods:
-            reason = failures.stuck_reason(pod)
-            job = (pod.get("metadata", {}).get("labels") or {}).get("batch.kubernetes.io/job-name")
-            if reason is None or job is None:
+        for view in stuck:
+            if view.stuck is None or not view.job:
                 continue
-            seen.add(job)
-            since = self._stuck_since.setdefault(job, now)
+            seen.add(view.job)
+            since = self._stuck_since.setdefault(view.job, now)
             if now - since >= self.image_pull_grace_s:
-                self._fail_stuck(job, reason)
-                self._stuck_since.pop(job, None)
+                self._fail_stuck(view.job, view.stuck)
+                self._stuck_since.pop(view.job, None)
         for job in set(self._stuck_since) - seen:
             self._stuck_since.pop(job, None)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dispatcher import failures
 from dispatcher.identity import Labels
 from dispatcher.kube import Gone, Kube, KubeError
 
@@ -37,6 +38,8 @@ class PodView:
     phase: str
     deleting: bool
     finalized: bool  # still carries our finalizer
+    # Why it cannot start (a waiting reason that will not fix itself), or None.
+    stuck: str | None = None
 
     @property
     def live(self) -> bool:
@@ -54,37 +57,68 @@ def pod_view(pod: Obj, *, labels: Labels) -> PodView:
         phase=str((pod.get("status") or {}).get("phase") or "Pending"),
         deleting=bool(metadata.get("deletionTimestamp")),
         finalized=labels.pod_finalizer in (metadata.get("finalizers") or []),
+        stuck=failures.stuck_reason(pod),
     )
 
 
 class PodCache:
-    """Pod views by name, with lookups by RB and by Job."""
+    """Pod views by name, indexed by RB and by Job.
+
+    The indexes matter in a busy cycle: admission asks for one RB's live pods on
+    every pass, and thousands of pods can be Pending while the autoscaler works.
+    """
 
     def __init__(self) -> None:
         self._pods: dict[str, PodView] = {}
+        self._by_rb: dict[str, dict[str, PodView]] = {}
+        self._by_job: dict[str, dict[str, PodView]] = {}
         self._lock = threading.Lock()
         self.synced = threading.Event()
 
     def replace_all(self, views: list[PodView]) -> None:
         with self._lock:
-            self._pods = {view.name: view for view in views}
+            self._pods, self._by_rb, self._by_job = {}, {}, {}
+            for view in views:
+                self._add(view)
         self.synced.set()
 
     def upsert(self, view: PodView) -> None:
         with self._lock:
-            self._pods[view.name] = view
+            self._drop(view.name)
+            self._add(view)
 
     def remove(self, name: str) -> None:
         with self._lock:
-            self._pods.pop(name, None)
+            self._drop(name)
+
+    def _add(self, view: PodView) -> None:
+        self._pods[view.name] = view
+        self._by_rb.setdefault(view.rb, {})[view.name] = view
+        self._by_job.setdefault(view.job, {})[view.name] = view
+
+    def _drop(self, name: str) -> None:
+        view = self._pods.pop(name, None)
+        if view is None:
+            return
+        for index, key in ((self._by_rb, view.rb), (self._by_job, view.job)):
+            bucket = index.get(key)
+            if bucket is not None:
+                bucket.pop(name, None)
+                if not bucket:
+                    del index[key]
 
     def live_of_rb(self, rb: str) -> list[PodView]:
         with self._lock:
-            return [view for view in self._pods.values() if view.rb == rb and view.live]
+            return [view for view in (self._by_rb.get(rb) or {}).values() if view.live]
 
     def of_job(self, job: str) -> list[PodView]:
         with self._lock:
-            return [view for view in self._pods.values() if view.job == job]
+            return list((self._by_job.get(job) or {}).values())
+
+    def stuck(self) -> list[PodView]:
+        """Pods that cannot start (``PodView.stuck``)."""
+        with self._lock:
+            return [view for view in self._pods.values() if view.stuck]
 
     def all(self) -> list[PodView]:
         with self._lock:
@@ -122,8 +156,9 @@ class PodWatch:
                 backoff = min(backoff * 2, WATCH_BACKOFF_MAX_S)
 
     def _relist(self, selector: str) -> str:
-        pods, resource_version = self._kube.list_pods_at(selector=selector)
-        views = [pod_view(pod, labels=self._labels) for pod in pods]
+        views, resource_version = self._kube.list_pods_at(
+            selector=selector, keep=lambda pod: pod_view(pod, labels=self._labels)
+        )
         before = {view.name: view for view in self._cache.all()}
         self._cache.replace_all(views)
         for view in views:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client
 
@@ -146,9 +147,12 @@ class Kube(Transport):
     def list_pods(self, *, selector: str) -> list[Obj]:
         return self.list_pods_at(selector=selector)[0]
 
-    def list_pods_at(self, *, selector: str) -> tuple[list[Obj], str]:
-        """Matching Pods and the list's resourceVersion (to start a watch from)."""
-        return self._pods.list_pods_at(selector=selector)
+    def list_pods_at(
+        self, *, selector: str, keep: Callable[[Obj], Any] | None = None
+    ) -> tuple[list[Any], str]:
+        """Matching Pods (each through ``keep`` as its page arrives) and the list's
+        resourceVersion (to start a watch from)."""
+        return self._pods.list_pods_at(selector=selector, keep=keep)
 
     def watch_pods(
         self, *, selector: str, resource_version: str, timeout_s: int

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from dispatcher.kube.errors import NotFound
+from dispatcher.kube.paging import list_all
 from dispatcher.kube.transport import Obj, Transport
 from dispatcher.kube.watch import WatchEvent, watch
 
@@ -37,20 +38,11 @@ class Jobs:
     def list_jobs(
         self, *, selector: str, keep: Callable[[Obj], Obj] | None, page_size: int
     ) -> tuple[list[Obj], str]:
-        items: list[Obj] = []
-        token: str | None = None
-        while True:
-            page = self._t._call(
-                "list Jobs",
-                "GET",
-                self._path,
-                query={"labelSelector": selector, "limit": page_size, "continue": token},
-            )
-            got = page.get("items") or []
-            items.extend(got if keep is None else (keep(job) for job in got))
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                return items, str((page.get("metadata") or {}).get("resourceVersion", ""))
+        def fetch(token: str | None) -> bytes:
+            query = {"labelSelector": selector, "limit": page_size, "continue": token}
+            return self._t._call_raw("list Jobs", "GET", self._path, query=query)
+
+        return list_all(fetch, keep=keep)
 
     def watch_jobs(
         self, *, selector: str, resource_version: str, timeout_s: int

@@ -6,11 +6,13 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import urllib3.exceptions
 
 from dispatcher.kube.errors import KubeError, NotFound, Unavailable
+from dispatcher.kube.paging import list_all
 from dispatcher.kube.transport import Obj, Transport
 from dispatcher.kube.watch import WatchEvent, watch
 
@@ -23,9 +25,14 @@ class Pods:
         self._t = transport
         self._path = f"/api/v1/namespaces/{namespace}/pods"
 
-    def list_pods_at(self, *, selector: str) -> tuple[list[Obj], str]:
-        page = self._t._call("list Pods", "GET", self._path, query={"labelSelector": selector})
-        return page.get("items") or [], str((page.get("metadata") or {}).get("resourceVersion", ""))
+    def list_pods_at(
+        self, *, selector: str, keep: Callable[[Obj], Any] | None = None, page_size: int = 500
+    ) -> tuple[list[Any], str]:
+        def fetch(token: str | None) -> bytes:
+            query = {"labelSelector": selector, "limit": page_size, "continue": token}
+            return self._t._call_raw("list Pods", "GET", self._path, query=query)
+
+        return list_all(fetch, keep=keep)
 
     def watch_pods(
         self, *, selector: str, resource_version: str, timeout_s: int

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -10,7 +9,7 @@ import urllib3.exceptions
 from kubernetes.watch.watch import iter_resp_lines
 
 from dispatcher.kube.errors import Gone, Unavailable
-from dispatcher.kube.transport import REQUEST_TIMEOUT, Obj, Transport
+from dispatcher.kube.transport import REQUEST_TIMEOUT, Obj, Transport, decode
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ def watch(
     )
     try:
         for line in iter_resp_lines(response.response):  # type: ignore[no-untyped-call]
-            event = json.loads(line)
+            event = decode(line)
             if event.get("type") == "ERROR":
                 status = event.get("object") or {}
                 if status.get("code") == 410:

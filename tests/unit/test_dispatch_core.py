@@ -302,3 +302,37 @@ def test_pod_view_reads_phase_rb_job_and_our_finalizer() -> None:
     pod["status"]["phase"] = "Failed"
     assert not pods.pod_view(pod, labels=labels).live
     assert pods.pod_view({}, labels=labels).live  # no status yet: Pending, may start
+
+
+def test_pod_view_carries_why_a_pod_cannot_start() -> None:
+    labels = Labels("autoreduce.io")
+    pod = {"metadata": {"name": "p", "labels": {"batch.kubernetes.io/job-name": "j"}},
+           "status": {"phase": "Pending", "containerStatuses": [
+               {"name": "poster", "state": {"waiting": {
+                   "reason": "ImagePullBackOff", "message": "no such image"}}}]}}
+    assert pods.pod_view(pod, labels=labels).stuck == "ImagePullBackOff: no such image"
+    pod["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ContainerCreating"}}
+    assert pods.pod_view(pod, labels=labels).stuck is None
+
+
+def _view(name: str, *, rb: str, job: str, phase: str = "Running",
+          stuck: str | None = None) -> pods.PodView:
+    return pods.PodView(name=name, job=job, rb=rb, phase=phase, deleting=False,
+                        finalized=True, stuck=stuck)
+
+
+def test_pod_cache_lookups_by_rb_and_job_follow_upserts_and_removals() -> None:
+    cache = pods.PodCache()
+    cache.replace_all([_view("a", rb="1", job="ja"), _view("b", rb="2", job="jb")])
+    assert [v.name for v in cache.live_of_rb("1")] == ["a"]
+    cache.upsert(_view("a", rb="1", job="ja", phase="Succeeded"))
+    assert cache.live_of_rb("1") == []  # stopped: no longer holds its RB
+    assert [v.phase for v in cache.of_job("ja")] == ["Succeeded"]
+    cache.upsert(_view("c", rb="2", job="jb", stuck="ErrImagePull"))
+    assert sorted(v.name for v in cache.of_job("jb")) == ["b", "c"]
+    assert [v.name for v in cache.stuck()] == ["c"]
+    cache.remove("b")
+    cache.remove("c")
+    cache.remove("nobody")
+    assert cache.live_of_rb("2") == [] and cache.of_job("jb") == [] and cache.stuck() == []
+    assert [v.name for v in cache.all()] == ["a"]
