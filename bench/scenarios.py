@@ -59,8 +59,9 @@ PRESETS = {
     "tiny": Sizes(10, 20, 5, ((5, 2),), 20, 5, 2, 3, 5, 3, idle_s=3.0, poster_runs=1,
                   cycle_scale=0, cycle_max_nodes=2),
     "quick": Sizes(100, 200, 30, ((5, 6), (20, 5)), 200, 50, 5, 5, 100, 10, poster_runs=4),
+    # full: the scale is a whole cycle rerun (issue 18): 50,000 runs over 5,000 RBs.
     "full": Sizes(300, 600, 100, ((5, 20), (20, 20), (50, 20), (100, 20)), 2000, 500, 20, 10,
-                  1000, 10),
+                  5000, 10),
 }
 
 _run_numbers = itertools.count(1)
