@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from dispatcher.kube.transport import Obj, decode
+from dispatcher.kube.trim import without_managed_fields
 
 Fetch = Callable[[str | None], bytes]  # continue token (None: the first page) -> raw page
 
@@ -35,14 +36,15 @@ def page_continue(raw: bytes) -> str | None:
 
 def list_all(fetch: Fetch, *, keep: Callable[[Obj], Obj] | None) -> tuple[list[Obj], str]:
     """Every item of every page (each passed through ``keep`` as its page arrives,
-    so full objects never pile up) and the list's resourceVersion."""
+    so full objects never pile up) and the list's resourceVersion. Items come
+    without managedFields (``trim``): lists are of Jobs and Pods only."""
     items: list[Obj] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="list-ahead") as ahead:
         raw = fetch(None)
         while True:
             early = page_continue(raw)
             upcoming: Future[bytes] | None = ahead.submit(fetch, early) if early else None
-            page = decode(raw)
+            page = decode(without_managed_fields(raw))
             got = page.get("items") or []
             items.extend(got if keep is None else (keep(item) for item in got))
             metadata = page.get("metadata") or {}

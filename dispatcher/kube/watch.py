@@ -10,6 +10,7 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from dispatcher.kube.errors import Gone, Unavailable
 from dispatcher.kube.transport import REQUEST_TIMEOUT, Obj, Transport, decode
+from dispatcher.kube.trim import without_managed_fields
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,9 @@ def watch(
     )
     try:
         for line in iter_resp_lines(response.response):  # type: ignore[no-untyped-call]
-            event = decode(line)
+            if not line:
+                continue
+            event = decode(without_managed_fields(line.encode()))  # Jobs and Pods only
             if event.get("type") == "ERROR":
                 status = event.get("object") or {}
                 if status.get("code") == 410:
