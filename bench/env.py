@@ -262,6 +262,11 @@ class Scenario:
         client.connect()
         return client
 
+    def send_one(self, message: bytes) -> bytes:
+        """Send one run message now (receipt awaited); returns it."""
+        self.send_all([message], threads=1)
+        return message
+
     def send_all(self, messages: list[bytes], *, threads: int = 4) -> float:
         """Send as fast as the broker takes them (receipts awaited); returns seconds."""
         assert self.broker is not None

@@ -498,6 +498,12 @@ def _restart(
     waiter = threading.Thread(target=lambda: ready.append(wait_ready(scenario)), daemon=True)
     waiter.start()
     gate.touch()  # the holder's pod exits 0: its Job completes
+    # A new run on a free RB: admitted as soon as the new dispatcher is back (direct
+    # admission), whatever the Job controller's lag (the probe below waits for it to
+    # mark the holder's Job Complete, which at 50,000 runs can take many minutes).
+    fresh = job_of(scenario.send_one(run_body(instrument="WISH", rb=next(_rb_numbers),
+                                              run=next(_run_numbers))))  # fmt: skip
+    fresh_admitted = watcher.wait(lambda w: fresh in w.unsuspended, timeout=300)
     admitted = watcher.wait(
         lambda w: w.count(w.unsuspended, probe) > len(holders), timeout=300
     )
@@ -509,6 +515,9 @@ def _restart(
     assert scenario.dispatcher.process is not None
     time.sleep(2)
     return {
+        "new_run_admitted_after_s": (
+            watcher.unsuspended[fresh] - started if fresh_admitted else None
+        ),
         "next_admitted": admitted,
         "restart_to_next_admission_s": admitted_at - started if admitted_at else None,
         "holder_finished_after_s": finished_at - started if finished_at else None,
