@@ -22,6 +22,7 @@ from dispatcher.kube import AlreadyExists, Gone, Kube, KubeError, NotFound, Unav
 from dispatcher.leases import RbLeases, holder_of
 from dispatcher.logs import job_logger
 from dispatcher.metrics import Metrics
+from dispatcher.offers import FinishedOffers
 from dispatcher.pods import PodCache, PodView, PodWatch
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,7 @@ class Controller:
         metrics: Metrics | None = None,
         void_image: str = "autoreduce-runner:0.1.0",
         fault_point: faults.FaultPoint | None = None,
+        offers: FinishedOffers | None = None,
     ) -> None:
         self.kube = kube
         self.pods = pods if pods is not None else PodCache()
@@ -236,7 +238,7 @@ class Controller:
         # RBs whose optimistic Lease create was refused: read the Lease next time.
         self._lease_exists_hint: set[str] = set()
         self._hint_lock = threading.Lock()
-        self._finished_seen: set[str] = set()
+        self._offers = offers if offers is not None else FinishedOffers()
         self.api_healthy = False
         self._api_ready = (0.0, False)  # (monotonic time of the probe, its answer)
 
@@ -281,11 +283,6 @@ class Controller:
     def observe(self, job: Job) -> None:
         """Our own write, seen before the watch delivers it."""
         self.cache.upsert(job)
-
-    def forget_finished(self, name: str) -> None:
-        """Offer Job ``name`` to the finished hook again at the next re-list (its outcome
-        could not be settled yet: broker or API away for longer than the hook retries)."""
-        self._finished_seen.discard(name)
 
     def enqueue(self, rb: str) -> None:
         if rb:
@@ -386,7 +383,7 @@ class Controller:
         name = admission.name_of(job)
         if kind == "DELETED":
             self.cache.remove(name)
-            self._finished_seen.discard(name)
+            self._offers.forget(name)
             self.waiting_events.forget(name)
         else:
             self.cache.upsert(job)
@@ -398,14 +395,13 @@ class Controller:
 
     def _maybe_finished(self, job: Job) -> None:
         name = admission.name_of(job)
-        if admission.is_finished(job) and name not in self._finished_seen:
-            self._finished_seen.add(name)
-            if self._on_finished is not None:
-                try:
-                    self._on_finished(job)
-                except Exception:
-                    # The hook reports outcomes; a bug there must not stop admission.
-                    log.exception("finished-Job hook failed for %s", name)
+        hook = self._on_finished
+        if hook is not None and admission.is_finished(job) and self._offers.first(name):
+            try:
+                hook(job)
+            except Exception:
+                # The hook reports outcomes; a bug there must not stop admission.
+                log.exception("finished-Job hook failed for %s", name)
 
     def _on_pod(self, view: PodView, deleted: bool) -> None:
         """A pod that stopped or went away may free its RB; a stopped one that still

@@ -27,6 +27,7 @@ from dispatcher.kube import Conflict, Kube, KubeError, NotFound
 from dispatcher.logs import job_logger
 from dispatcher.manifests import message_of
 from dispatcher.metrics import Metrics
+from dispatcher.offers import FinishedOffers
 from dispatcher.oom_retry import MEMORY_LIMIT_HEADER, after_oom
 from dispatcher.outcome_state import (
     IN_PROGRESS,
@@ -68,6 +69,7 @@ class Lifecycle:
         pods: PodCache | None = None,
         fault_point: faults.FaultPoint | None = None,
         metrics: Metrics | None = None,
+        offers: FinishedOffers | None = None,
     ) -> None:
         self.fault_point = fault_point
         self.kube = kube
@@ -82,9 +84,9 @@ class Lifecycle:
         self.metrics = metrics if metrics is not None else Metrics()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lifecycle")
         self._stuck_since: dict[str, float] = {}
-        # Told when we give up on a Job for now, so the next re-list offers it again
-        # (the controller offers each finished Job once; set in __main__).
-        self.on_gave_up: Callable[[str], None] | None = None
+        # The controller offers each finished Job once; one we give up on for now is
+        # forgotten there, so the next resync offers it again.
+        self.offers = offers if offers is not None else FinishedOffers()
 
     def on_finished(self, job: Obj) -> None:
         """Hook for the controller's watch thread: the work runs on our pool."""
@@ -154,8 +156,7 @@ class Lifecycle:
                 log.warning("outcome for %s not settled yet (%s); retrying", name, error)
                 time.sleep(min(2**attempt, 10))
         log.error("gave up settling the outcome of %s; the next resync retries it", name)
-        if self.on_gave_up is not None:
-            self.on_gave_up(name)
+        self.offers.forget(name)
 
     def _handled(self, job: Obj) -> bool:
         """Settled, or left to a step that is not ours (a state we do not know)."""

@@ -87,8 +87,6 @@ class Metrics:
             registry=r,
         )
         self._gauge_lock = threading.Lock()
-        # Called before every scrape: fills the gauges from the process's live state.
-        self.refresh: Callable[[], None] | None = None
 
     # -- dispatcher.kube.PaceObserver ----------------------------------------------
 
@@ -112,15 +110,20 @@ HealthCheck = Callable[[], bool]
 
 
 def serve(
-    *, port: int, metrics: Metrics, live: HealthCheck, ready: HealthCheck
+    *,
+    port: int,
+    metrics: Metrics,
+    live: HealthCheck,
+    ready: HealthCheck,
+    refresh: Callable[[], None] = lambda: None,
 ) -> ThreadingHTTPServer:
-    """Start the HTTP endpoints on a daemon thread; returns the server to shut down."""
+    """Start the HTTP endpoints on a daemon thread; returns the server to shut down.
+    ``refresh`` runs before every scrape: it fills the gauges from live state."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/metrics":
-                if metrics.refresh is not None:
-                    metrics.refresh()
+                refresh()
                 self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
                 ok = live()

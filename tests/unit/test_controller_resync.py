@@ -12,6 +12,7 @@ from typing import Any
 from dispatcher.admission import Caps
 from dispatcher.controller import Controller
 from dispatcher.identity import Labels
+from dispatcher.offers import FinishedOffers
 from tests.harness.fake_kube import FakeKube
 
 LABELS = Labels("autoreduce.io")
@@ -66,3 +67,24 @@ def test_resync_replays_the_cache_without_listing_again() -> None:
     assert kube.lists == 0 and kube.watches > 1  # the watch went on; nothing re-listed
     queued = {controller.queue.get(timeout=0.1), controller.queue.get(timeout=0.1)}
     assert queued == {"1", "2"}  # every RB is looked at again
+
+
+def test_a_finished_job_is_offered_once_and_again_after_the_outcome_path_gives_up() -> None:
+    offers = FinishedOffers()
+    offered: list[str] = []
+    controller = Controller(
+        kube=QuietWatchKube(),  # type: ignore[arg-type]
+        labels=LABELS,
+        identity="t",
+        caps=Caps(None, {}),
+        resync_seconds=300,
+        on_finished=lambda job: offered.append(job["metadata"]["name"]),
+        offers=offers,
+    )
+    controller.cache.upsert(_job("done", rb="2", condition="Failed"))
+    controller._replay()
+    controller._replay()
+    assert offered == ["done"]  # once, however often the cache is replayed
+    offers.forget("done")  # what Lifecycle does when it gives up for now
+    controller._replay()
+    assert offered == ["done", "done"]

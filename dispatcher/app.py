@@ -1,0 +1,210 @@
+"""The composition root: every component built once, in one place, then run until stop.
+
+``dispatcher.__main__`` parses arguments and configures logging; this module builds
+the clients, caches, loops and endpoints from the typed settings, starts them, and
+runs the housekeeping loop (stuck pods, cancel-marker sweep) until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from autoreduce_common.stomp_client import BrokerError, StompClient
+
+from dispatcher import voids
+from dispatcher.admission import Caps, is_running, is_waiting
+from dispatcher.config import DispatcherSettings
+from dispatcher.consumer import Consumer
+from dispatcher.controller import Controller
+from dispatcher.direct import DirectAdmission
+from dispatcher.dispatch import Dispatcher
+from dispatcher.identity import Labels
+from dispatcher.kube import Kube, KubeError
+from dispatcher.lifecycle import Lifecycle, RetryPolicy
+from dispatcher.manifests import effective_runner
+from dispatcher.metrics import Metrics, serve
+from dispatcher.offers import FinishedOffers
+from dispatcher.pods import PodCache
+from dispatcher.reporting import Reporter
+
+log = logging.getLogger("dispatcher")
+
+# How often runs are checked for pods that cannot start (image pull failures).
+STUCK_CHECK_S = 5.0
+MARKER_SWEEP_MAX_S = 600.0
+
+
+def _refresh_metrics(metrics: Metrics, controller: Controller, client: StompClient) -> None:
+    """Fill the gauges from the Job cache at scrape time (no API call)."""
+    key = controller.labels.key("instrument")
+    waiting: Counter[str] = Counter()
+    running: Counter[str] = Counter()
+    for job in controller.cache.all():
+        instrument = (job.get("metadata", {}).get("labels") or {}).get(key, "")
+        if is_waiting(job):
+            waiting[instrument] += 1
+        elif is_running(job):
+            running[instrument] += 1
+    metrics.set_runs(waiting=waiting, running=running)
+    metrics.broker_reconnects.set(max(client.reconnects - 1, 0))  # the first is a connect
+
+
+def _check_stuck(lifecycle: Lifecycle, controller: Controller) -> None:
+    try:
+        lifecycle.check_stuck(controller.pods.stuck())
+    except (KubeError, BrokerError) as error:
+        log.warning("stuck-pod check failed: %s", error)
+
+
+class _MarkerSweep:
+    """Runs the cancel-marker sweep now and then: a marker lives days, so a sweep
+    every quarter of the TTL (at most every 10 min) costs one LIST and is on time."""
+
+    def __init__(self, dispatcher: Dispatcher, *, ttl_s: int) -> None:
+        self.dispatcher = dispatcher
+        self.every_s = min(max(ttl_s / 4, STUCK_CHECK_S), MARKER_SWEEP_MAX_S)
+        self.enabled = ttl_s > 0
+        self.last = 0.0
+
+    def maybe_run(self, now: float) -> None:
+        if not self.enabled or now - self.last < self.every_s:
+            return
+        self.last = now
+        try:
+            self.dispatcher.sweep_cancel_markers(now=now)
+        except KubeError as error:
+            log.warning("cancel-marker sweep failed: %s", error)
+
+
+def _direct_admission(settings: DispatcherSettings) -> bool:
+    ttl = settings.jobs.ttl_seconds_after_finished
+    if settings.direct_admission and not voids.direct_allowed(ttl_seconds_after_finished=ttl):
+        log.warning("direct admission off: jobs.ttl_seconds_after_finished (%d s) is under "
+                    "%.0f s (dispatcher/voids.py); every run is created suspended", ttl,
+                    voids.VOID_DELETABLE_AFTER_S)
+        return False
+    return settings.direct_admission
+
+
+def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: object) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    metrics = Metrics()
+    kube = Kube.connect(
+        kubeconfig=kubeconfig,
+        namespace=settings.jobs.namespace,
+        qps=settings.api_qps,
+        burst=settings.api_burst,
+        observer=metrics,
+    )
+    client = StompClient(settings=settings.broker, client_name=settings.identity)
+    # Outcomes and dead letters go on a connection of their own without heartbeats,
+    # so a broker stall delays them instead of duplicating them (see Reporter).
+    reporter = Reporter(
+        client=StompClient(
+            settings=settings.broker,
+            client_name=f"{settings.identity}-outcomes",
+            heartbeats=False,
+            receipt_timeout_s=settings.broker.outcome_receipt_timeout_s,
+        ),
+        queues=settings.broker.queues,
+    )
+    labels = Labels(settings.jobs.label_prefix)
+    caps = Caps(
+        max_running=settings.caps.max_running,
+        per_instrument={
+            name: o.max_running for name, o in settings.instruments.items() if o.max_running
+        },
+    )
+    pods = PodCache()
+    offers = FinishedOffers()
+    lifecycle = Lifecycle(
+        kube=kube,
+        pods=pods,
+        fault_point=settings.fault_point,
+        labels=labels,
+        reporter=reporter,
+        metrics=metrics,
+        retry=RetryPolicy(
+            by_dispatcher=settings.retries.mode == "dispatcher",
+            max_attempts=settings.retries.max_attempts,
+            delay_s=settings.retries.delay_s,
+        ),
+        pending_queue=settings.broker.queues.pending,
+        image_pull_grace_s=settings.image_pull_grace_s,
+        oom_policy=lambda instrument: effective_runner(settings, instrument).oom_retry,
+        offers=offers,
+    )
+    controller = Controller(
+        kube=kube,
+        labels=labels,
+        identity=settings.identity,
+        caps=caps,
+        resync_seconds=settings.resync_seconds,
+        pods=pods,
+        on_finished=lifecycle.on_finished,
+        on_pod_stopped=lifecycle.on_pod_stopped,
+        metrics=metrics,
+        void_image=settings.runner.image,
+        fault_point=settings.fault_point,
+        offers=offers,
+    )
+    dispatcher = Dispatcher(
+        settings=settings,
+        kube=kube,
+        controller=controller,
+        reporter=reporter,
+        template=template,  # type: ignore[arg-type]
+        metrics=metrics,
+        direct=DirectAdmission(controller=controller, enabled=_direct_admission(settings),
+                               fault_point=settings.fault_point),
+    )
+    consumer = Consumer(
+        client=client,
+        dispatcher=dispatcher,
+        destination=settings.broker.queues.pending,
+        workers=settings.concurrency,
+    )
+    server = None
+    if settings.http_port:
+        server = serve(
+            port=settings.http_port,
+            metrics=metrics,
+            # Alive while our threads run; a lost broker or API is readiness, not
+            # liveness: a restart would not bring them back.
+            live=lambda: controller.alive() and consumer.alive(),
+            ready=lambda: client.answering and controller.api_ready(),
+            refresh=lambda: _refresh_metrics(metrics, controller, client),
+        )
+    controller.start()
+    if not controller.wait_synced(timeout=60):
+        log.warning("no Job list from the API yet; consuming anyway (runs wait in the broker)")
+    if not client.ensure_connected(stop=stop):
+        return 0
+    consumer.start()
+    log.info(
+        "dispatcher %s consuming %s into namespace %s",
+        settings.identity,
+        settings.broker.queues.pending,
+        settings.jobs.namespace,
+    )
+    sweep = _MarkerSweep(dispatcher, ttl_s=settings.jobs.cancel_marker_ttl_seconds)
+    while not stop.wait(STUCK_CHECK_S):
+        if settings.image_pull_grace_s > 0 and client.connected:
+            _check_stuck(lifecycle, controller)
+        sweep.maybe_run(time.time())
+    log.info("SIGTERM: finishing in-flight dispatches")
+    consumer.stop(timeout=30)
+    controller.stop()
+    lifecycle.shutdown()
+    reporter.client.disconnect()
+    if server is not None:
+        server.shutdown()
+    return 0
