@@ -1,7 +1,7 @@
 """The admission loop: watch Jobs, and when an RB frees up admit its next waiting run.
 
-The Job cache here is only a cache: it is rebuilt from a list on every start (and
-after any watch gap), and every decision that matters is made true by a Lease
+The Job cache (``jobcache``) is only a cache: it is rebuilt from a list on every start
+(and after any watch gap), and every decision that matters is made true by a Lease
 compare-and-swap against the API. Admission is driven by watch events, so a run
 waiting on a finished RB is unsuspended within one API round trip, not a poll.
 """
@@ -18,12 +18,14 @@ from dispatcher import admission, faults, voids
 from dispatcher.admission import Action
 from dispatcher.events import WaitingEvents, caps_note, held_note
 from dispatcher.identity import Labels
+from dispatcher.jobcache import JobCache, slim
 from dispatcher.kube import AlreadyExists, Gone, Kube, KubeError, NotFound, Unavailable
 from dispatcher.leases import RbLeases, holder_of
 from dispatcher.logs import job_logger
 from dispatcher.metrics import Metrics
 from dispatcher.offers import FinishedOffers
 from dispatcher.pods import PodCache, PodView, PodWatch
+from dispatcher.workqueue import InFlight, RbQueue
 
 log = logging.getLogger(__name__)
 Job = dict[str, Any]
@@ -37,163 +39,6 @@ API_PROBE_S = 2.0  # readiness asks the API server's /readyz at most this often
 # Re-list at least this often while the API is away: a re-list is one call, and a
 # longer cap only delays admission once the API is back (10 s cost up to 10 s).
 WATCH_BACKOFF_MAX_S = 3.0
-
-
-def _rv(job: Job) -> int:
-    try:
-        return int(job.get("metadata", {}).get("resourceVersion", 0))
-    except (TypeError, ValueError):
-        return 0
-
-
-def _slim(job: Job) -> Job:
-    """What admission needs of a Job: its identity, labels, annotations, suspend flag
-    and status. The pod template and managedFields are most of a Job's size, and
-    10,000 waiting runs are held here."""
-    metadata = {k: v for k, v in (job.get("metadata") or {}).items() if k != "managedFields"}
-    spec = job.get("spec") or {}
-    return {
-        "metadata": metadata,
-        "spec": {k: spec[k] for k in ("suspend", "activeDeadlineSeconds") if k in spec},
-        "status": job.get("status") or {},
-    }
-
-
-class RbQueue:
-    """A de-duplicating work queue of RB numbers (an RB queued twice runs once).
-
-    Several workers take from it, but never the same RB at once: an RB queued again
-    while a worker has it waits until that worker calls ``done``.
-    """
-
-    def __init__(self) -> None:
-        self._items: dict[str, None] = {}
-        self._busy: set[str] = set()
-        self._cond = threading.Condition()
-
-    def put(self, rb: str) -> None:
-        with self._cond:
-            self._items[rb] = None
-            self._cond.notify()
-
-    def get(self, *, timeout: float) -> str | None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                rb = next((item for item in self._items if item not in self._busy), None)
-                if rb is not None:
-                    del self._items[rb]
-                    self._busy.add(rb)
-                    return rb
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._cond.wait(remaining):
-                    return None
-
-    def done(self, rb: str) -> None:
-        with self._cond:
-            self._busy.discard(rb)
-            if rb in self._items:
-                self._cond.notify()
-
-
-class InFlight:
-    """RBs whose direct admission (``dispatcher.direct``) is between its Lease write and
-    its Job create in this process: admission leaves them alone until it is done,
-    rather than void a Job that is about to exist."""
-
-    def __init__(self) -> None:
-        self._rbs: set[str] = set()
-        self._lock = threading.Lock()
-
-    def add(self, rb: str) -> bool:
-        with self._lock:
-            if rb in self._rbs:
-                return False
-            self._rbs.add(rb)
-            return True
-
-    def discard(self, rb: str) -> None:
-        with self._lock:
-            self._rbs.discard(rb)
-
-    def __contains__(self, rb: object) -> bool:
-        with self._lock:
-            return rb in self._rbs
-
-
-class JobCache:
-    """Jobs by name and by RB, fed by list+watch and by our own writes (read-your-writes).
-
-    The RB index matters at scale: admission asks for one RB's Jobs on every pass,
-    and a scan of 10,000 waiting Jobs under the lock was most of its CPU.
-    """
-
-    def __init__(self, labels: Labels) -> None:
-        self._labels = labels
-        self._jobs: dict[str, Job] = {}
-        self._by_rb: dict[str, dict[str, Job]] = {}
-        self._lock = threading.Lock()
-
-    def replace_all(self, jobs: list[Job]) -> None:
-        slim = {admission.name_of(job): _slim(job) for job in jobs}
-        by_rb: dict[str, dict[str, Job]] = {}
-        for name, job in slim.items():
-            by_rb.setdefault(self.rb_of(job), {})[name] = job
-        with self._lock:
-            self._jobs, self._by_rb = slim, by_rb
-
-    def upsert(self, job: Job) -> None:
-        name = admission.name_of(job)
-        slim = _slim(job)
-        with self._lock:
-            known = self._jobs.get(name)
-            if known is None or _rv(job) >= _rv(known):
-                if known is not None:
-                    self._unindex(name, known)
-                self._jobs[name] = slim
-                self._by_rb.setdefault(self.rb_of(slim), {})[name] = slim
-
-    def remove(self, name: str) -> None:
-        with self._lock:
-            known = self._jobs.pop(name, None)
-            if known is not None:
-                self._unindex(name, known)
-
-    def _unindex(self, name: str, job: Job) -> None:
-        rb = self.rb_of(job)
-        bucket = self._by_rb.get(rb)
-        if bucket is not None:
-            bucket.pop(name, None)
-            if not bucket:
-                del self._by_rb[rb]
-
-    def get(self, name: str) -> Job | None:
-        with self._lock:
-            return self._jobs.get(name)
-
-    def rb_of(self, job: Job) -> str:
-        labels = job.get("metadata", {}).get("labels") or {}
-        return str(labels.get(self._labels.key("rb-number"), ""))
-
-    def of_rb(self, rb: str) -> list[Job]:
-        with self._lock:
-            return list((self._by_rb.get(rb) or {}).values())
-
-    def running(self) -> list[Job]:
-        with self._lock:
-            return [job for job in self._jobs.values() if admission.is_running(job)]
-
-    def finished(self) -> list[Job]:
-        with self._lock:
-            return [job for job in self._jobs.values() if admission.is_finished(job)]
-
-    def all(self) -> list[Job]:
-        with self._lock:
-            return list(self._jobs.values())
-
-    def rbs(self) -> set[str]:
-        with self._lock:
-            return set(self._by_rb)
 
 
 class Controller:
@@ -339,7 +184,7 @@ class Controller:
         # Finished Jobs stay whole: the finished-Job hook reads their pod template.
         jobs, resource_version = self.kube.list_jobs(
             selector=selector,
-            keep=lambda job: job if admission.is_finished(job) else _slim(job),
+            keep=lambda job: job if admission.is_finished(job) else slim(job),
         )
         self.cache.replace_all(jobs)
         self.api_healthy = True

@@ -11,8 +11,9 @@ import threading
 from typing import Any
 
 from dispatcher.admission import Caps
-from dispatcher.controller import Controller, JobCache
+from dispatcher.controller import Controller
 from dispatcher.identity import Labels
+from dispatcher.jobcache import JobCache
 from dispatcher.kube import AlreadyExists, NotFound
 from dispatcher.metrics import Metrics
 

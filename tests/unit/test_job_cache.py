@@ -7,8 +7,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.controller import JobCache
 from dispatcher.identity import Labels
+from dispatcher.jobcache import JobCache
 
 LABELS = Labels("autoreduce.io")
 
