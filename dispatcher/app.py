@@ -31,6 +31,7 @@ from dispatcher.metrics import Metrics, serve
 from dispatcher.offers import FinishedOffers
 from dispatcher.pods import PodCache
 from dispatcher.reporting import Reporter
+from dispatcher.stuck import StuckPods
 
 log = logging.getLogger("dispatcher")
 
@@ -54,9 +55,10 @@ def _refresh_metrics(metrics: Metrics, controller: Controller, client: StompClie
     metrics.broker_reconnects.set(max(client.reconnects - 1, 0))  # the first is a connect
 
 
-def _check_stuck(lifecycle: Lifecycle, controller: Controller) -> None:
+def _check_stuck(lifecycle: Lifecycle, controller: Controller, stuck: StuckPods) -> None:
     try:
-        lifecycle.check_stuck(controller.pods.stuck())
+        for job, reason in stuck.due(controller.pods.stuck(), now=time.monotonic()):
+            lifecycle.fail_stuck(job, reason)
     except (KubeError, BrokerError) as error:
         log.warning("stuck-pod check failed: %s", error)
 
@@ -195,10 +197,11 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         settings.broker.queues.pending,
         settings.jobs.namespace,
     )
+    stuck = StuckPods(grace_s=settings.image_pull_grace_s)
     sweep = _MarkerSweep(dispatcher, ttl_s=settings.jobs.cancel_marker_ttl_seconds)
     while not stop.wait(STUCK_CHECK_S):
         if settings.image_pull_grace_s > 0 and client.connected:
-            _check_stuck(lifecycle, controller)
+            _check_stuck(lifecycle, controller, stuck)
         sweep.maybe_run(time.time())
     log.info("SIGTERM: finishing in-flight dispatches")
     consumer.stop(timeout=30)

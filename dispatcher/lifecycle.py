@@ -83,7 +83,6 @@ class Lifecycle:
         self.oom_policy = oom_policy
         self.metrics = metrics if metrics is not None else Metrics()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lifecycle")
-        self._stuck_since: dict[str, float] = {}
         # The controller offers each finished Job once; one we give up on for now is
         # forgotten there, so the next resync offers it again.
         self.offers = offers if offers is not None else FinishedOffers()
@@ -360,28 +359,10 @@ class Lifecycle:
             delay,
         )
 
-    # -- stuck pods ----------------------------------------------------------------
+    # -- stuck pods (``dispatcher.stuck`` says which) ------------------------------
 
-    def check_stuck(self, stuck: list[PodView]) -> None:
-        """Fail runs whose pod has been unable to start (image pull) past the grace.
-
-        ``stuck`` comes from the pod watch's cache: listing every managed pod here
-        cost a LIST of thousands of Pending pods every few seconds in a busy cycle.
-        """
-        now = time.monotonic()
-        seen = set()
-        for view in stuck:
-            if view.stuck is None or not view.job:
-                continue
-            seen.add(view.job)
-            since = self._stuck_since.setdefault(view.job, now)
-            if now - since >= self.image_pull_grace_s:
-                self._fail_stuck(view.job, view.stuck)
-                self._stuck_since.pop(view.job, None)
-        for job in set(self._stuck_since) - seen:
-            self._stuck_since.pop(job, None)
-
-    def _fail_stuck(self, name: str, reason: str) -> None:
+    def fail_stuck(self, name: str, reason: str) -> None:
+        """Report a run whose pod could not start for the grace, and stop it."""
         job = self.kube.get_job(name)
         if job is None or admission.is_finished(job):
             return
