@@ -28,10 +28,10 @@ from dispatcher.kube import Kube, KubeError
 from dispatcher.lifecycle import Lifecycle, RetryPolicy
 from dispatcher.manifests import effective_runner
 from dispatcher.metrics import Metrics, serve
-from dispatcher.offers import FinishedOffers
 from dispatcher.pods import PodCache
 from dispatcher.reporting import Reporter
 from dispatcher.stuck import StuckPods
+from dispatcher.workqueue import Claims
 
 log = logging.getLogger("dispatcher")
 
@@ -126,7 +126,7 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         },
     )
     pods = PodCache()
-    offers = FinishedOffers()
+    offers = Claims()
     lifecycle = Lifecycle(
         kube=kube,
         pods=pods,

@@ -23,9 +23,8 @@ from dispatcher.kube import AlreadyExists, Gone, Kube, KubeError, NotFound, Unav
 from dispatcher.leases import RbLeases, holder_of
 from dispatcher.logs import job_logger
 from dispatcher.metrics import Metrics
-from dispatcher.offers import FinishedOffers
 from dispatcher.pods import PodCache, PodView, PodWatch
-from dispatcher.workqueue import InFlight, RbQueue
+from dispatcher.workqueue import Claims, RbQueue
 
 log = logging.getLogger(__name__)
 Job = dict[str, Any]
@@ -58,11 +57,11 @@ class Controller:
         metrics: Metrics | None = None,
         void_image: str = "autoreduce-runner:0.1.0",
         fault_point: faults.FaultPoint | None = None,
-        offers: FinishedOffers | None = None,
+        offers: Claims | None = None,
     ) -> None:
         self.kube = kube
         self.pods = pods if pods is not None else PodCache()
-        self.creating = InFlight()
+        self.creating = Claims()
         self._void_image = void_image
         self._fault_point = fault_point
         self._on_pod_stopped = on_pod_stopped
@@ -83,7 +82,7 @@ class Controller:
         # RBs whose optimistic Lease create was refused: read the Lease next time.
         self._lease_exists_hint: set[str] = set()
         self._hint_lock = threading.Lock()
-        self._offers = offers if offers is not None else FinishedOffers()
+        self._offers = offers if offers is not None else Claims()
         self.api_healthy = False
         self._api_ready = (0.0, False)  # (monotonic time of the probe, its answer)
 
@@ -228,7 +227,7 @@ class Controller:
         name = admission.name_of(job)
         if kind == "DELETED":
             self.cache.remove(name)
-            self._offers.forget(name)
+            self._offers.discard(name)
             self.waiting_events.forget(name)
         else:
             self.cache.upsert(job)
@@ -241,7 +240,7 @@ class Controller:
     def _maybe_finished(self, job: Job) -> None:
         name = admission.name_of(job)
         hook = self._on_finished
-        if hook is not None and admission.is_finished(job) and self._offers.first(name):
+        if hook is not None and admission.is_finished(job) and self._offers.add(name):
             try:
                 hook(job)
             except Exception:

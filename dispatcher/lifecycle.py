@@ -27,7 +27,6 @@ from dispatcher.kube import Conflict, Kube, KubeError, NotFound
 from dispatcher.logs import job_logger
 from dispatcher.manifests import message_of
 from dispatcher.metrics import Metrics
-from dispatcher.offers import FinishedOffers
 from dispatcher.oom_retry import MEMORY_LIMIT_HEADER, after_oom
 from dispatcher.outcome_state import (
     IN_PROGRESS,
@@ -39,6 +38,7 @@ from dispatcher.outcome_state import (
 )
 from dispatcher.pods import PodCache, PodView, pod_view
 from dispatcher.reporting import Reporter, error_body
+from dispatcher.workqueue import Claims
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -69,7 +69,7 @@ class Lifecycle:
         pods: PodCache | None = None,
         fault_point: faults.FaultPoint | None = None,
         metrics: Metrics | None = None,
-        offers: FinishedOffers | None = None,
+        offers: Claims | None = None,
     ) -> None:
         self.fault_point = fault_point
         self.kube = kube
@@ -85,7 +85,7 @@ class Lifecycle:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lifecycle")
         # The controller offers each finished Job once; one we give up on for now is
         # forgotten there, so the next resync offers it again.
-        self.offers = offers if offers is not None else FinishedOffers()
+        self.offers = offers if offers is not None else Claims()
 
     def on_finished(self, job: Obj) -> None:
         """Hook for the controller's watch thread: the work runs on our pool."""
@@ -155,7 +155,7 @@ class Lifecycle:
                 log.warning("outcome for %s not settled yet (%s); retrying", name, error)
                 time.sleep(min(2**attempt, 10))
         log.error("gave up settling the outcome of %s; the next resync retries it", name)
-        self.offers.forget(name)
+        self.offers.discard(name)
 
     def _handled(self, job: Obj) -> bool:
         """Settled, or left to a step that is not ours (a state we do not know)."""

@@ -1,5 +1,5 @@
-"""Admission's work queue: RB numbers, de-duplicated, one RB on one worker at a time;
-and the RBs a direct admission is creating a Job for right now."""
+"""Admission's work queue (RB numbers, de-duplicated, one RB on one worker at a time),
+and the claim sets the loops share."""
 
 from __future__ import annotations
 
@@ -44,26 +44,31 @@ class RbQueue:
                 self._cond.notify()
 
 
-class InFlight:
-    """RBs whose direct admission (``dispatcher.direct``) is between its Lease write and
-    its Job create in this process: admission leaves them alone until it is done,
-    rather than void a Job that is about to exist."""
+class Claims:
+    """A set shared between threads whose ``add`` says whether the item was new.
+
+    Two uses: the RBs whose direct admission (``dispatcher.direct``) is between its
+    Lease write and its Job create in this process (admission leaves them alone rather
+    than void a Job that is about to exist); and the finished Jobs already offered to
+    the outcome path (each once: the lifecycle discards one it gave up on for now, so
+    the next resync offers it again).
+    """
 
     def __init__(self) -> None:
-        self._rbs: set[str] = set()
+        self._items: set[str] = set()
         self._lock = threading.Lock()
 
-    def add(self, rb: str) -> bool:
+    def add(self, item: str) -> bool:
         with self._lock:
-            if rb in self._rbs:
+            if item in self._items:
                 return False
-            self._rbs.add(rb)
+            self._items.add(item)
             return True
 
-    def discard(self, rb: str) -> None:
+    def discard(self, item: str) -> None:
         with self._lock:
-            self._rbs.discard(rb)
+            self._items.discard(item)
 
-    def __contains__(self, rb: object) -> bool:
+    def __contains__(self, item: object) -> bool:
         with self._lock:
-            return rb in self._rbs
+            return item in self._items

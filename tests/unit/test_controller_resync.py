@@ -12,7 +12,7 @@ from typing import Any
 from dispatcher.admission import Caps
 from dispatcher.controller import Controller
 from dispatcher.identity import Labels
-from dispatcher.offers import FinishedOffers
+from dispatcher.workqueue import Claims
 from tests.harness.fake_kube import FakeKube
 
 LABELS = Labels("autoreduce.io")
@@ -70,7 +70,7 @@ def test_resync_replays_the_cache_without_listing_again() -> None:
 
 
 def test_a_finished_job_is_offered_once_and_again_after_the_outcome_path_gives_up() -> None:
-    offers = FinishedOffers()
+    offers = Claims()
     offered: list[str] = []
     controller = Controller(
         kube=QuietWatchKube(),  # type: ignore[arg-type]
@@ -85,6 +85,6 @@ def test_a_finished_job_is_offered_once_and_again_after_the_outcome_path_gives_u
     controller._replay()
     controller._replay()
     assert offered == ["done"]  # once, however often the cache is replayed
-    offers.forget("done")  # what Lifecycle does when it gives up for now
+    offers.discard("done")  # what Lifecycle does when it gives up for now
     controller._replay()
     assert offered == ["done", "done"]
