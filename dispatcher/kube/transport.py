@@ -41,9 +41,11 @@ REQUEST_TIMEOUT = (5.0, 30.0)
 def decode(data: bytes | str) -> Any:
     """JSON from the API server.
 
-    pydantic_core's parser (installed with pydantic) with its string cache: faster
-    than ``json``, and the keys and repeated values of thousands of cached Jobs share
-    one string object each, which is most of what a slim Job costs in memory.
+    pydantic_core's parser (installed with pydantic) with its string cache: the keys
+    and repeated values of thousands of cached Jobs share one string object each,
+    which cut a cached Job from 3.8 to 2.7 KB. On our pages, trimmed
+    (``dispatcher.kube.trim``), it decodes as fast as ``json``; on untrimmed ones it
+    was slower.
     """
     return pydantic_core.from_json(data, cache_strings="all")
 
