@@ -56,11 +56,13 @@ def _refresh_metrics(metrics: Metrics, controller: Controller, client: StompClie
 
 
 def _check_stuck(lifecycle: Lifecycle, controller: Controller, stuck: StuckPods) -> None:
-    try:
-        for job, reason in stuck.due(controller.pods.stuck(), now=time.monotonic()):
+    for job, reason in stuck.due(controller.pods.stuck(), now=time.monotonic()):
+        try:
             lifecycle.fail_stuck(job, reason)
-    except (KubeError, BrokerError) as error:
-        log.warning("stuck-pod check failed: %s", error)
+        except (KubeError, BrokerError) as error:
+            log.warning("stuck pod of %s not reported yet (%s); next check retries", job, error)
+            continue
+        stuck.settled(job)
 
 
 class _MarkerSweep:

@@ -16,14 +16,16 @@ class StuckPods:
         self._since: dict[str, float] = {}  # Job name -> when its pod was first seen stuck
 
     def due(self, views: list[PodView], *, now: float) -> list[tuple[str, str]]:
-        """(Job name, reason) for each run whose pod has been stuck for the grace;
-        each is returned once. A pod no longer stuck starts again from zero."""
+        """(Job name, reason) for each run whose pod has been stuck for the grace.
+        One stays due, check after check, until ``settled``: a failed attempt to
+        report it is tried again next time, not a whole grace later. A pod no longer
+        stuck starts again from zero."""
         stuck = {view.job: view.stuck for view in views if view.stuck and view.job}
         for job in set(self._since) - set(stuck):
             del self._since[job]
-        due = []
-        for job, reason in stuck.items():
-            if now - self._since.setdefault(job, now) >= self.grace_s:
-                due.append((job, str(reason)))
-                del self._since[job]
-        return due
+        return [(job, str(reason)) for job, reason in stuck.items()
+                if now - self._since.setdefault(job, now) >= self.grace_s]  # fmt: skip
+
+    def settled(self, job: str) -> None:
+        """The run was reported: should its pod still show as stuck, a new grace."""
+        self._since.pop(job, None)

@@ -18,7 +18,17 @@ def test_due_after_the_grace_once() -> None:
     assert stuck.due(pods, now=100) == []
     assert stuck.due(pods, now=109) == []
     assert stuck.due(pods, now=110) == [("a", "ErrImagePull: nope")]
+    stuck.settled("a")  # reported
     assert stuck.due(pods, now=111) == []  # returned once; still stuck: a new grace
+
+
+def test_one_not_reported_yet_stays_due() -> None:
+    stuck = StuckPods(grace_s=10)
+    pods = [_pod("a", "ErrImagePull: nope"), _pod("b", "ImagePullBackOff")]
+    assert stuck.due(pods, now=0) == []
+    assert stuck.due(pods, now=10) == [("a", "ErrImagePull: nope"), ("b", "ImagePullBackOff")]
+    stuck.settled("b")  # a's report failed (API away): a is due again at the next check
+    assert stuck.due(pods, now=15) == [("a", "ErrImagePull: nope")]
 
 
 def test_a_pod_that_starts_again_begins_from_zero() -> None:
