@@ -2,7 +2,7 @@
 
 ``dispatcher.__main__`` parses arguments and configures logging; this module builds
 the clients, caches, loops and endpoints from the typed settings, starts them, and
-runs the housekeeping loop (stuck pods, cancel-marker sweep) until SIGTERM.
+runs the housekeeping loop (the cancel-marker sweep) until SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from autoreduce_common.stomp_client import BrokerError, StompClient
+from autoreduce_common.stomp_client import StompClient
 
 from dispatcher import voids
 from dispatcher.admission import Caps, is_running, is_waiting
@@ -24,19 +24,19 @@ from dispatcher.controller import Controller
 from dispatcher.direct import DirectAdmission
 from dispatcher.dispatch import Dispatcher
 from dispatcher.identity import Labels
+from dispatcher.jobcache import JobCache
 from dispatcher.kube import Kube, KubeError
-from dispatcher.lifecycle import Lifecycle, RetryPolicy
 from dispatcher.manifests import effective_runner
 from dispatcher.metrics import Metrics, serve
+from dispatcher.outcomes import Outcomes
 from dispatcher.pods import PodCache
 from dispatcher.reporting import Reporter
-from dispatcher.stuck import StuckPods
-from dispatcher.workqueue import Claims
+from dispatcher.retries import Retries, RetryPolicy
+from dispatcher.settle import Settler
 
 log = logging.getLogger("dispatcher")
 
-# How often runs are checked for pods that cannot start (image pull failures).
-STUCK_CHECK_S = 5.0
+HOUSEKEEPING_S = 5.0
 MARKER_SWEEP_MAX_S = 600.0
 
 
@@ -55,23 +55,13 @@ def _refresh_metrics(metrics: Metrics, controller: Controller, client: StompClie
     metrics.broker_reconnects.set(max(client.reconnects - 1, 0))  # the first is a connect
 
 
-def _check_stuck(lifecycle: Lifecycle, controller: Controller, stuck: StuckPods) -> None:
-    for job, reason in stuck.due(controller.pods.stuck(), now=time.monotonic()):
-        try:
-            lifecycle.fail_stuck(job, reason)
-        except (KubeError, BrokerError) as error:
-            log.warning("stuck pod of %s not reported yet (%s); next check retries", job, error)
-            continue
-        stuck.settled(job)
-
-
 class _MarkerSweep:
     """Runs the cancel-marker sweep now and then: a marker lives days, so a sweep
     every quarter of the TTL (at most every 10 min) costs one LIST and is on time."""
 
     def __init__(self, dispatcher: Dispatcher, *, ttl_s: int) -> None:
         self.dispatcher = dispatcher
-        self.every_s = min(max(ttl_s / 4, STUCK_CHECK_S), MARKER_SWEEP_MAX_S)
+        self.every_s = min(max(ttl_s / 4, HOUSEKEEPING_S), MARKER_SWEEP_MAX_S)
         self.enabled = ttl_s > 0
         self.last = 0.0
 
@@ -80,7 +70,7 @@ class _MarkerSweep:
             return
         self.last = now
         try:
-            self.dispatcher.sweep_cancel_markers(now=now)
+            self.dispatcher.cancels.sweep_markers(now=now)
         except KubeError as error:
             log.warning("cancel-marker sweep failed: %s", error)
 
@@ -128,24 +118,30 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         },
     )
     pods = PodCache()
-    offers = Claims()
-    lifecycle = Lifecycle(
+    jobs = JobCache(labels)
+    settler = Settler(
         kube=kube,
-        pods=pods,
-        fault_point=settings.fault_point,
         labels=labels,
         reporter=reporter,
-        metrics=metrics,
-        retry=RetryPolicy(
-            by_dispatcher=settings.retries.mode == "dispatcher",
-            max_attempts=settings.retries.max_attempts,
-            delay_s=settings.retries.delay_s,
+        retries=Retries(
+            policy=RetryPolicy(
+                by_dispatcher=settings.retries.mode == "dispatcher",
+                max_attempts=settings.retries.max_attempts,
+                delay_s=settings.retries.delay_s,
+            ),
+            kube=kube,
+            labels=labels,
+            reporter=reporter,
+            pending_queue=settings.broker.queues.pending,
         ),
-        pending_queue=settings.broker.queues.pending,
+        pods=pods,
+        metrics=metrics,
         image_pull_grace_s=settings.image_pull_grace_s,
         oom_policy=lambda instrument: effective_runner(settings, instrument).oom_retry,
-        offers=offers,
+        fault_point=settings.fault_point,
     )
+    outcomes = Outcomes(settler=settler, jobs=jobs, pods=pods,
+                        stuck_grace_s=settings.image_pull_grace_s)
     controller = Controller(
         kube=kube,
         labels=labels,
@@ -153,12 +149,11 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         caps=caps,
         resync_seconds=settings.resync_seconds,
         pods=pods,
-        on_finished=lifecycle.on_finished,
-        on_pod_stopped=lifecycle.on_pod_stopped,
+        cache=jobs,
+        observers=[outcomes],
         metrics=metrics,
         void_image=settings.runner.image,
         fault_point=settings.fault_point,
-        offers=offers,
     )
     dispatcher = Dispatcher(
         settings=settings,
@@ -183,10 +178,11 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
             metrics=metrics,
             # Alive while our threads run; a lost broker or API is readiness, not
             # liveness: a restart would not bring them back.
-            live=lambda: controller.alive() and consumer.alive(),
+            live=lambda: controller.alive() and outcomes.alive() and consumer.alive(),
             ready=lambda: client.answering and controller.api_ready(),
             refresh=lambda: _refresh_metrics(metrics, controller, client),
         )
+    outcomes.start()
     controller.start()
     if not controller.wait_synced(timeout=60):
         log.warning("no Job list from the API yet; consuming anyway (runs wait in the broker)")
@@ -199,16 +195,13 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         settings.broker.queues.pending,
         settings.jobs.namespace,
     )
-    stuck = StuckPods(grace_s=settings.image_pull_grace_s)
     sweep = _MarkerSweep(dispatcher, ttl_s=settings.jobs.cancel_marker_ttl_seconds)
-    while not stop.wait(STUCK_CHECK_S):
-        if settings.image_pull_grace_s > 0 and client.connected:
-            _check_stuck(lifecycle, controller, stuck)
+    while not stop.wait(HOUSEKEEPING_S):
         sweep.maybe_run(time.time())
     log.info("SIGTERM: finishing in-flight dispatches")
     consumer.stop(timeout=30)
     controller.stop()
-    lifecycle.shutdown()
+    outcomes.stop()
     reporter.client.disconnect()
     if server is not None:
         server.shutdown()

@@ -55,7 +55,7 @@ class DirectAdmission:
         rb = key.rb_number
         # Caps count running Jobs, which a Lease without its Job is not: capped sites
         # keep the suspended path, where counting and admitting are one step.
-        if not self._enabled or c.capped() or not c.synced() or not c.creating.add(rb):
+        if not self._enabled or c.slots.capped() or not c.synced() or not c.creating.add(rb):
             return None
         try:
             grant = self._take(rb, job_name(key))
@@ -91,7 +91,7 @@ class DirectAdmission:
         """The Lease create was refused: is it our own, from an earlier delivery of
         this run whose Job never came?"""
         c = self._controller
-        c.note_lease_exists(rb)
+        c.leases.note_exists(rb)
         again = c.leases.read(rb)
         if again is not None and holder_of(again) == name and voids.is_direct(c.labels, again):
             return Grant(rb, again, taken_at)

@@ -90,6 +90,14 @@ class WaitingEvents:
             if self._on_drop is not None:
                 self._on_drop()
 
+    def held(self, labels: Labels, *, rb: str, jobs: list[Job], holder: Job) -> None:
+        """A Waiting Event (once per Job) on every other waiting run of the RB."""
+        holder_name = admission.name_of(holder)
+        note = held_note(labels, rb=rb, holder=holder, holder_name=holder_name)
+        for job in jobs:
+            if admission.is_waiting(job) and admission.name_of(job) != holder_name:
+                self.waiting(job, note)
+
     def record(self, job: Job, *, reason: str, note: str) -> None:
         """Any other Event, written off the caller's thread (dropped, counted, if full)."""
         try:

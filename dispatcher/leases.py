@@ -9,10 +9,12 @@ the read when it expects no Lease; the create is then the CAS.)
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from dispatcher import admission
 from dispatcher.identity import Labels, lease_name
 from dispatcher.kube import AlreadyExists, Conflict, Kube, NotFound
 from dispatcher.voids import DIRECT_KEY
@@ -69,6 +71,26 @@ class RbLeases:
     kube: Kube
     labels: Labels
     identity: str
+    # RBs whose optimistic Lease create was refused: read the Lease next time.
+    _exists_hint: set[str] = field(default_factory=set)
+    _hint_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def note_exists(self, rb: str) -> None:
+        """A Lease create for ``rb`` was refused: read it on the next pass."""
+        with self._hint_lock:
+            self._exists_hint.add(rb)
+
+    def probably_absent(self, rb: str, jobs: list[Obj]) -> bool:
+        """True when the RB's Jobs are all still waiting and no create was refused.
+
+        A wrong guess costs one refused create (409) and a read on the next pass;
+        exclusivity never rests on the guess, only on the compare-and-swap.
+        """
+        with self._hint_lock:
+            if rb in self._exists_hint:
+                self._exists_hint.discard(rb)
+                return False
+        return bool(jobs) and all(admission.is_waiting(job) for job in jobs)
 
     def read(self, rb: str) -> Obj | None:
         return self.kube.get_lease(lease_name(rb))

@@ -11,6 +11,8 @@ from autoreduce_common.messages import Outcome, bound_text, echo, encode
 from autoreduce_common.pod_contract import outcome_headers
 from autoreduce_common.stomp_client import StompClient
 
+from dispatcher import failures
+
 log = logging.getLogger(__name__)
 
 REASON_HEADER = "autoreduce-reason"
@@ -23,6 +25,26 @@ def error_body(raw: dict[str, Any], *, message: str, retry_in: int | None = None
     # retry_in is always set, to None when not retrying: echoing a retry_in that the
     # incoming message happened to carry would ask the web app for a retry we never meant.
     return echo(raw, message=bound_text(message, limit=4000), retry_in=retry_in)
+
+
+ON_BEHALF_NOTE = (
+    "Posted by the autoreduce dispatcher on the run's behalf: {reason}. The reduction's "
+    "own logs are in `kubectl logs` of its Job while the Job exists."
+)
+
+
+def on_behalf_body(raw: dict[str, Any], *, verdict: failures.Verdict,
+                   retry_in: int | None) -> dict[str, Any]:
+    """The outcome message the dispatcher sends for a run: an error it diagnosed, or
+    the very outcome the runner was sending when it was stopped."""
+    if verdict.outcome is Outcome.ERROR:
+        body = error_body(raw, message=verdict.message, retry_in=retry_in)
+    else:
+        body = {**raw, "message": verdict.message or None, "retry_in": None}
+    if verdict.reduction_data:
+        body["reduction_data"] = list(verdict.reduction_data)
+    body["admin_log"] = ON_BEHALF_NOTE.format(reason=verdict.reason)
+    return body
 
 
 @dataclass

@@ -163,6 +163,26 @@ class FakeKube:
         del self.objects[("Lease", name)]
         self.writes.append(("delete Lease", name))
 
+    # -- Pods (put there by a test, as the Job controller and kubelet would) ---------
+
+    def add_pod(self, pod: Obj) -> None:
+        self.objects[("Pod", pod["metadata"]["name"])] = copy.deepcopy(pod)
+
+    def list_pods(self, *, selector: str) -> list[Obj]:
+        wanted = dict(part.split("=", 1) for part in selector.split(",") if part)
+        return [copy.deepcopy(pod) for pod in self.of_kind("Pod").values()
+                if all((pod["metadata"].get("labels") or {}).get(k) == v
+                       for k, v in wanted.items())]
+
+    def remove_pod_finalizer(self, name: str, *, finalizer: str) -> None:
+        pod = self.objects.get(("Pod", name))
+        if pod is not None and finalizer in (pod["metadata"].get("finalizers") or []):
+            pod["metadata"]["finalizers"].remove(finalizer)
+            self.writes.append(("patch Pod", name))
+
+    def pod_log_tail(self, name: str, *, container: str, lines: int) -> str:
+        return ""
+
     # -- Events and health ---------------------------------------------------------
 
     def record_event(self, *, job: Obj, reason: str, note: str, warning: bool = False) -> None:

@@ -110,20 +110,20 @@ def test_a_slot_freed_while_a_worker_counts_the_caps_is_not_lost() -> None:
     running_a1 = job("a1", "1", suspend=False, rv=1)
     waiting_b1 = job("b1", "2", suspend=True, rv=1)
     kube = FakeKube([running_a1, waiting_b1])
-    controller = Controller(kube=kube, labels=LABELS, identity="test",  # type: ignore[arg-type]
-                            caps=Caps(max_running=1, per_instrument={}), resync_seconds=60)
     cache = PausingCache()
     cache.replace_all([running_a1, waiting_b1])
-    controller.cache = cache
+    controller = Controller(kube=kube, labels=LABELS, identity="test",  # type: ignore[arg-type]
+                            caps=Caps(max_running=1, per_instrument={}), resync_seconds=60,
+                            cache=cache)
     controller.pods.replace_all([])
     # The watch thread either finishes its event or has to wait for the caps lock:
     # both are the moments the worker may go on.
     watch_went_by = threading.Event()
-    controller._caps_lock = TellingLock(watch_went_by)  # type: ignore[assignment]
+    controller.slots.lock = TellingLock(watch_went_by)  # type: ignore[assignment]
 
     def watch() -> None:
         cache.counted.wait(timeout=10)
-        controller._on_event("MODIFIED", job("a1", "1", suspend=False, rv=2, finished=True))
+        controller.watch.on_event("MODIFIED", job("a1", "1", suspend=False, rv=2, finished=True))
         watch_went_by.set()
 
     watcher = threading.Thread(target=watch)

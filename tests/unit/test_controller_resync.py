@@ -12,7 +12,6 @@ from typing import Any
 from dispatcher.admission import Caps
 from dispatcher.controller import Controller
 from dispatcher.identity import Labels
-from dispatcher.workqueue import Claims
 from tests.harness.fake_kube import FakeKube
 
 LABELS = Labels("autoreduce.io")
@@ -43,48 +42,40 @@ def _job(name: str, *, rb: str, condition: str | None = None) -> dict[str, Any]:
             "spec": {"suspend": condition is None}, "status": status}  # fmt: skip
 
 
+class Recorder:
+    """An observer that notes what it is told."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, str]] = []
+
+    def job_changed(self, kind: str, job: dict[str, Any]) -> None:
+        self.jobs.append((kind, job["metadata"]["name"]))
+
+    def pod_changed(self, view: Any, deleted: bool) -> None:
+        pass
+
+
 def test_resync_replays_the_cache_without_listing_again() -> None:
     kube = QuietWatchKube()
-    finished: list[str] = []
+    recorder = Recorder()
     controller = Controller(
         kube=kube,  # type: ignore[arg-type]
         labels=LABELS,
         identity="t",
         caps=Caps(None, {}),
         resync_seconds=0.05,
-        on_finished=lambda job: finished.append(job["metadata"]["name"]),
+        observers=[recorder],
     )
     controller.cache.upsert(_job("waits", rb="1"))
     controller.cache.upsert(_job("done", rb="2", condition="Complete"))
-    follower = threading.Thread(target=controller._follow, args=("x=y", "1"), daemon=True)
+    follower = threading.Thread(target=controller.watch._follow, args=("x=y", "1"), daemon=True)
     follower.start()
     deadline = time.monotonic() + 5
-    while not finished and time.monotonic() < deadline:
+    while not recorder.jobs and time.monotonic() < deadline:
         time.sleep(0.01)
     controller._stop.set()
     follower.join(5)
-    assert finished == ["done"]  # the finished Job's hook ran again, from the cache
+    assert {("SYNC", "waits"), ("SYNC", "done")} <= set(recorder.jobs)  # from the cache
     assert kube.lists == 0 and kube.watches > 1  # the watch went on; nothing re-listed
     queued = {controller.queue.get(timeout=0.1), controller.queue.get(timeout=0.1)}
     assert queued == {"1", "2"}  # every RB is looked at again
-
-
-def test_a_finished_job_is_offered_once_and_again_after_the_outcome_path_gives_up() -> None:
-    offers = Claims()
-    offered: list[str] = []
-    controller = Controller(
-        kube=QuietWatchKube(),  # type: ignore[arg-type]
-        labels=LABELS,
-        identity="t",
-        caps=Caps(None, {}),
-        resync_seconds=300,
-        on_finished=lambda job: offered.append(job["metadata"]["name"]),
-        offers=offers,
-    )
-    controller.cache.upsert(_job("done", rb="2", condition="Failed"))
-    controller._replay()
-    controller._replay()
-    assert offered == ["done"]  # once, however often the cache is replayed
-    offers.discard("done")  # what Lifecycle does when it gives up for now
-    controller._replay()
-    assert offered == ["done", "done"]

@@ -64,7 +64,7 @@ class Node:
         settings = DispatcherSettings.model_validate({"direct_admission": direct})
         self.controller = Controller(kube=kube, labels=LABELS, identity="test",  # type: ignore[arg-type]
                                      caps=caps or Caps(None, {}), resync_seconds=300)  # fmt: skip
-        self.controller._synced.set()  # as after its first list: nothing there yet
+        self.controller.watch.synced.set()  # as after its first list: nothing there yet
         self.controller.pods.synced.set()
         self.dispatcher = Dispatcher(
             settings=settings, kube=kube, controller=self.controller,  # type: ignore[arg-type]
@@ -255,8 +255,9 @@ def test_the_marker_sweep_deletes_voids_only_once_no_late_create_can_land() -> N
     created = voids.delete_wait(kube.get_job(name(1)) or {}, now=0.0)  # its stamp, in seconds
     made_at = created - voids.VOID_DELETABLE_AFTER_S
     node.dispatcher.settings.jobs.cancel_marker_ttl_seconds = 1  # a site's tiny TTL
-    assert node.dispatcher.sweep_cancel_markers(now=made_at + 60) == 0
-    assert node.dispatcher.sweep_cancel_markers(now=made_at + voids.VOID_DELETABLE_AFTER_S + 1) == 1
+    cancels = node.dispatcher.cancels
+    assert cancels.sweep_markers(now=made_at + 60) == 0
+    assert cancels.sweep_markers(now=made_at + voids.VOID_DELETABLE_AFTER_S + 1) == 1
     assert kube.get_job(name(1)) is None
     assert kube.get_job(name(2)) is not None  # the run itself is never swept
 

@@ -4,7 +4,7 @@ going again starts from zero."""
 from __future__ import annotations
 
 from dispatcher.pods import PodView
-from dispatcher.stuck import StuckPods
+from dispatcher.stuck import Stuck, StuckPods
 
 
 def _pod(job: str, stuck: str | None) -> PodView:
@@ -14,27 +14,34 @@ def _pod(job: str, stuck: str | None) -> PodView:
 
 def test_due_after_the_grace_once() -> None:
     stuck = StuckPods(grace_s=10)
-    pods = [_pod("a", "ErrImagePull: nope"), _pod("b", None)]
-    assert stuck.due(pods, now=100) == []
-    assert stuck.due(pods, now=109) == []
-    assert stuck.due(pods, now=110) == [("a", "ErrImagePull: nope")]
+    pods = [_pod("a", "ErrImagePull: nope"), _pod("a", None)]
+    assert stuck.check("a", pods, now=100) == Stuck(None, 10)
+    assert stuck.check("a", pods, now=109) == Stuck(None, 1)
+    assert stuck.check("a", pods, now=110) == Stuck("ErrImagePull: nope", None)
     stuck.settled("a")  # reported
-    assert stuck.due(pods, now=111) == []  # returned once; still stuck: a new grace
+    assert stuck.check("a", pods, now=111) == Stuck(None, 10)  # still stuck: a new grace
 
 
 def test_one_not_reported_yet_stays_due() -> None:
     stuck = StuckPods(grace_s=10)
-    pods = [_pod("a", "ErrImagePull: nope"), _pod("b", "ImagePullBackOff")]
-    assert stuck.due(pods, now=0) == []
-    assert stuck.due(pods, now=10) == [("a", "ErrImagePull: nope"), ("b", "ImagePullBackOff")]
-    stuck.settled("b")  # a's report failed (API away): a is due again at the next check
-    assert stuck.due(pods, now=15) == [("a", "ErrImagePull: nope")]
+    assert stuck.check("a", [_pod("a", "ImagePullBackOff")], now=0).due is None
+    assert stuck.check("a", [_pod("a", "ImagePullBackOff")], now=10).due == "ImagePullBackOff"
+    # Its report failed (API away): it is due again when the retry comes.
+    assert stuck.check("a", [_pod("a", "ImagePullBackOff")], now=15).due == "ImagePullBackOff"
 
 
 def test_a_pod_that_starts_again_begins_from_zero() -> None:
     stuck = StuckPods(grace_s=10)
-    assert stuck.due([_pod("a", "ImagePullBackOff")], now=0) == []
-    assert stuck.due([_pod("a", None)], now=8) == []  # pulled after all
-    assert stuck.due([_pod("a", "ImagePullBackOff")], now=9) == []
-    assert stuck.due([_pod("a", "ImagePullBackOff")], now=18) == []
-    assert stuck.due([_pod("a", "ImagePullBackOff")], now=19) == [("a", "ImagePullBackOff")]
+    assert stuck.check("a", [_pod("a", "ImagePullBackOff")], now=0).due is None
+    assert stuck.check("a", [_pod("a", None)], now=8) == Stuck(None, None)  # pulled after all
+    assert stuck.check("a", [_pod("a", "ImagePullBackOff")], now=9) == Stuck(None, 10)
+    assert stuck.check("a", [_pod("a", "ImagePullBackOff")], now=18).due is None
+    assert stuck.check("a", [_pod("a", "ImagePullBackOff")], now=19).due == "ImagePullBackOff"
+
+
+def test_runs_are_timed_apart() -> None:
+    stuck = StuckPods(grace_s=10)
+    assert stuck.check("a", [_pod("a", "ImagePullBackOff")], now=0).due is None
+    assert stuck.check("b", [_pod("b", "ImagePullBackOff")], now=5).due is None
+    assert stuck.check("a", [_pod("a", "ImagePullBackOff")], now=10).due == "ImagePullBackOff"
+    assert stuck.check("b", [_pod("b", "ImagePullBackOff")], now=10) == Stuck(None, 5)

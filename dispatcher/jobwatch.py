@@ -1,0 +1,131 @@
+"""The Job informer: a list+watch of the managed Jobs into the ``JobCache``, and the
+reconcilers told of every change so that they can queue the key it touches.
+
+Observers only enqueue (an RB for admission, a Job for its outcome); the work runs on
+their own workers, never on the watch thread. After a list (at start, after a watch
+gap) and on the periodic resync every cached Job is told again as ``SYNC``: a safety
+net for a key a reconciler dropped, not the mechanism that drives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from dispatcher import admission
+from dispatcher.identity import Labels
+from dispatcher.jobcache import JobCache, slim
+from dispatcher.kube import Gone, Kube, KubeError
+from dispatcher.metrics import Metrics
+from dispatcher.pods import PodView
+
+log = logging.getLogger(__name__)
+Job = dict[str, Any]
+SYNC = "SYNC"  # the kind of a replayed (listed or resynced) Job
+# Re-list at least this often while the API is away: a re-list is one call, and a
+# longer cap only delays admission once the API is back (10 s cost up to 10 s).
+WATCH_BACKOFF_MAX_S = 3.0
+
+
+class Observer(Protocol):
+    """A reconciler's event handlers: cheap, non-blocking, they only queue keys."""
+
+    def job_changed(self, kind: str, job: Job) -> None: ...
+
+    def pod_changed(self, view: PodView, deleted: bool) -> None: ...
+
+
+class JobWatch:
+    def __init__(self, *, kube: Kube, labels: Labels, cache: JobCache,
+                 observers: Sequence[Observer], metrics: Metrics, resync_seconds: float,
+                 stop: threading.Event) -> None:
+        self.kube = kube
+        self.labels = labels
+        self.cache = cache
+        self.observers = observers
+        self.metrics = metrics
+        self.resync_seconds = resync_seconds
+        self._stop = stop
+        self.synced = threading.Event()
+        self.healthy = False  # the watch is up (readiness adds the API's /readyz)
+
+    def run(self) -> None:
+        selector = f"{self.labels.managed}=true"
+        backoff = 0.2
+        failed = False
+        while not self._stop.is_set():
+            try:
+                resource_version = self._relist(selector)
+                if failed:
+                    self.metrics.api_reconnects.inc()
+                failed = False
+                backoff = 0.2
+                self._follow(selector, resource_version)
+            except Gone:
+                log.info("Job watch expired; re-listing")
+            except KubeError as error:
+                self.healthy = False
+                failed = True
+                log.warning("Job watch failed (%s); re-listing in %.1fs", error, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, WATCH_BACKOFF_MAX_S)
+
+    def _relist(self, selector: str) -> str:
+        # Slimmed while the pages are read: the cache keeps no more, and the outcome
+        # path reads a failed run's whole Job from the API.
+        jobs, resource_version = self.kube.list_jobs(selector=selector, keep=slim)
+        self.cache.replace_all(jobs)
+        self.healthy = True
+        self.synced.set()
+        for job in jobs:
+            self._tell(SYNC, job)
+        return resource_version
+
+    def _follow(self, selector: str, resource_version: str) -> None:
+        last_resync = time.monotonic()
+        while not self._stop.is_set():
+            for event in self.kube.watch_jobs(
+                selector=selector, resource_version=resource_version, timeout_s=60
+            ):
+                if event.kind == "BOOKMARK":
+                    resource_version = event.obj["metadata"]["resourceVersion"]
+                    continue
+                resource_version = event.obj.get("metadata", {}).get(
+                    "resourceVersion", resource_version
+                )
+                self.on_event(event.kind, event.obj)
+                if self._stop.is_set():
+                    return
+            if time.monotonic() - last_resync > self.resync_seconds:
+                # From the cache, not a re-list: the watch misses nothing, and at
+                # 50,000 waiting runs a re-list is seconds of CPU and twice the cache.
+                last_resync = time.monotonic()
+                self.replay()
+
+    def replay(self) -> None:
+        for job in self.cache.all():
+            self._tell(SYNC, job)
+
+    def on_event(self, kind: str, job: Job) -> None:
+        if kind == "DELETED":
+            self.cache.remove(admission.name_of(job))
+        else:
+            self.cache.upsert(job)
+        self._tell(kind, job)
+
+    def pod_changed(self, view: PodView, deleted: bool) -> None:
+        """The pod watch's ``on_change``: every observer hears of it."""
+        for observer in self.observers:
+            observer.pod_changed(view, deleted)
+
+    def _tell(self, kind: str, job: Job) -> None:
+        for observer in self.observers:
+            try:
+                observer.job_changed(kind, job)
+            except Exception:
+                # A bug in one reconciler's handler must not stop the watch.
+                log.exception("%s handler failed for Job %s", type(observer).__name__,
+                              admission.name_of(job))
