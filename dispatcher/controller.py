@@ -75,7 +75,7 @@ class Controller:
                               waiting_events=self.waiting_events)
         self._api_ready = (0.0, False)  # (monotonic time of the probe, its answer)
 
-    # -- lifecycle -----------------------------------------------------------------
+    # -- start, stop, health -------------------------------------------------------
 
     def start(self) -> None:
         self.waiting_events.start()

@@ -106,7 +106,7 @@ class Dispatcher:
         return verdict
 
     def _count_outcome(self, reason: str) -> None:
-        """A ReductionError we posted for a run (the lifecycle counts its own)."""
+        """A ReductionError we posted for a run (``settle`` counts its own)."""
         self.metrics.outcomes.labels(kind=Outcome.ERROR.value, reason=reason).inc()
 
     def _handle(self, received: Received) -> Verdict:

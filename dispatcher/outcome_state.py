@@ -1,7 +1,7 @@
 """The ``<prefix>/outcome`` annotation on a run's Job: how far its outcome has got (pure).
 
 Its name and every state it can hold are defined here only; readers and writers (the
-outcome path in ``lifecycle``, cancellations in ``dispatch``, ``autoreduce status``)
+outcome path in ``outcomes`` and ``settle``, cancellations in ``cancels``, ``autoreduce status``)
 use these names.
 
 Written only by compare-and-swap or by the one dispatcher that holds the state before
