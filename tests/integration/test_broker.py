@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from autoreduce_common.broker_settings import BrokerSettings
 from autoreduce_common.stomp_client import BrokerError, BrokerRefusedError, Delivery, StompClient
+from autoreduce_common.stomp_client.client import DISCONNECT_RECEIPT_S
 from autoreduce_runner.broker import Poster
 
 from dispatcher.reporting import Reporter
@@ -126,6 +127,29 @@ def test_persistent_message_survives_broker_restart(
     assert json.loads(delivery.body) == {"survives": True}
     consumer.ack(delivery)
     consumer.disconnect()
+
+
+@pytest.mark.parametrize("heartbeats", [True, False], ids=["consumer", "outcomes"])
+def test_disconnect_from_a_broker_that_does_not_answer_is_bounded(
+    broker: Any, broker_settings: BrokerSettings, heartbeats: bool
+) -> None:
+    """A frozen broker never sends the DISCONNECT's receipt. stomp.py's own disconnect
+    then waits for its I/O thread without a bound: a dispatcher outlived its SIGTERM
+    after the broker-restart fault run until py-spy showed it there."""
+    if not hasattr(broker, "freeze"):
+        needs_own_component("cannot freeze a broker this suite did not start")
+    client = StompClient(settings=broker_settings, client_name="bye", heartbeats=heartbeats)
+    client.connect()
+    closer = threading.Thread(target=client.disconnect, daemon=True)
+    broker.freeze()
+    try:
+        closer.start()
+        # The receipt wait and the socket close, each bounded by DISCONNECT_RECEIPT_S.
+        closer.join(2 * DISCONNECT_RECEIPT_S + 5)
+        assert not closer.is_alive(), "disconnect() still waits for a frozen broker"
+    finally:
+        broker.thaw()
+    assert not client.connected
 
 
 def test_wrong_password_is_a_clear_error(broker_settings: BrokerSettings) -> None:

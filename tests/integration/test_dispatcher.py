@@ -26,6 +26,7 @@ from devstack.queues import QueueReader
 from dispatcher.config import DispatcherSettings
 from dispatcher.identity import RunKey, job_name
 from dispatcher.manifests import Arrival, load_template, render_job
+from tests.conftest import needs_own_component
 from tests.harness.checks import (  # noqa: F401 - re-exported for other tests
     SELECTOR,
     assert_exclusive,
@@ -211,6 +212,25 @@ def test_sigterm_mid_burst_drains_in_flight_dispatches_and_loses_nothing(
     jobs = batch.list_namespaced_job(namespace, label_selector=SELECTOR).items
     assert len(jobs) == len(runs)
     assert_exclusive(facility, jobs)
+
+
+def test_sigterm_while_the_broker_is_frozen_still_exits_within_the_grace(
+    start_dispatcher: Callable[..., DispatcherProcess], broker: Any,
+) -> None:
+    """The chart gives the pod 60 s after SIGTERM. A broker that does not answer must
+    not hold the dispatcher past it: the kubelet's SIGKILL would cut the drain short."""
+    if not hasattr(broker, "freeze"):
+        needs_own_component("cannot freeze a broker this suite did not start")
+    proc = start_dispatcher()
+    assert proc.process is not None
+    wait_until(lambda: " consuming " in proc.log(), timeout=60, what="the dispatcher consuming")
+    broker.freeze()
+    try:
+        proc.process.send_signal(signal.SIGTERM)
+        assert proc.process.wait(55) == 0, proc.log()[-2000:]
+    finally:
+        broker.thaw()
+    assert "SIGTERM: finishing in-flight dispatches" in proc.log()
 
 
 def test_two_dispatchers_keep_exclusivity(

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import Any
 
 import stomp
 import stomp.exception
@@ -199,13 +200,20 @@ class StompClient(_Subscriptions, _Receipts):
         if live:
             self._receipts[receipt] = waiter
         try:
-            conn.disconnect(receipt=receipt)
-            if live and not waiter.wait(DISCONNECT_RECEIPT_S):
-                log.debug("no receipt for DISCONNECT within %.0f s", DISCONNECT_RECEIPT_S)
+            if live:
+                # Not ``conn.disconnect(receipt=...)``: stomp.py then waits, without a
+                # bound, for its I/O thread to end, and a broker that never answers
+                # (frozen, or gone without closing the socket) kept a SIGTERMed
+                # dispatcher alive until the kubelet's SIGKILL.
+                conn.send_frame("DISCONNECT", {"receipt": receipt})
+                if not waiter.wait(DISCONNECT_RECEIPT_S):
+                    log.warning("no receipt for DISCONNECT within %.0f s; closing the "
+                                "socket anyway", DISCONNECT_RECEIPT_S)
         except (stomp.exception.StompException, OSError) as error:
             log.debug("disconnect: %s", error)
         finally:
             self._receipts.pop(receipt, None)
+            _close_socket(conn)
 
     # -- callbacks from the listener thread ------------------------------------------
 
@@ -218,3 +226,20 @@ class StompClient(_Subscriptions, _Receipts):
             self._failed_receipts[receipt] = ""
             waiter.set()
         log.warning("lost the broker connection")
+
+
+def _close_socket(conn: Any) -> None:
+    """Close the socket, which ends stomp.py's I/O thread, without waiting long: over
+    TLS the close is a shutdown handshake in blocking mode, which a frozen broker never
+    answers. The closer is a daemon thread, so a process that exits does not wait."""
+
+    def close() -> None:
+        try:
+            conn.transport.disconnect_socket()
+        except (stomp.exception.StompException, OSError, AttributeError, ValueError) as error:
+            # AttributeError/ValueError: the I/O thread tore the selector down first.
+            log.debug("closing the broker socket: %s", error)
+
+    closer = threading.Thread(target=close, name="stomp-close", daemon=True)
+    closer.start()
+    closer.join(DISCONNECT_RECEIPT_S)
