@@ -39,6 +39,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="dispatcher API budget (QPS) instead of its default")  # fmt: skip
     parser.add_argument("--api-burst", type=int, default=None,
                         help="the dispatcher's API burst instead of its default")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="the dispatcher.s concurrency (= prefetch)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=None,
                         help="state of the stack (default: a new dir under /var/tmp)")  # fmt: skip
     return parser.parse_args(argv)
@@ -51,11 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = dataclasses.replace(sizes, scale_rbs=args.scale_rbs)
     # Not under /tmp: runner pods get an emptyDir there and could not see the gate file.
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="autoreduce-bench-", dir="/var/tmp"))
-    overrides: dict[str, Any] = {}
-    if args.api_qps is not None:
-        overrides["api_qps"] = args.api_qps
-    if args.api_burst is not None:
-        overrides["api_burst"] = args.api_burst
+    overrides = {key: value for key in ("api_qps", "api_burst", "concurrency")
+                 if (value := getattr(args, key)) is not None}  # fmt: skip
     defaults = DispatcherSettings.model_validate(overrides)
     results: dict[str, Any] = {
         "machine": machine.describe(kube_bin=Path.home() / ".cache/autoreduce/bin"),
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             "budget_note": (
                 "the dispatcher runs with its default client-side API budget; the limit has none"
                 if not overrides
-                else f"the dispatcher's API budget was overridden ({overrides}); the limit has none"
+                else f"the dispatcher's settings were overridden ({overrides}); the limit has none"
             ),
             "workdir": str(workdir),
         },

@@ -39,9 +39,6 @@ class Cancels:
         self.metrics = metrics
         self.labels = Labels(settings.jobs.label_prefix)
 
-    def _count_outcome(self, reason: str) -> None:
-        self.metrics.outcomes.labels(kind=Outcome.ERROR.value, reason=reason).inc()
-
     def is_marker(self, job: dict[str, Any]) -> bool:
         labels = (job.get("metadata") or {}).get("labels") or {}
         return labels.get(self.labels.key("cancel")) == "true"
@@ -63,7 +60,7 @@ class Cancels:
         )
         self.kube.annotate_job(job_name(key), {outcome_key: OutcomeState.CANCELLED})
         self.metrics.dropped.inc()
-        self._count_outcome("CancelledBeforeDispatch")
+        self.metrics.outcome_posted(Outcome.ERROR.value, "CancelledBeforeDispatch")
         run_logger(log, key).info("dropped %s: it was cancelled before it arrived", key.describe())
 
     def cancel(self, raw: dict[str, Any], message: ReductionMessage) -> None:
@@ -123,7 +120,7 @@ class Cancels:
                                       self.labels.key(VERDICT_KEY): recorded})
         self.reporter.post(Outcome.ERROR, error_body(run_raw, message=note), outcome_id=name,
                            possible_repeat=state is OutcomeState.HANDLING)
-        self._count_outcome("Cancelled")
+        self.metrics.outcome_posted(Outcome.ERROR.value, "Cancelled")
         self.kube.annotate_job(name, {outcome_key: OutcomeState.CANCELLED})
         self.kube.record_event(job=job, reason="Cancelled", note=note)
 

@@ -105,10 +105,6 @@ class Dispatcher:
         self.metrics.received.inc()
         return verdict
 
-    def _count_outcome(self, reason: str) -> None:
-        """A ReductionError we posted for a run (``settle`` counts its own)."""
-        self.metrics.outcomes.labels(kind=Outcome.ERROR.value, reason=reason).inc()
-
     def _handle(self, received: Received) -> Verdict:
         try:
             raw, message = parse_run(received.body)
@@ -240,7 +236,7 @@ class Dispatcher:
                     Outcome.ERROR, error_body(raw, message=reason),
                     outcome_id=f"rejected-{received.headers.get('message-id', '')}",
                     possible_repeat=bool(received.headers.get("redelivered") == "true"))
-                self._count_outcome("Rejected")
+                self.metrics.outcome_posted(Outcome.ERROR.value, "Rejected")
         except BrokerError as error:
             raise TryLater(f"could not dead-letter: {error}") from error
         return Verdict.ACK

@@ -98,14 +98,6 @@ class JobCache:
         with self._lock:
             return [job for job in self._jobs.values() if admission.is_running(job)]
 
-    def finished(self) -> list[Job]:
-        with self._lock:
-            return [job for job in self._jobs.values() if admission.is_finished(job)]
-
     def all(self) -> list[Job]:
         with self._lock:
             return list(self._jobs.values())
-
-    def rbs(self) -> set[str]:
-        with self._lock:
-            return set(self._by_rb)

@@ -88,6 +88,11 @@ class Metrics:
         )
         self._gauge_lock = threading.Lock()
 
+    def outcome_posted(self, kind: str, reason: str) -> None:
+        """An outcome the dispatcher posted on a run's behalf (the runner posts the
+        rest and counts nothing here)."""
+        self.outcomes.labels(kind=kind, reason=reason).inc()
+
     # -- dispatcher.kube.PaceObserver ----------------------------------------------
 
     def api_throttled(self, wait_s: float) -> None:

@@ -115,11 +115,6 @@ class PodCache:
         with self._lock:
             return list((self._by_job.get(job) or {}).values())
 
-    def stuck(self) -> list[PodView]:
-        """Pods that cannot start (``PodView.stuck``)."""
-        with self._lock:
-            return [view for view in self._pods.values() if view.stuck]
-
     def all(self) -> list[PodView]:
         with self._lock:
             return list(self._pods.values())

@@ -219,7 +219,7 @@ class Settler:
             warning=verdict.outcome is Outcome.ERROR,
             note=f"Reduction{kind} on the run's behalf: {verdict.reason}",
         )
-        self.metrics.outcomes.labels(kind=kind, reason=verdict.reason).inc()
+        self.metrics.outcome_posted(kind, verdict.reason)
         job_logger(log, self.labels, job).warning(
             "posted Reduction%s for %s: %s", kind, name, verdict.reason
         )

@@ -164,9 +164,11 @@ def _poster(settings: RunnerSettings) -> OutcomePoster:
         return Poster(settings=settings.broker,
                       connect_timeout_s=settings.broker_connect_timeout_s)
     make_non_dumpable()
-    # The sidecar's own worst case: reaching the broker, then a lost receipt and the
-    # one resend, each waiting the outcome receipt timeout.
-    worst = 2 * (settings.broker_connect_timeout_s + settings.broker.outcome_receipt_timeout_s)
+    # The sidecar's own worst case: its warm-up connect failing (sidecar._warm_up),
+    # reaching the broker, then a lost receipt and the one resend, each waiting the
+    # outcome receipt timeout.
+    worst = (3 * settings.broker_connect_timeout_s
+             + 2 * settings.broker.outcome_receipt_timeout_s)
     return SidecarPoster(path=settings.poster_socket,
                          connect_timeout_s=settings.broker_connect_timeout_s,
                          reply_timeout_s=worst + 60)

@@ -95,15 +95,18 @@ def serve(settings: RunnerSettings, stop: threading.Event, *,
                   "(the dispatcher reports this run if the runner cannot post)")
         stop.wait()
         return 0
+    poster = poster or Poster(settings=settings.broker,
+                              connect_timeout_s=settings.broker_connect_timeout_s)
+    warm_up = _warm_up(poster)
     session = _accept_one(settings.poster_socket, stop)
     if session is None:
+        poster.close()
         return 0
     settings.poster_state_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text("claimed\n")
     log.info("session opened; the socket is gone, so no other can be")
-    poster = poster or Poster(settings=settings.broker,
-                              connect_timeout_s=settings.broker_connect_timeout_s)
     allowed = frozenset(settings.broker.queues.outcome_queues())
+    warm_up.join()  # the first post must not race the warm-up's connect
     try:
         _serve_session(session, poster=poster, allowed=allowed)
     except OSError as problem:  # the runner went away mid-answer: nothing to tell it
@@ -112,6 +115,22 @@ def serve(settings: RunnerSettings, stop: threading.Event, *,
     # Exiting would only make the kubelet start this container again; it stops us.
     stop.wait()
     return 0
+
+
+def _warm_up(poster: OutcomePoster) -> threading.Thread:
+    """Connect to the broker while the runner starts, so its first post (Started) costs
+    a SEND and its receipt, not a connect and a login too. That connection carries
+    only Started: every post closes its connection after, as before."""
+
+    def connect() -> None:
+        try:
+            poster.connect()
+        except BrokerError as error:  # the first post connects (and says why) again
+            log.warning("broker not reached before the runner's first post: %s", error)
+
+    thread = threading.Thread(target=connect, name="broker-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _serve_session(session: socket.socket, *, poster: OutcomePoster,

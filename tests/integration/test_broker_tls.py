@@ -9,6 +9,7 @@ start, from the client and from a dispatcher that stays not ready and says which
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,6 +78,21 @@ def test_the_suites_broker_speaks_only_tls(broker: Any, broker_settings: BrokerS
     client = StompClient(settings=broker_settings, client_name="tls-test")
     client.connect()  # verifying the broker's certificate against its CA, and its name
     client.disconnect()
+
+
+@pytest.mark.parametrize("heartbeats", [True, False], ids=["consumer", "outcomes"])
+def test_a_clean_disconnect_over_tls_warns_of_nothing(
+    broker_settings: BrokerSettings, caplog: pytest.LogCaptureFixture, heartbeats: bool,
+) -> None:
+    """Every SIGTERM ends in this disconnect: an operator must not read a warning from
+    stomp.py's TLS shutdown each time (one closer per socket, its I/O thread)."""
+    caplog.set_level(logging.DEBUG)
+    for _ in range(5):
+        client = StompClient(settings=broker_settings, client_name="bye", heartbeats=heartbeats)
+        client.connect()
+        client.disconnect()
+    time.sleep(1)  # stomp.py's I/O threads end after disconnect() returns
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_a_ca_that_did_not_sign_the_broker_is_a_clear_error(

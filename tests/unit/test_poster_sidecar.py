@@ -35,9 +35,13 @@ class FakePoster:
     def __init__(self) -> None:
         self.posted: list[tuple[str, dict[str, Any], dict[str, str]]] = []
         self.refuse = False
+        self.connects = 0
+        self.unreachable = False
 
     def connect(self) -> None:
-        pass
+        self.connects += 1
+        if self.unreachable:
+            raise BrokerError("no broker at broker:61613")
 
     def post(self, *, destination: str, message: dict[str, Any],
              headers: dict[str, str] | None = None,
@@ -155,3 +159,33 @@ def test_a_close_that_hangs_is_left_behind() -> None:
     assert time.monotonic() - started < 5
     release.set()
     assert close_within(lambda: None, timeout_s=5) is True
+
+
+def test_the_broker_connection_is_opened_before_the_runner_asks(
+    settings: RunnerSettings, sidecar: tuple[FakePoster, threading.Event],
+) -> None:
+    """The runner's Started then costs a SEND and its receipt, not a login as well."""
+    poster, _ = sidecar
+    deadline = time.monotonic() + 5
+    while poster.connects == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert poster.connects == 1  # no runner has opened a session yet
+
+
+def test_a_broker_not_reached_at_start_up_does_not_stop_the_first_post(
+    settings: RunnerSettings,
+) -> None:
+    poster, stop = FakePoster(), threading.Event()
+    poster.unreachable = True
+    thread = threading.Thread(target=serve, args=(settings, stop), kwargs={"poster": poster},
+                              daemon=True)
+    thread.start()
+    try:
+        runner = client(settings)
+        runner.connect()
+        runner.post(destination=QUEUES.started, message={"run_number": 7})
+        assert [m for _, m, _ in poster.posted] == [{"run_number": 7}]
+        runner.close()
+    finally:
+        stop.set()
+        thread.join(5)

@@ -199,21 +199,27 @@ class StompClient(_Subscriptions, _Receipts):
         live = conn.is_connected()
         if live:
             self._receipts[receipt] = waiter
+        confirmed = False
         try:
             if live:
                 # Not ``conn.disconnect(receipt=...)``: stomp.py then waits, without a
                 # bound, for its I/O thread to end, and a broker that never answers
                 # (frozen, or gone without closing the socket) kept a SIGTERMed
-                # dispatcher alive until the kubelet's SIGKILL.
+                # dispatcher alive until the kubelet's SIGKILL. Marked as the
+                # DISCONNECT's receipt, its arrival still makes stomp.py's I/O thread
+                # close the socket itself.
+                conn.set_receipt(receipt, "DISCONNECT")
                 conn.send_frame("DISCONNECT", {"receipt": receipt})
-                if not waiter.wait(DISCONNECT_RECEIPT_S):
+                confirmed = waiter.wait(DISCONNECT_RECEIPT_S)
+                if not confirmed:
                     log.warning("no receipt for DISCONNECT within %.0f s; closing the "
                                 "socket anyway", DISCONNECT_RECEIPT_S)
         except (stomp.exception.StompException, OSError) as error:
             log.debug("disconnect: %s", error)
         finally:
             self._receipts.pop(receipt, None)
-            _close_socket(conn)
+            if not confirmed:
+                _close_socket(conn)
 
     # -- callbacks from the listener thread ------------------------------------------
 
