@@ -43,7 +43,8 @@ def startup(stack: Stack, *, runs: int, next_run: Numbers, next_rb: Numbers,
         "what": f"{runs} runs per side, one at a time, free RBs, the real runner: raw = "
         "our client creates the dispatcher's own Job (ConfigMap first, running) and polls "
         f"its pod every {POLL_S * 1000:.0f} ms until Running; product = run message sent "
-        "-> ReductionStarted received",
+        "-> ReductionStarted received, after one uncounted run (the node's first "
+        "container unpacks the image)",
         "raw": raw,
         "product": product,
         "started_p50_over_raw_running_p50": (
