@@ -112,7 +112,7 @@ class Context:
         return jobs
 
     def job(self, name: str) -> Obj | None:
-        """get Jobs: following a run (and the canary's)."""
+        """get Jobs: following a run (and the canary's); retry reads the run's message."""
         return self._api().get_job(name)
 
     def pods(self, *, selector: str) -> list[Obj]:
@@ -120,7 +120,7 @@ class Context:
         return self._api().list_pods(selector=selector)
 
     def config_map(self, name: str) -> Obj | None:
-        """get ConfigMaps: retry reads the Job's message."""
+        """get ConfigMaps: retry reads the message of a Job too large to carry it."""
         return self._api().get_config_map(name)
 
     def lease(self, name: str) -> Obj | None:

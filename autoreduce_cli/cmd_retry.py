@@ -10,7 +10,7 @@ from autoreduce_common.messages import rerun
 from autoreduce_cli.errors import EXIT_NOT_FOUND, EXIT_USAGE, CliError
 from autoreduce_cli.follow import finish_send, send_run
 from dispatcher.identity import RunKey, job_name
-from dispatcher.manifests import message_of
+from dispatcher.manifests import stored_message
 
 if TYPE_CHECKING:
     from autoreduce_cli.cli import Context
@@ -54,14 +54,11 @@ def _next_version(ctx: Context, raw: dict[str, Any]) -> int:
 
 def cmd_retry(ctx: Context, args: argparse.Namespace) -> int:
     name = _key_of_job(ctx, args)
-    config_map = ctx.config_map(name)
-    if config_map is None:
-        raise CliError(
-            f"no message stored for Job {name} (ConfigMap gone with its Job?)", EXIT_NOT_FOUND
-        )
-    raw = message_of(config_map)
+    raw = stored_message(ctx.labels, ctx.job(name), lambda: ctx.config_map(name))
     if raw is None:
-        raise CliError(f"ConfigMap {name} holds no JSON message", EXIT_NOT_FOUND)
+        raise CliError(
+            f"no message stored for Job {name} (gone with its Job, or not JSON)", EXIT_NOT_FOUND
+        )
     version = _next_version(ctx, raw)
     message = rerun(raw, version=version, description=args.description)
     key = send_run(ctx, message, priority=RERUN_PRIORITY)

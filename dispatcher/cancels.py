@@ -20,7 +20,7 @@ from dispatcher.controller import Controller
 from dispatcher.identity import Labels, RunKey, job_name, run_key
 from dispatcher.kube import AlreadyExists, Kube, KubeError
 from dispatcher.logs import run_logger
-from dispatcher.manifests import Arrival, message_of, render_job
+from dispatcher.manifests import Arrival, render_job, stored_message
 from dispatcher.metrics import Metrics
 from dispatcher.outcome_state import OUTCOME_KEY, VERDICT_KEY, OutcomeState, state_of
 from dispatcher.reporting import Reporter, error_body
@@ -109,7 +109,8 @@ class Cancels:
         """A waiting run (or a running one whose pod does not exist yet): no runner can
         have posted, so the cancellation's error is the outcome."""
         note = "Run cancelled while reducing" if running else "Run cancelled while waiting"
-        stored = message_of(self.kube.get_config_map(job_name(key)))
+        stored = stored_message(self.labels, self.kube.get_job(job_name(key)),
+                                lambda: self.kube.get_config_map(job_name(key)))
         run_raw = stored or {k: v for k, v in raw.items() if k != "cancel"}
         name, outcome_key = job_name(key), self.labels.key(OUTCOME_KEY)
         # Claim first so the outcome path never posts a second one; mark it posted only

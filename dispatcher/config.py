@@ -105,7 +105,8 @@ class JobSettings(BaseModel):
     template_path: Path = DEFAULT_TEMPLATE
     # Prefix of every label and annotation we own: one selector finds all our Jobs.
     label_prefix: str = "autoreduce.io"
-    # Finished Jobs (and their ConfigMaps, by owner reference) vanish after a day:
+    # Finished Jobs (and the ConfigMaps of large messages, by owner reference) vanish
+    # after a day:
     # long enough for an operator to read logs the morning after.
     ttl_seconds_after_finished: int = Field(default=86_400, ge=0)
     # A cancellation that arrived before its run is kept as a suspended marker Job
@@ -124,6 +125,13 @@ class JobSettings(BaseModel):
     # runner's container, so reduce.py cannot read it (autoreduce_runner/sidecar.py).
     # Off: one container per pod, and the script can read the runners' password.
     poster_sidecar: bool = True
+    # A run's message up to this many bytes travels in its Job (a pod-template
+    # annotation the pod reads through the downward API): the Job is then the run's
+    # only write before its message is acked. Larger ones, and all with 0, go in a
+    # ConfigMap of their own, one more write. Each inline byte is held once per Job by
+    # whatever watches Jobs (kube-controller-manager), waiting runs included.
+    # Annotations are capped at 256 KiB per object.
+    inline_message_max_bytes: int = Field(default=16_384, ge=0, le=200_000)
     # ConfigMap with the runner's own config file (directory templates, roots).
     runner_config_map: str | None = None
     # TLS from runner pods, when broker.tls is on: a ConfigMap holding the broker's CA

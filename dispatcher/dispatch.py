@@ -1,8 +1,9 @@
 """Turning one pending-queue message into durable cluster state.
 
-``handle`` returns ACK only when the run is safely in the cluster (its Job and
-ConfigMap exist), was cancelled, or was dead-lettered with a reason; it raises
-``TryLater`` when the API or broker is away, and the message stays unacked.
+``handle`` returns ACK only when the run is safely in the cluster (its Job exists,
+carrying its message or with the ConfigMap of a large one), was cancelled, or was
+dead-lettered with a reason; it raises ``TryLater`` when the API or broker is away,
+and the message stays unacked.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from dispatcher.logs import run_logger
 from dispatcher.manifests import (
     Arrival,
     TemplateError,
+    carries_message,
+    inline_message,
     message_size,
     owned_by,
     render_config_map,
@@ -146,11 +149,13 @@ class Dispatcher:
         started = time.monotonic()
         grant = self.direct.claim(key) if self.direct is not None else None
         try:
-            job = self._ensure_job(key, arrival_of(received.headers), grant)
+            job = self._ensure_job(key, arrival_of(received.headers), grant,
+                                   inline_message(self.settings, raw))
             if self.cancels.is_marker(job):
                 self.cancels.drop_cancelled(key, raw, job)
                 return Verdict.ACK
-            self._ensure_config_map(key, raw, job)
+            if not carries_message(self.labels, job):
+                self._ensure_config_map(key, raw, job)
             if grant is not None and self.direct is not None:
                 self.direct.stored()
         finally:
@@ -162,11 +167,14 @@ class Dispatcher:
         run_logger(log, key).info("accepted %s as Job %s", key.describe(), job_name(key))
         return Verdict.ACK
 
-    def _ensure_job(self, key: RunKey, arrival: Arrival, grant: Grant | None) -> dict[str, Any]:
+    def _ensure_job(self, key: RunKey, arrival: Arrival, grant: Grant | None,
+                    message: str | None) -> dict[str, Any]:
         """The run's Job: created running when ``grant`` (its RB's Lease) allows, else
-        suspended; or the one already there (a redelivery, a cancel marker)."""
+        suspended; or the one already there (a redelivery, a cancel marker). It carries
+        ``message`` when that is not None."""
         manifest = render_job(
-            settings=self.settings, template=self.template, key=key, arrival=arrival
+            settings=self.settings, template=self.template, key=key, arrival=arrival,
+            message=message,
         )
         running = grant is not None and self.direct is not None and self.direct.in_window(grant)
         if running:
@@ -183,7 +191,7 @@ class Dispatcher:
                 self.direct.release(grant)  # its Job will never run under this Lease
             if voids.is_void(self.labels, existing):
                 self.controller.voids.clear(existing)
-                return self._ensure_job(key, arrival, None)
+                return self._ensure_job(key, arrival, None, message)
             if not self.cancels.is_marker(existing):
                 self.metrics.duplicates.inc()
             return existing

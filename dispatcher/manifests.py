@@ -1,9 +1,18 @@
-"""Rendering a run into its Job and ConfigMap (pure: values in, dicts out)."""
+"""Rendering a run into its Job (and, for a large message, its ConfigMap); reading a
+run's message back from them (pure: values in, dicts out).
+
+Where a run's message is stored is decided here once: in the Job, as a pod-template
+annotation the pod's ``message`` volume projects to the runner's message file
+through the downward API, when it is at most ``jobs.inline_message_max_bytes``;
+otherwise in a ConfigMap of the Job's name mounted at the same path. The runner reads
+one file either way.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +30,12 @@ from dispatcher.oom_retry import Memory, next_memory
 # libyaml's safe loader when present: parsing a rendered Job is most of the
 # dispatcher's CPU per run (8.5 ms with the pure-Python loader, 4 ms with libyaml).
 _SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# The pod volume that holds the run's message; its source is the dispatcher's to set.
+MESSAGE_VOLUME = "message"
+# The annotation (under the label prefix) carrying an inline message.
+MESSAGE_ANNOTATION = "message"
 
 
 class TemplateError(ValueError):
@@ -143,14 +158,23 @@ def oom_retry_limit(settings: DispatcherSettings, key: RunKey, *, resources: dic
     return memory.limit if memory is not None else None
 
 
+def inline_message(settings: DispatcherSettings, raw: dict[str, Any]) -> str | None:
+    """The run's message as its Job carries it, or None when it is too large for that
+    and goes in a ConfigMap (``render_config_map``)."""
+    text = encode(raw).decode("utf-8")
+    return text if len(text.encode("utf-8")) <= settings.jobs.inline_message_max_bytes else None
+
+
 def render_job(
     *,
     settings: DispatcherSettings,
     template: jinja2.Template,
     key: RunKey,
     arrival: Arrival,
+    message: str | None = None,
 ) -> dict[str, Any]:
-    """The Job manifest for a run, as a dict ready for the API."""
+    """The Job manifest for a run, as a dict ready for the API. ``message`` (from
+    ``inline_message``) travels in the Job; None: the pod reads the run's ConfigMap."""
     labels = Labels(settings.jobs.label_prefix)
     name = job_name(key)
     run_labels = labels.for_run(key)
@@ -195,6 +219,7 @@ def render_job(
     if retry_limit is not None:
         env[PodEnv.OOM_RETRY_LIMIT] = retry_limit
     _add_pod_contract(manifest, env=env, finalizer=labels.pod_finalizer)
+    _add_message(manifest, labels=labels, message=message)
     return manifest  # type: ignore[no-any-return]
 
 
@@ -217,6 +242,56 @@ def _add_pod_contract(manifest: dict[str, Any], *, env: dict[PodEnv, str],
         container["env"] = [*kept, *({"name": k.value, "value": v} for k, v in env.items())]
 
 
+def _add_message(manifest: dict[str, Any], *, labels: Labels, message: str | None) -> None:
+    """Point the pod's message volume at where the message is stored. The template
+    declares the volume (where it is mounted is the pod contract); its source is set
+    here, so a site template written for the ConfigMap alone keeps working."""
+    pod = manifest["spec"]["template"]
+    volume = next((v for v in pod["spec"].get("volumes") or []
+                   if isinstance(v, dict) and v.get("name") == MESSAGE_VOLUME), None)
+    if volume is None:
+        raise TemplateError(
+            f"Job template must declare the pod volume {MESSAGE_VOLUME!r} (the run's message)")
+    for source in [k for k in volume if k != "name"]:
+        del volume[source]
+    if message is None:
+        volume["configMap"] = {"name": manifest["metadata"]["name"]}
+        return
+    annotation = labels.key(MESSAGE_ANNOTATION)
+    pod["metadata"]["annotations"] = {**(pod["metadata"].get("annotations") or {}),
+                                      annotation: message}
+    volume["downwardAPI"] = {"items": [{
+        "path": MESSAGE_KEY,
+        "fieldRef": {"fieldPath": f"metadata.annotations['{annotation}']"},
+    }]}
+
+
+def carries_message(labels: Labels, job: dict[str, Any]) -> bool:
+    """Whether the Job holds its run's message itself (else its ConfigMap does)."""
+    return _inline_text(labels, job) is not None
+
+
+def _inline_text(labels: Labels, job: dict[str, Any] | None) -> str | None:
+    pod = ((job or {}).get("spec") or {}).get("template") or {}
+    text = ((pod.get("metadata") or {}).get("annotations") or {}).get(
+        labels.key(MESSAGE_ANNOTATION))
+    return text if isinstance(text, str) else None
+
+
+def stored_message(labels: Labels, job: dict[str, Any] | None,
+                   config_map: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The run's message as the dispatcher stored it: from the (full, not cached) Job
+    when it carries it, else from its ConfigMap, read through ``config_map`` only then.
+    None when neither holds a JSON object (gone with a finished Job)."""
+    text = _inline_text(labels, job)
+    if text is None:
+        return message_of(config_map())
+    try:
+        return decode_body(text)
+    except MessageError:
+        return None
+
+
 def _check_job(manifest: object, *, name: str) -> None:
     if not isinstance(manifest, dict) or manifest.get("kind") != "Job":
         raise TemplateError("Job template must render a single batch/v1 Job")
@@ -229,7 +304,8 @@ def _check_job(manifest: object, *, name: str) -> None:
 def render_config_map(
     *, settings: DispatcherSettings, key: RunKey, raw: dict[str, Any]
 ) -> dict[str, Any]:
-    """The ConfigMap carrying the run's message; owner reference added once the Job exists."""
+    """The ConfigMap carrying a run's message too large for its Job; owner reference
+    added once the Job exists."""
     labels = Labels(settings.jobs.label_prefix)
     return {
         "apiVersion": "v1",

@@ -22,7 +22,7 @@ from dispatcher.config import OomRetry
 from dispatcher.identity import Labels
 from dispatcher.kube import Conflict, Kube, KubeError, NotFound
 from dispatcher.logs import job_logger
-from dispatcher.manifests import message_of
+from dispatcher.manifests import stored_message
 from dispatcher.metrics import Metrics
 from dispatcher.oom_retry import after_oom
 from dispatcher.outcome_state import (
@@ -204,7 +204,8 @@ class Settler:
 
     def _message(self, name: str) -> Obj:
         """The run's message, or {} when it is gone (the Job's labels then identify it)."""
-        return message_of(self.kube.get_config_map(name)) or {}
+        return stored_message(self.labels, self.kube.get_job(name),
+                              lambda: self.kube.get_config_map(name)) or {}
 
     def _post_on_behalf(self, job: Obj, raw: Obj, verdict: failures.Verdict) -> None:
         name = admission.name_of(job)

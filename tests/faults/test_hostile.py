@@ -16,7 +16,6 @@ from autoreduce_common.messages import MessageError, parse_run
 from autoreduce_common.stomp_client import BrokerError, StompClient
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from kubernetes import client as k8s
 
 from devstack.product import DispatcherProcess, Facility, run_message
 from devstack.queues import QueueReader
@@ -28,7 +27,7 @@ from tests.faults.support import (
     list_jobs,
     record_fuzz,
 )
-from tests.harness.checks import count_outcomes, outcomes, send
+from tests.harness.checks import count_outcomes, outcomes, send, stored_message
 from tests.unit.test_chart_render import CHART, render
 
 pytestmark = pytest.mark.integration
@@ -255,9 +254,7 @@ def test_hostile_names_are_refused_and_odd_values_travel_as_plain_values(
     assert labels["autoreduce.io/instrument"] == "WISH_2-X"
     assert labels["autoreduce.io/run-number"] == "42"
     with kube.api_client() as api:
-        config_map = k8s.CoreV1Api(api).read_namespaced_config_map(
-            jobs[0]["metadata"]["name"], namespace)
-    assert json.loads(config_map.data["message.json"]) == plain
+        assert stored_message(api, namespace, jobs[0]["metadata"]["name"]) == plain
 
 
 # -- an untrusted script on the real stack --------------------------------------------------

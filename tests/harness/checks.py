@@ -19,6 +19,8 @@ from kubernetes import client as k8s
 
 from devstack.product import Facility, read_timeline
 from devstack.queues import QueueReader
+from dispatcher.identity import Labels
+from dispatcher.manifests import stored_message as read_back
 
 SELECTOR = "autoreduce.io/managed=true"
 Span = tuple[float, float]  # seconds since the epoch: (start, end)
@@ -219,3 +221,21 @@ def assert_exclusive(facility: Facility, jobs: list[Any]) -> dict[str, list[Span
     found = exclusivity_violations(jobs=plain, timeline=timeline)
     assert not found, found
     return script_attempts(timeline, rb_of_run(plain))
+
+
+def stored_message(api: k8s.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
+    """A run's message as the dispatcher stored it (in its Job, or its ConfigMap when
+    too large), read the way the product reads it back."""
+    batch, core = k8s.BatchV1Api(api), k8s.CoreV1Api(api)
+    job = api.sanitize_for_serialization(batch.read_namespaced_job(name, namespace))
+
+    def config_map() -> dict[str, Any] | None:
+        try:
+            found = core.read_namespaced_config_map(name, namespace)
+        except k8s.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return api.sanitize_for_serialization(found)  # type: ignore[no-any-return]
+
+    return read_back(Labels("autoreduce.io"), job, config_map)

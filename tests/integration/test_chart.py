@@ -40,6 +40,7 @@ from devstack.queues import QueueReader
 from dispatcher.config import DEFAULT_TEMPLATE, load_settings
 from dispatcher.identity import RunKey, job_name
 from dispatcher.manifests import Arrival, load_template, render_job
+from tests.harness.checks import stored_message
 from tests.harness.tools import helm_binary
 
 pytestmark = pytest.mark.integration
@@ -461,18 +462,12 @@ def test_install_dispatch_upgrade_uninstall(
         assert kept[job_name_].spec.ttl_seconds_after_finished == 3600
         if RUNNER_PRESENT:
             assert kept[job_name_].status.succeeded == 1, job_name_
-    messages = {
-        c.metadata.name: c
-        for c in core.list_namespaced_config_map(namespace, label_selector=MANAGED).items
-    }
-    assert set(messages) == set(kept)  # one message ConfigMap per run, named as its Job
-    for job_name_, config_map in messages.items():
-        (owner,) = config_map.metadata.owner_references
-        assert (owner.kind, owner.name, owner.uid) == (
-            "Job",
-            job_name_,
-            kept[job_name_].metadata.uid,
-        )
+    # Each run's message stays with its Job (small messages travel in it: no ConfigMap).
+    assert not core.list_namespaced_config_map(namespace, label_selector=MANAGED).items
+    for job_name_, job in kept.items():
+        message = stored_message(batch.api_client, namespace, job_name_)
+        assert message is not None, job_name_
+        assert str(message["run_number"]) == job.metadata.labels["autoreduce.io/run-number"]
     coordination = k8s.CoordinationV1Api(kube.api_client())
     leases = coordination.list_namespaced_lease(namespace, label_selector=MANAGED).items
     assert [(lease.metadata.name, lease.spec.holder_identity) for lease in leases] == [

@@ -27,7 +27,7 @@ from devstack.product import (
 )
 from devstack.queues import QueueReader
 from dispatcher.identity import RunKey, job_name
-from tests.harness.checks import SELECTOR, send
+from tests.harness.checks import SELECTOR, send, stored_message
 from tests.harness.cli import as_json, cli
 
 pytestmark = pytest.mark.integration
@@ -84,8 +84,8 @@ def test_submit_follows_the_run_and_status_shows_it(
     job = batch.read_namespaced_job(name, namespace)
     assert job.metadata.annotations["autoreduce.io/priority"] == "1"  # manual submission
     # The message carries started_by -1 (legacy manual submission).
-    cm = k8s.CoreV1Api(batch.api_client).read_namespaced_config_map(name, namespace)
-    message = json.loads(cm.data["message.json"])
+    message = stored_message(batch.api_client, namespace, name)
+    assert message is not None
     assert message["started_by"] == -1 and message["run_number"] == 44001
 
     # A failing run: -o json gives the outcome as JSON, exit 1.
@@ -241,8 +241,8 @@ def test_retry_and_rerun_resubmit_the_stored_message_as_the_next_version(
     assert retried["job"] == v1 and retried["outcome"] == "Error"
     job = batch.read_namespaced_job(v1, namespace)
     assert job.metadata.annotations["autoreduce.io/priority"] == "0"
-    message = json.loads(k8s.CoreV1Api(batch.api_client).read_namespaced_config_map(
-        v1, namespace).data["message.json"])
+    message = stored_message(batch.api_client, namespace, v1)
+    assert message is not None
     assert message["run_version"] == 1 and message["custom_field"] == "kept"
     assert "message" not in message and "reduction_log" not in message
     # rerun by identity, from v0's message: the next free version is 2, not 1.

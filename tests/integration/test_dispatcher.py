@@ -34,6 +34,7 @@ from tests.harness.checks import (  # noqa: F401 - re-exported for other tests
     outcomes,
     parse_time,
     send,
+    stored_message,
 )
 
 pytestmark = pytest.mark.integration
@@ -110,6 +111,26 @@ NO_CONFIGMAP_RULES = [
 ]
 
 
+def test_a_small_message_travels_in_its_job_and_needs_no_config_map(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    namespace: str, batch: k8s.BatchV1Api, kube: Any,
+) -> None:
+    start_dispatcher()
+    message = run_message(facility=facility, instrument="WISH", rb=1200003, run=9,
+                          script=SLEEPY_SCRIPT)
+    send(stomp, broker_settings, message)
+    reader.wait_for(count_outcomes(broker_settings, 1), timeout=120)
+    # The runner read the message from the Job's annotation (the downward API).
+    (done,) = outcomes(reader, broker_settings, "complete")
+    assert done["run_number"] == 9 and done["reduction_script"] == SLEEPY_SCRIPT
+    name = job_name(RunKey("ISIS", "WISH", (9,), 0, "1200003"))
+    core = k8s.CoreV1Api(kube.api_client())
+    assert name not in [cm.metadata.name for cm in core.list_namespaced_config_map(
+        namespace, label_selector=SELECTOR).items]
+    assert stored_message(batch.api_client, namespace, name) == message
+
+
 def test_dispatcher_killed_between_job_create_and_ack_gives_one_job_after_redelivery(
     start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
     broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
@@ -135,8 +156,10 @@ def test_dispatcher_killed_between_job_create_and_ack_gives_one_job_after_redeli
     half.kill(signal.SIGKILL)
     half.kubeconfig = kube.service_account_kubeconfig(namespace=namespace, name="no-configmaps")
     half.start()
+    # Too large to travel in its Job (jobs.inline_message_max_bytes), so the run's
+    # message needs its own ConfigMap.
     message = run_message(facility=facility, instrument="WISH", rb=1200002, run=8,
-                          script=SLEEPY_SCRIPT)
+                          script=SLEEPY_SCRIPT + "\n#" + "x" * 20_000 + "\n")
     send(stomp, broker_settings, message)
     key = RunKey(facility="ISIS", instrument="WISH", runs=(8,), version=0, rb_number="1200002")
     core = k8s.CoreV1Api(kube.api_client())

@@ -133,7 +133,7 @@ def test_a_401_outlasting_the_bug_retries_still_dispatches_the_run_once() -> Non
     assert kube.creates == 11
     assert broker.acked == ["ack-0"]
     assert broker.sent == []  # no dead letter, no ReductionError
-    assert sorted(name.split("/")[0] for name in kube.objects) == ["ConfigMap", "Job"]
+    assert sorted(name.split("/")[0] for name in kube.objects) == ["Job"]  # message inline
 
 
 def test_a_persisting_401_leaves_the_message_unacked_and_never_dead_letters_it() -> None:

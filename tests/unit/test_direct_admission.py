@@ -60,8 +60,10 @@ class NoBroker:
 class Node:
     """One dispatcher replica over the shared fake API."""
 
-    def __init__(self, kube: FakeKube, *, caps: Caps | None = None, direct: bool = True) -> None:
-        settings = DispatcherSettings.model_validate({"direct_admission": direct})
+    def __init__(self, kube: FakeKube, *, caps: Caps | None = None, direct: bool = True,
+                 inline_bytes: int = 16_384) -> None:
+        settings = DispatcherSettings.model_validate(
+            {"direct_admission": direct, "jobs": {"inline_message_max_bytes": inline_bytes}})
         self.controller = Controller(kube=kube, labels=LABELS, identity="test",  # type: ignore[arg-type]
                                      caps=caps or Caps(None, {}), resync_seconds=300)  # fmt: skip
         self.controller.watch.synced.set()  # as after its first list: nothing there yet
@@ -90,21 +92,34 @@ def lease(kube: FakeKube) -> dict[str, Any]:
     return kube.of_kind("Lease")[lease_name(RB)]
 
 
-def test_a_run_whose_rb_is_free_costs_four_writes_and_no_unsuspend() -> None:
+def test_a_run_whose_rb_is_free_costs_three_writes_and_no_unsuspend() -> None:
     kube = FakeKube()
     node = Node(kube)
     assert node.handle(message(1)) is Verdict.ACK
     node.controller.waiting_events.start()
     node.controller.waiting_events.stop()  # writes what it queued, then ends
-    assert kube.writes == [("create Lease", lease_name(RB)), ("create Job", name(1)),
-                           ("create ConfigMap", name(1))]
+    # The message travels in the Job: no ConfigMap.
+    assert kube.writes == [("create Lease", lease_name(RB)), ("create Job", name(1))]
     assert [(job, reason) for job, reason, _ in kube.events] == [(name(1), "Admitted")]
-    assert kube.write_count() == 4
+    assert kube.write_count() == 3
     assert kube.get_job(name(1))["spec"]["suspend"] is False  # type: ignore[index]
     assert holder_of(lease(kube)) == name(1)
     assert voids.is_direct(LABELS, lease(kube))
     node.reconcile()  # the controller agrees: nothing to do
-    assert len(kube.writes) == 3
+    assert len(kube.writes) == 2
+
+
+def test_a_message_too_large_for_its_job_costs_a_configmap_more() -> None:
+    kube = FakeKube()
+    node = Node(kube, inline_bytes=0)
+    assert node.handle(message(1)) is Verdict.ACK
+    node.controller.waiting_events.start()
+    node.controller.waiting_events.stop()
+    assert kube.writes == [("create Lease", lease_name(RB)), ("create Job", name(1)),
+                           ("create ConfigMap", name(1))]
+    assert kube.write_count() == 4
+    node.handle(message(2))  # a waiting one too
+    assert kube.writes[3:] == [("create Job", name(2)), ("create ConfigMap", name(2))]
 
 
 def test_a_run_that_arrives_while_its_rb_reduces_waits_suspended_without_a_lease_write() -> None:
@@ -112,13 +127,13 @@ def test_a_run_that_arrives_while_its_rb_reduces_waits_suspended_without_a_lease
     node = Node(kube)
     node.handle(message(1))
     node.handle(message(2))
-    assert kube.writes[3:] == [("create Job", name(2)), ("create ConfigMap", name(2))]
+    assert kube.writes[2:] == [("create Job", name(2))]
     assert is_suspended(kube.get_job(name(2)))  # type: ignore[arg-type]
     # When run 1 ends, the suspended path hands the RB on: Lease CAS, then unsuspend.
     kube.finish(name(1))
     node.see(kube)
     node.reconcile()
-    assert kube.writes[5:] == [("update Lease", lease_name(RB)), ("patch Job", name(2))]
+    assert kube.writes[3:] == [("update Lease", lease_name(RB)), ("patch Job", name(2))]
     assert holder_of(lease(kube)) == name(2)
 
 
@@ -129,8 +144,7 @@ def test_the_next_run_after_a_finished_one_is_direct_again_by_lease_cas() -> Non
     kube.finish(name(1))
     node.see(kube)
     node.handle(message(2))
-    assert kube.writes[3:] == [("update Lease", lease_name(RB)), ("create Job", name(2)),
-                               ("create ConfigMap", name(2))]
+    assert kube.writes[2:] == [("update Lease", lease_name(RB)), ("create Job", name(2))]
     assert kube.get_job(name(2))["spec"]["suspend"] is False  # type: ignore[index]
 
 
@@ -138,7 +152,7 @@ def test_caps_or_the_switch_keep_the_suspended_path() -> None:
     for node_of in (lambda k: Node(k, caps=Caps(5, {})), lambda k: Node(k, direct=False)):
         kube = FakeKube()
         node_of(kube).handle(message(1))
-        assert kube.writes == [("create Job", name(1)), ("create ConfigMap", name(1))]
+        assert kube.writes == [("create Job", name(1))]
         assert is_suspended(kube.get_job(name(1)))  # type: ignore[arg-type]
 
 
@@ -156,7 +170,7 @@ def test_a_lease_naming_a_job_never_created_is_voided_before_it_moves() -> None:
     other = Node(kube)
     other.handle(message(2))  # the RB is not free (the Lease is held): suspended
     other.reconcile()
-    assert kube.writes == [("create Job", name(2)), ("create ConfigMap", name(2)),
+    assert kube.writes == [("create Job", name(2)),
                            ("create Job", name(1)), ("update Lease", lease_name(RB)),
                            ("patch Job", name(2))]
     assert voids.is_void(LABELS, kube.get_job(name(1)))
@@ -210,7 +224,7 @@ def test_a_young_direct_lease_is_left_alone_and_looked_at_again_later() -> None:
     kube.writes.clear()
     node.handle(message(2))
     node.reconcile()
-    assert kube.writes == [("create Job", name(2)), ("create ConfigMap", name(2))]
+    assert kube.writes == [("create Job", name(2))]
     assert voids.reclaim_wait(lease(kube), now=time.time()) > 0
 
 
@@ -220,7 +234,7 @@ def test_a_redelivery_after_a_crash_between_lease_and_job_finds_its_own_lease() 
     kube.writes.clear()
     successor = Node(kube)
     assert successor.handle(message(1)) is Verdict.ACK
-    assert kube.writes == [("create Job", name(1)), ("create ConfigMap", name(1))]
+    assert kube.writes == [("create Job", name(1))]
     assert kube.get_job(name(1))["spec"]["suspend"] is False  # type: ignore[index]
 
 

@@ -16,12 +16,15 @@ from dispatcher.identity import MAX_NAME, Labels, RunKey, job_name, lease_name, 
 from dispatcher.manifests import (
     Arrival,
     TemplateError,
+    carries_message,
     effective_runner,
+    inline_message,
     load_template,
     message_of,
     owned_by,
     render_config_map,
     render_job,
+    stored_message,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -169,6 +172,76 @@ def test_the_message_is_read_back_from_its_config_map() -> None:
 ])
 def test_a_config_map_without_a_message_reads_as_none(config_map: dict[str, Any] | None) -> None:
     assert message_of(config_map) is None
+
+
+def render_with(settings: DispatcherSettings, raw: dict[str, Any],
+                template: Path | None = None) -> dict[str, Any]:
+    return render_job(settings=settings, template=load_template(
+                          template or settings.jobs.template_path), key=key(),
+                      arrival=Arrival(priority=4, enqueued_ms=1000, message_id="ID:1"),
+                      message=inline_message(settings, raw))
+
+
+def message_volume(job: dict[str, Any]) -> dict[str, Any]:
+    volumes = job["spec"]["template"]["spec"]["volumes"]
+    return next(v for v in volumes if v["name"] == "message")
+
+
+def test_a_small_message_travels_in_the_job_and_is_projected_as_the_message_file() -> None:
+    raw = {"instrument": "WISH", "reduction_script": "print('\u00e9')\n", "note": "\U0001f600"}
+    job = render_with(_settings(), raw)
+    annotation = job["spec"]["template"]["metadata"]["annotations"]["autoreduce.io/message"]
+    assert json.loads(annotation) == raw
+    assert message_volume(job) == {"name": "message", "downwardAPI": {"items": [{
+        "path": "message.json",
+        "fieldRef": {"fieldPath": "metadata.annotations['autoreduce.io/message']"}}]}}
+    assert carries_message(LABELS, job)
+    never_read = lambda: pytest.fail("the ConfigMap was read")  # noqa: E731
+    assert stored_message(LABELS, job, never_read) == raw
+
+
+def test_a_message_over_the_limit_goes_in_its_config_map() -> None:
+    raw = {"instrument": "WISH", "reduction_script": "x" * 100}
+    size = len(json.dumps(raw).encode())
+    for limit in (0, size - 1):
+        settings = _settings(jobs={"inline_message_max_bytes": limit})
+        job = render_with(settings, raw)
+        assert message_volume(job) == {"name": "message",
+                                       "configMap": {"name": job_name(key())}}
+        assert not carries_message(LABELS, job)
+        assert "autoreduce.io/message" not in job["spec"]["template"]["metadata"]["annotations"]
+        config_map = render_config_map(settings=settings, key=key(), raw=raw)
+        assert stored_message(LABELS, job, lambda: config_map) == raw
+    assert carries_message(LABELS, render_with(
+        _settings(jobs={"inline_message_max_bytes": size}), raw))
+
+
+def test_a_site_template_written_for_the_config_map_gets_the_inline_message(
+        tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml.j2"
+    default = Path(str(_settings().jobs.template_path)).read_text()
+    path.write_text(default.replace('"configMap": {"name": {{ job.config_map | tojson }}}',
+                                    '"configMap": {"name": {{ job.config_map | tojson }}, '
+                                    '"defaultMode": 420}'))
+    job = render_with(_settings(), {"instrument": "WISH"}, template=path)
+    assert set(message_volume(job)) == {"name", "downwardAPI"}
+
+
+def test_a_template_without_the_message_volume_fails_loudly(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml.j2"
+    path.write_text(Path(str(_settings().jobs.template_path)).read_text().replace(
+        '- {"name": "message", "configMap"', '- {"name": "elsewhere", "configMap"'))
+    with pytest.raises(TemplateError, match="pod volume 'message'"):
+        render_with(_settings(), {"instrument": "WISH"}, template=path)
+
+
+@pytest.mark.parametrize("job", [
+    None,  # gone
+    {"spec": {"template": {"metadata": {"annotations": {"autoreduce.io/message": "not json"}}}}},
+    {"spec": {"template": {"metadata": {"annotations": {"autoreduce.io/message": "[1]"}}}}},
+])
+def test_an_unreadable_inline_message_reads_as_none(job: dict[str, Any] | None) -> None:
+    assert stored_message(LABELS, job, lambda: None) is None
 
 
 def test_settings_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

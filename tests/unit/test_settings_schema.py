@@ -67,6 +67,7 @@ SETTING_OF_VALUE = {
     "jobs.ttlSecondsAfterFinished": "jobs.ttl_seconds_after_finished",
     "jobs.cancelMarkerTtlSeconds": "jobs.cancel_marker_ttl_seconds",
     "jobs.posterSidecar": "jobs.poster_sidecar",
+    "jobs.inlineMessageMaxBytes": "jobs.inline_message_max_bytes",
     "runner.image.pullPolicy": "runner.image_pull_policy",
     "runner.command": "runner.command",
     "runner.resources.requests": "runner.resources.requests",
@@ -253,6 +254,7 @@ EVERY_VALUE: dict[str, Any] = {
         "ttlSecondsAfterFinished": 3600,
         "cancelMarkerTtlSeconds": 0,
         "posterSidecar": False,
+        "inlineMessageMaxBytes": 4096,
     },
     "jobTemplate": DEFAULT_TEMPLATE.read_text(),
     "runner": {

@@ -368,6 +368,7 @@ Secrets never appear here: the password is a mounted file.
   "ttl_seconds_after_finished" (int $v.jobs.ttlSecondsAfterFinished)
   "cancel_marker_ttl_seconds" (int $v.jobs.cancelMarkerTtlSeconds)
   "poster_sidecar" $v.jobs.posterSidecar
+  "inline_message_max_bytes" (int $v.jobs.inlineMessageMaxBytes)
   "broker_username" ($v.broker.runner.username | default nil)
   "broker_secret_name" (include "autoreduce.runnerBrokerSecretName" .)
   "broker_secret_key" (include "autoreduce.runnerBrokerSecretKey" .)
