@@ -40,7 +40,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-burst", type=int, default=None,
                         help="the dispatcher's API burst instead of its default")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=None,
-                        help="the dispatcher.s concurrency (= prefetch)")  # fmt: skip
+                        help="the dispatcher's concurrency (= prefetch)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=None,
                         help="state of the stack (default: a new dir under /var/tmp)")  # fmt: skip
     return parser.parse_args(argv)
