@@ -10,8 +10,10 @@ can set) means none. The points (README "Faults"):
 and between the writes of a direct admission (``dispatcher.direct``), and of a void:
 
 - ``after-direct-lease``: the RB's Lease names the run's Job; no Job yet;
-- ``after-job-create``: the run's Job exists; no ConfigMap yet, message not acked;
-- ``after-config-map``: Job and ConfigMap exist; no Admitted Event, message not acked;
+- ``after-job-create``: the run's Job exists (with the message in it, or without the
+  ConfigMap of a large one yet); message not acked;
+- ``after-config-map``: the message is stored (in the Job, or in its ConfigMap); no
+  Admitted Event, message not acked;
 - ``after-void``: a void Job took a missing holder's name; the Lease has not moved.
 """
 

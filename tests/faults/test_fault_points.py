@@ -228,21 +228,29 @@ def stopped_at(faulty: DispatcherProcess, point: str) -> None:
     assert f"fault point {point} reached" in faulty.log()
 
 
-@pytest.mark.parametrize("point", ["after-direct-lease", "after-job-create", "after-config-map"])
+# (fault point, a message too large for its Job): the inline message's writes are
+# Lease | Job | ack; a large one's are Lease | Job | ConfigMap | ack.
+DIRECT_POINTS = [("after-direct-lease", False), ("after-job-create", False),
+                 ("after-job-create", True), ("after-config-map", True)]
+
+
+@pytest.mark.parametrize(("point", "large"), DIRECT_POINTS)
 def test_dispatcher_stopped_between_the_writes_of_a_direct_admission(
-    point: str, start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
-    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
-    kube: Any, namespace: str,
+    point: str, large: bool, start_dispatcher: Callable[..., DispatcherProcess],
+    stomp: StompClient, broker_settings: BrokerSettings, reader: QueueReader,
+    facility: Facility, kube: Any, namespace: str,
 ) -> None:
-    """Run 61 finds its RB free: Lease, then its Job created running, then its
-    ConfigMap, then the ack. The dispatcher exits (137, as abruptly as a SIGKILL) at
-    each point in between; a successor gets the message again. Run 62 of the same RB
-    arrives meanwhile. Each run reduces once, one at a time, and nothing is lost."""
-    rb = 3300000 + ["after-direct-lease", "after-job-create", "after-config-map"].index(point)
+    """Run 61 finds its RB free: Lease, then its Job created running (with its
+    message, or then the ConfigMap of a large one), then the ack. The dispatcher exits
+    (137, as abruptly as a SIGKILL) at each point in between; a successor gets the
+    message again. Run 62 of the same RB arrives meanwhile. Each run reduces once, one
+    at a time, and nothing is lost."""
+    rb = 3300000 + DIRECT_POINTS.index((point, large))
+    script = timeline_script(2) + ("\n#" + "x" * 20_000 + "\n" if large else "")
     faulty = start_dispatcher(name="faulty", fault_point=point, retries=RETRIES_OFF)
     for run in (61, 62):
         send(stomp, broker_settings, run_message(facility=facility, instrument="WISH", rb=rb,
-                                                 run=run, script=timeline_script(2)))
+                                                 run=run, script=script))
     stopped_at(faulty, point)
     start_dispatcher(name="successor", retries=RETRIES_OFF)
     seen = settle(reader, broker_settings, at_least=2, kube=kube, namespace=namespace)
