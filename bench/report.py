@@ -101,6 +101,10 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
                  f"{_num(conc.get('runs_per_s'))} runs/s", ""))
     rows.append(("LIMIT + Lease + unsuspend, sequential",
                  f"p50 {_ms(adm.get('p50'))} p99 {_ms(adm.get('p99'))}", "", ""))
+    direct = _get(results, "limit", "sequential_direct") or {}
+    rows.append(("LIMIT Lease + running Job (message inline), sequential",
+                 f"p50 {_ms(direct.get('p50'))} p99 {_ms(direct.get('p99'))}",
+                 f"{_num(direct.get('runs_per_s'))} runs/s; the dispatcher's own writes", ""))
     rows.append(("render Job+ConfigMap (client CPU)",
                  _num(_get(results, "limit", "render_ms_mean"), " ms"), "per run", ""))
     limit_p99 = seq.get("p99")

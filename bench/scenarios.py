@@ -21,7 +21,14 @@ from bench.stats import summary
 from dispatcher.config import DispatcherSettings
 from dispatcher.identity import Labels, job_name, run_key
 from dispatcher.leases import RbLeases
-from dispatcher.manifests import Arrival, load_template, owned_by, render_config_map, render_job
+from dispatcher.manifests import (
+    Arrival,
+    inline_message,
+    load_template,
+    owned_by,
+    render_config_map,
+    render_job,
+)
 
 # Requests the dispatcher makes (the Job controller writes jobs/status, pods and
 # core/v1 events; the kubelet pods/status and its node Lease every 10 s).
@@ -148,7 +155,8 @@ def limit(stack: Stack, sizes: Sizes) -> dict[str, Any]:
     leases = RbLeases(kube=kube, labels=labels, identity="bench-limit")
     render_times: list[float] = []
 
-    def prepare(count: int) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    def prepare(count: int, *, inline: bool = False
+                ) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
         items = []
         for run in _runs(count):
             rb = next(_rb_numbers)
@@ -157,7 +165,8 @@ def limit(stack: Stack, sizes: Sizes) -> dict[str, Any]:
             started = time.perf_counter()
             job = render_job(settings=settings, template=template, key=key,
                              arrival=Arrival(priority=4, enqueued_ms=int(time.time() * 1000),
-                                             message_id=f"bench-{run}"))
+                                             message_id=f"bench-{run}"),
+                             message=inline_message(settings, raw) if inline else None)
             config_map = render_config_map(settings=settings, key=key, raw=raw)
             render_times.append(time.perf_counter() - started)
             items.append((str(rb), job_name(key), job, config_map))
@@ -185,6 +194,20 @@ def limit(stack: Stack, sizes: Sizes) -> dict[str, Any]:
     )
     admitted = prepare(sizes.limit_admit)
     admit_latency = [create(item, admit=True) for item in admitted]
+
+    def create_direct(item: tuple[str, str, dict[str, Any], dict[str, Any]]) -> float:
+        """The writes of the dispatcher's direct path: Lease, then the Job created
+        running with its message (its pod is made by the Job controller)."""
+        rb, name, job_body, _ = item
+        started = time.monotonic()
+        leases.grant(rb=rb, job=name, base=None, direct=True)
+        kube.create_job({**job_body, "spec": {**job_body["spec"], "suspend": False}})
+        return time.monotonic() - started
+
+    direct = prepare(sizes.limit_admit, inline=True)
+    started = time.monotonic()
+    direct_latency = [create_direct(item) for item in direct]
+    direct_wall = time.monotonic() - started
     return {
         "what": "create Job then its owned ConfigMap with dispatcher.kube.Kube (no client-side "
         "budget), manifests pre-rendered by dispatcher.manifests",
@@ -195,6 +218,11 @@ def limit(stack: Stack, sizes: Sizes) -> dict[str, Any]:
         "sequential_with_admission": {
             **summary(admit_latency),
             "what": "plus Lease create and the unsuspend patch (4 calls: an admitted run)",
+        },
+        "sequential_direct": {
+            **summary(direct_latency), "runs_per_s": len(direct_latency) / direct_wall,
+            "what": "Lease create, then the Job created running with its message inline "
+            "(the dispatcher's writes for a free RB); its pod follows from the Job controller",
         },
         "load": [load_before, load()],
     }
