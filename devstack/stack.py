@@ -36,8 +36,13 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 
 def stop_on_signals() -> None:
     """SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, as Ctrl-C does
-    (Python's default for them ends the process with no cleanup at all)."""
+    (Python's default for them ends the process with no cleanup at all). SIGINT is set
+    too: a process started in the background by a shell without job control (a CI
+    script's ``cmd &``) inherits SIGINT *ignored*, Python then never installs its
+    KeyboardInterrupt handler, and a Ctrl-C sent to the group would leave the whole
+    stack running."""
     if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _interrupt)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from devstack.stack import leftovers
+from tests.harness.signals import as_a_background_job
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +43,7 @@ def _run_demo_then_ctrl_c() -> tuple[str, int]:
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "demo.py"), "--keep"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=as_a_background_job,  # noqa: PLW1509
     )  # fmt: skip
     assert proc.stdout is not None
     lines = []

@@ -22,6 +22,7 @@ from devstack.images import RUNNER, product_version
 from devstack.paths import repo_root
 from devstack.product import PYTHONPATH
 from devstack.stack import leftovers
+from tests.harness.signals import as_a_background_job
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +33,7 @@ def _start(workdir: Path) -> tuple[subprocess.Popen[str], str, Path]:
         cwd=repo_root(), env={**os.environ, "PYTHONPATH": PYTHONPATH},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # its own terminal session: a Ctrl-C reaches only it
+        preexec_fn=as_a_background_job,  # noqa: PLW1509
     )  # fmt: skip
     assert proc.stdout is not None
     seen = []
