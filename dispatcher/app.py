@@ -184,8 +184,10 @@ def run(*, settings: DispatcherSettings, kubeconfig: Path | None, template: obje
         )
     outcomes.start()
     controller.start()
-    if not controller.wait_synced(timeout=60):
-        log.warning("no Job list from the API yet; consuming anyway (runs wait in the broker)")
+    # Not the Job list: at 50,000 waiting runs it takes many seconds, and a run on a
+    # free RB need not wait for it (Controller.wait_pods_synced).
+    if not controller.wait_pods_synced(timeout=60):
+        log.warning("no pod list from the API yet; consuming anyway (runs wait in the broker)")
     if not client.ensure_connected(stop=stop):
         return 0
     consumer.start()

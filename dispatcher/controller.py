@@ -19,7 +19,7 @@ from dispatcher.admission import Action
 from dispatcher.capslots import CapSlots
 from dispatcher.events import WaitingEvents
 from dispatcher.identity import Labels
-from dispatcher.jobcache import JobCache
+from dispatcher.jobcache import JobCache, slim
 from dispatcher.jobwatch import SYNC, JobWatch, Observer
 from dispatcher.kube import Kube, KubeError, NotFound, Unavailable
 from dispatcher.leases import RbLeases, holder_of
@@ -34,7 +34,7 @@ Job = dict[str, Any]
 # Admission workers: different RBs are handed over in parallel, one RB never twice at once.
 ADMISSION_WORKERS = 4
 API_PROBE_S = 2.0  # readiness asks the API server's /readyz at most this often
-PODS_UNSYNCED_RETRY_S = 0.2
+UNSYNCED_RETRY_S = 0.2
 
 
 class Controller:
@@ -69,7 +69,8 @@ class Controller:
         self._stop = threading.Event()
         self.watch = JobWatch(kube=kube, labels=labels, cache=self.cache,
                               observers=[self, *observers], metrics=self.metrics,
-                              resync_seconds=resync_seconds, stop=self._stop)
+                              resync_seconds=resync_seconds, stop=self._stop,
+                              hold_first_list_s=faults.first_list_hold_s(fault_point))
         self._threads: list[threading.Thread] = []
         self.slots = CapSlots(labels=labels, caps=caps, cache=self.cache,
                               waiting_events=self.waiting_events)
@@ -108,10 +109,11 @@ class Controller:
             self._api_ready = (time.monotonic(), ready)
         return ready
 
-    def wait_synced(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        return self.watch.synced.wait(timeout) and self.pods.synced.wait(
-            max(deadline - time.monotonic(), 0.0))
+    def wait_pods_synced(self, timeout: float) -> bool:
+        """The first pod list is in: enough to consume. The Job list may take many
+        seconds more at 50,000 waiting runs; until it is in, a run on a free RB is
+        admitted from the API's view of its RB (``jobs_of_rb``) and every other waits."""
+        return self.pods.synced.wait(timeout)
 
     def observe(self, job: Job) -> None:
         """Our own write, seen before the watch delivers it."""
@@ -122,7 +124,16 @@ class Controller:
             self.queue.add(rb)
 
     def synced(self) -> bool:
-        return self.watch.synced.is_set() and self.pods.synced.is_set()
+        return self.cache.synced.is_set() and self.pods.synced.is_set()
+
+    def jobs_of_rb(self, rb: str) -> list[Job]:
+        """The RB's Jobs: from the cache once the first list is in, else from the API
+        (one list by label, answered from the API server's watch cache)."""
+        if self.cache.synced.is_set():
+            return self.cache.of_rb(rb)
+        selector = f"{self.labels.managed}=true,{self.labels.key('rb-number')}={rb}"
+        jobs, _ = self.kube.list_jobs(selector=selector, keep=slim)
+        return jobs
 
     def admitted_directly(self, job: Job) -> None:
         """A run created running under its RB's Lease (``dispatcher.direct``)."""
@@ -176,10 +187,11 @@ class Controller:
 
     def reconcile(self, rb: str) -> None:
         """Bring one RB to its right state; safe to run any number of times anywhere."""
-        if not self.pods.synced.is_set():
+        if not self.synced():
             # Without the pods we cannot tell a free RB from one whose last pod is
-            # still stopping: wait for the first pod list.
-            self.queue.add_after(rb, PODS_UNSYNCED_RETRY_S)
+            # still stopping, and without every Job which of its runs waited longest:
+            # wait for the first lists.
+            self.queue.add_after(rb, UNSYNCED_RETRY_S)
             return
         if rb in self.creating:
             return  # a direct admission of ours is creating its Job; it enqueues rb after

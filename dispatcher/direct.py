@@ -54,8 +54,10 @@ class DirectAdmission:
         c = self._controller
         rb = key.rb_number
         # Caps count running Jobs, which a Lease without its Job is not: capped sites
-        # keep the suspended path, where counting and admitting are one step.
-        if not self._enabled or c.slots.capped() or not c.synced() or not c.creating.add(rb):
+        # keep the suspended path, where counting and admitting are one step. Without
+        # the pod list a free RB cannot be told from one whose last pod still stops.
+        if (not self._enabled or c.slots.capped() or not c.pods.synced.is_set()
+                or not c.creating.add(rb)):
             return None
         try:
             grant = self._take(rb, job_name(key))
@@ -70,17 +72,19 @@ class DirectAdmission:
 
     def _take(self, rb: str, name: str) -> Grant | None:
         c = self._controller
-        jobs = c.cache.of_rb(rb)
-        if c.cache.get(name) is not None:
+        # Until the first Job list is in (seconds, at 50,000 waiting runs), the API's.
+        jobs = {admission.name_of(job): job for job in c.jobs_of_rb(rb)}
+        if name in jobs or c.cache.get(name) is not None:
             return None  # a redelivery or a duplicate of a run we already have
-        if not admission.free_on_arrival(jobs=jobs, lingering=bool(c.pods.live_of_rb(rb))):
+        if not admission.free_on_arrival(jobs=list(jobs.values()),
+                                         lingering=bool(c.pods.live_of_rb(rb))):
             return None
         taken_at = self._clock()
         # An RB we know no Job of has no Lease as a rule: let the create be the CAS.
         lease = c.leases.read(rb) if jobs else None
         if lease is not None and holder_of(lease) == name and voids.is_direct(c.labels, lease):
             return Grant(rb, lease, taken_at)  # an earlier delivery of this run wrote it
-        if lease is not None and not self._holder_done(lease):
+        if lease is not None and not self._holder_done(lease, jobs):
             return None  # held, or by a Job we cannot see yet: the controller decides
         written = c.leases.grant(rb=rb, job=name, base=lease, direct=True)
         if written is not None:
@@ -97,10 +101,10 @@ class DirectAdmission:
             return Grant(rb, again, taken_at)
         return None
 
-    def _holder_done(self, lease: Obj) -> bool:
-        """The Lease names nobody, or a Job our view shows finished."""
+    def _holder_done(self, lease: Obj, jobs: dict[str, Obj]) -> bool:
+        """The Lease names nobody, or a Job of the RB (``jobs``) our view shows finished."""
         holder = holder_of(lease)
-        known = self._controller.cache.get(holder or "")
+        known = jobs.get(holder or "")
         return not holder or (known is not None and admission.is_finished(known))
 
     def in_window(self, grant: Grant) -> bool:

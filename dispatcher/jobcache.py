@@ -16,11 +16,15 @@ from dispatcher.identity import Labels
 Job = dict[str, Any]
 
 
-def _rv(job: Job) -> int:
+def _as_int(resource_version: object) -> int:
     try:
-        return int(job.get("metadata", {}).get("resourceVersion", 0))
-    except (TypeError, ValueError):
+        return int(str(resource_version or 0))
+    except ValueError:
         return 0
+
+
+def _rv(job: Job) -> int:
+    return _as_int(job.get("metadata", {}).get("resourceVersion"))
 
 
 def slim(job: Job) -> Job:
@@ -48,14 +52,24 @@ class JobCache:
         self._jobs: dict[str, Job] = {}
         self._by_rb: dict[str, dict[str, Job]] = {}
         self._lock = threading.Lock()
+        self.synced = threading.Event()  # set by the first complete list
 
-    def replace_all(self, jobs: list[Job]) -> None:
+    def replace_all(self, jobs: list[Job], resource_version: str = "") -> None:
+        """The list's Jobs, plus those of our own writes newer than the list (``upsert``
+        while it was read): the dispatcher consumes during its first list, and a Job it
+        created after the list's snapshot would otherwise vanish until the watch, which
+        starts at ``resource_version``, brings it back."""
         kept = {admission.name_of(job): slim(job) for job in jobs}
-        by_rb: dict[str, dict[str, Job]] = {}
-        for name, job in kept.items():
-            by_rb.setdefault(self.rb_of(job), {})[name] = job
+        snapshot = _as_int(resource_version)
         with self._lock:
+            for name, job in self._jobs.items():
+                if snapshot and _rv(job) > snapshot:
+                    kept[name] = job  # the list's copy, if any, is older
+            by_rb: dict[str, dict[str, Job]] = {}
+            for name, job in kept.items():
+                by_rb.setdefault(self.rb_of(job), {})[name] = job
             self._jobs, self._by_rb = kept, by_rb
+        self.synced.set()
 
     def upsert(self, job: Job) -> None:
         name = admission.name_of(job)

@@ -10,6 +10,7 @@ node run everything; nothing here is mocked.
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -355,3 +356,50 @@ def test_the_next_run_waits_for_a_stopping_pod_whose_script_ignores_sigterm(
     assert not found, found
     # The stubborn scripts really outlived the first verdict: they noted SIGTERM.
     assert {e["file"] for e in read_timeline(facility) if e["event"] == "sigterm"}
+
+
+# -- a restart whose Job list takes long (50,000 waiting runs) ---------------------------
+
+
+def test_a_restarted_dispatcher_admits_free_rbs_before_its_job_list_is_in(
+    start_dispatcher: Callable[..., DispatcherProcess], stomp: StompClient,
+    broker_settings: BrokerSettings, reader: QueueReader, facility: Facility,
+    kube: Any, namespace: str,
+) -> None:
+    """RB A: run 81 reduces, 82 waits; the dispatcher is SIGKILLed. Its successor's
+    first Job list is held back 30 s (as 50,000 waiting runs slow it down), and it
+    consumes meanwhile. Run 83 on the free RB B is admitted from the API's view of B
+    while the list is held; 82, whose RB freed up, waits for the list (only the whole
+    list says which of A's runs waited longest); 84 on A queues behind 82. Each run
+    reduces once, RB A in arrival order, one at a time."""
+    rb_a, rb_b = 3400001, 3400002
+    first = start_dispatcher(name="first", retries=RETRIES_OFF)
+    for run, sleep in ((81, 2), (82, 1)):
+        send(stomp, broker_settings, run_message(facility=facility, instrument="WISH",
+                                                 rb=rb_a, run=run, script=timeline_script(sleep)))
+    wait_until(lambda: len(list_jobs(kube, namespace)) == 2, timeout=60, what="2 Jobs")
+    first.kill(signal.SIGKILL)
+    slow = start_dispatcher(name="slow-list", fault_point="hold-job-list", retries=RETRIES_OFF)
+    wait_until(lambda: any(e["event"] == "end" for e in read_timeline(facility)),
+               timeout=120, what="run 81 to end")
+    for run, rb in ((83, rb_b), (84, rb_a)):
+        send(stomp, broker_settings, run_message(facility=facility, instrument="WISH", rb=rb,
+                                                 run=run, script=timeline_script(1)))
+
+    def started(run: int) -> bool:
+        return any(e["event"] == "start" and e["file"] == facility.data_file("WISH", run)
+                   for e in read_timeline(facility))
+
+    wait_until(lambda: started(83), timeout=60, what="run 83 to start on its free RB")
+    assert "Job cache in" not in slow.log(), "the list was in before run 83 started"
+    assert not started(82), "run 82 was admitted before the Job list was in"
+    wait_until(lambda: "Job cache in" in slow.log(), timeout=90, what="the held Job list")
+    seen = settle(reader, broker_settings, at_least=4, kube=kube, namespace=namespace,
+                  timeout=180)
+    assert outcomes_by_run(seen) == {run: ["ReductionComplete"] for run in (81, 82, 83, 84)}
+    timeline = read_timeline(facility)
+    found = exclusivity_violations(jobs=list_jobs(kube, namespace), timeline=timeline)
+    assert not found, found
+    on_a = [e["file"] for e in timeline if e["event"] == "start"
+            and e["file"] != facility.data_file("WISH", 83)]
+    assert on_a == [facility.data_file("WISH", run) for run in (81, 82, 84)], on_a

@@ -27,6 +27,7 @@ class FakeKube:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str], Obj] = {}
         self.writes: list[tuple[str, str]] = []  # (verb + kind, name)
+        self.lists: list[str] = []  # the selectors of every Job list
         self.events: list[tuple[str, str, str]] = []  # (job, reason, note)
         self.before: dict[str, Callable[[], None]] = {}  # "create Job" -> hook, run once
         self._versions = itertools.count(1)
@@ -83,13 +84,15 @@ class FakeKube:
     def get_job(self, name: str) -> Obj | None:
         return self._get("Job", name)
 
-    def list_jobs(self, *, selector: str) -> tuple[list[Obj], str]:
+    def list_jobs(self, *, selector: str,
+                  keep: Callable[[Obj], Obj] | None = None) -> tuple[list[Obj], str]:
         """Jobs matching an equality selector (``k=v,k2=v2``), and a resourceVersion."""
         wanted = dict(part.split("=", 1) for part in selector.split(",") if part)
         found = [copy.deepcopy(job) for job in self.of_kind("Job").values()
                  if all((job["metadata"].get("labels") or {}).get(k) == v
                         for k, v in wanted.items())]
-        return found, str(next(self._versions))
+        self.lists.append(selector)
+        return [keep(job) for job in found] if keep else found, str(next(self._versions))
 
     def set_suspend(self, name: str, *, suspend: bool) -> Obj:
         job = self._stored("Job", name)

@@ -66,7 +66,7 @@ class Node:
             {"direct_admission": direct, "jobs": {"inline_message_max_bytes": inline_bytes}})
         self.controller = Controller(kube=kube, labels=LABELS, identity="test",  # type: ignore[arg-type]
                                      caps=caps or Caps(None, {}), resync_seconds=300)  # fmt: skip
-        self.controller.watch.synced.set()  # as after its first list: nothing there yet
+        self.controller.cache.synced.set()  # as after its first list: nothing there yet
         self.controller.pods.synced.set()
         self.dispatcher = Dispatcher(
             settings=settings, kube=kube, controller=self.controller,  # type: ignore[arg-type]
@@ -333,3 +333,44 @@ def test_a_cancel_for_a_voided_run_waits_for_the_void_then_is_remembered() -> No
     marker = kube.get_job(name(1))
     assert marker is not None and not voids.is_void(LABELS, marker)
     assert (marker["metadata"]["labels"] or {}).get(LABELS.key("cancel")) == "true"
+
+
+def test_before_the_first_job_list_a_free_rb_is_admitted_from_the_apis_view_of_it() -> None:
+    # A restart at 50,000 waiting runs: the Job list takes many seconds, and the
+    # dispatcher consumes meanwhile. Its cache is empty, so each arriving run's RB is
+    # read from the API (one list by label) before its Lease is taken.
+    kube = FakeKube()
+    Node(kube).handle(message(1, rb="7000001"))  # an earlier life: RB 7000001 reduces
+    restarted = Node(kube)
+    restarted.controller.cache.synced.clear()  # its first list is still being read
+    assert restarted.handle(message(2, rb="7000001")) is Verdict.ACK
+    assert is_suspended(kube.get_job(name(2, rb="7000001")))  # type: ignore[arg-type]
+    assert restarted.handle(message(3)) is Verdict.ACK
+    assert kube.get_job(name(3))["spec"]["suspend"] is False  # type: ignore[index]
+    assert holder_of(lease(kube)) == name(3)
+    assert kube.lists == [f"{LABELS.managed}=true,{LABELS.key('rb-number')}={rb}"
+                          for rb in ("7000001", RB)]
+    # Admission of waiting runs waits for the list: FIFO needs every Job of the RB.
+    kube.finish(name(1, rb="7000001"))
+    restarted.controller.reconcile("7000001")
+    assert is_suspended(kube.get_job(name(2, rb="7000001")))  # type: ignore[arg-type]
+    # The list comes in (its snapshot older than run 3's Job): run 3 stays known, and
+    # the RB's next run waits for it.
+    restarted.controller.cache.replace_all([kube.get_job(name(2, rb="7000001"))], "1")  # type: ignore[list-item]
+    assert restarted.controller.cache.get(name(3)) is not None
+    restarted.handle(message(4))
+    assert is_suspended(kube.get_job(name(4)))  # type: ignore[arg-type]
+
+
+def test_before_the_first_job_list_a_run_behind_a_waiting_one_waits_too() -> None:
+    kube = FakeKube()
+    first = Node(kube)
+    first.handle(message(1))
+    first.handle(message(2))  # waits behind run 1
+    kube.finish(name(1))  # nobody hands the RB on: the dispatcher is restarting
+    restarted = Node(kube)
+    restarted.controller.cache.synced.clear()
+    restarted.handle(message(3))
+    # Run 2 has waited longest: run 3 must not jump ahead of it.
+    assert is_suspended(kube.get_job(name(3)))  # type: ignore[arg-type]
+    assert holder_of(lease(kube)) == name(1)

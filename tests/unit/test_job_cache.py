@@ -55,3 +55,20 @@ def test_older_write_does_not_replace_a_newer_one_and_cached_jobs_are_slim() -> 
     cache.replace_all([job("b", "3", 1)])
     assert cache.get("a") is None and cache.of_rb("1") == []
     assert [j["metadata"]["name"] for j in cache.of_rb("3")] == ["b"]
+
+
+def test_a_list_keeps_our_own_writes_made_after_its_snapshot() -> None:
+    # The dispatcher consumes during its first list: a Job it created after the
+    # list's snapshot (resourceVersion 10) stays until the watch confirms it.
+    cache = JobCache(LABELS)
+    assert not cache.synced.is_set()
+    cache.upsert(job("created-during-the-list", "1", 12))
+    cache.upsert(job("listed-and-changed-since", "2", 14))
+    cache.upsert(job("written-before-the-snapshot", "3", 9))
+    cache.replace_all([job("listed-and-changed-since", "2", 8), job("listed", "4", 7)], "10")
+    assert cache.synced.is_set()
+    assert sorted(j["metadata"]["name"] for j in cache.all()) == [
+        "created-during-the-list", "listed", "listed-and-changed-since"]
+    assert cache.get("listed-and-changed-since")["metadata"]["resourceVersion"] == "14"  # type: ignore[index]
+    assert [j["metadata"]["name"] for j in cache.of_rb("1")] == ["created-during-the-list"]
+    assert cache.of_rb("3") == []
