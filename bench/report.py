@@ -155,7 +155,8 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
     rows.append(("scale: restart -> next admission",
                  _num(restart.get("restart_to_next_admission_s"), " s"),
                  f"consuming after {_num(restart.get('consuming_after_s'))} s; a new run "
-                 f"admitted after {_num(restart.get('new_run_admitted_after_s'))} s", ""))
+                 f"admitted after {_num(restart.get('new_run_admitted_after_s'))} s; Job "
+                 f"list in after {_num(restart.get('job_list_s'))} s", ""))
     happy = _get(results, "dispatch", "api") or {}
     rows.append(("happy path (free RB): API per run",
                  f"{_num(happy.get('dispatcher_writes_per_run'), '', 2)} writes, "

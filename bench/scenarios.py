@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import signal
 import threading
 import time
@@ -550,8 +551,15 @@ def _restart(
         "restart_to_next_admission_s": admitted_at - started if admitted_at else None,
         "holder_finished_after_s": finished_at - started if finished_at else None,
         "consuming_after_s": ready[0] if ready else None,
+        # The dispatcher's own figure: its first Job list, read while it consumed.
+        "job_list_s": _job_list_s(scenario.dispatcher.log()),
         "rss_mb_after_restart": rss_mb(scenario.dispatcher.process.pid).get("VmRSS"),
     }
+
+
+def _job_list_s(log: str) -> float | None:
+    found = re.search(r"Job cache in: \d+ Jobs listed in ([\d.]+)s", log)
+    return float(found.group(1)) if found else None
 
 
 # -- 6. the poster sidecar's cost ----------------------------------------------------------------
