@@ -187,11 +187,15 @@ class Controller:
 
     def reconcile(self, rb: str) -> None:
         """Bring one RB to its right state; safe to run any number of times anywhere."""
-        if not self.synced():
+        if not self.pods.synced.is_set():
             # Without the pods we cannot tell a free RB from one whose last pod is
-            # still stopping, and without every Job which of its runs waited longest:
-            # wait for the first lists.
+            # still stopping: wait for the first pod list (a second or two).
             self.queue.add_after(rb, UNSYNCED_RETRY_S)
+            return
+        if not self.cache.synced.is_set():
+            # Without every Job we cannot tell which of an RB's runs waited longest.
+            # No requeue: the first Job list tells every Job it holds (jobwatch), and
+            # at 50,000 runs it is many seconds of thousands of RBs otherwise.
             return
         if rb in self.creating:
             return  # a direct admission of ours is creating its Job; it enqueues rb after

@@ -58,7 +58,7 @@ class JobWatch:
         failed = False
         while not self._stop.is_set():
             try:
-                resource_version = self._relist(selector)
+                resource_version = self.relist()
                 if failed:
                     self.metrics.api_reconnects.inc()
                 failed = False
@@ -73,7 +73,10 @@ class JobWatch:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, WATCH_BACKOFF_MAX_S)
 
-    def _relist(self, selector: str) -> str:
+    def relist(self) -> str:
+        """List every managed Job into the cache, tell every observer of each, and
+        return the list's resourceVersion (to watch from)."""
+        selector = f"{self.labels.managed}=true"
         # Slimmed while the pages are read: the cache keeps no more, and the outcome
         # path reads a failed run's whole Job from the API.
         started = time.monotonic()
@@ -87,7 +90,8 @@ class JobWatch:
             log.info("Job cache in: %d Jobs listed in %.1fs; admitting waiting runs",
                      len(jobs), time.monotonic() - started)
         self.healthy = True
-        for job in jobs:
+        # The cache, not the list: it also holds our own Jobs newer than the list.
+        for job in self.cache.all():
             self._tell(SYNC, job)
         return resource_version
 

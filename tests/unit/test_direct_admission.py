@@ -335,6 +335,16 @@ def test_a_cancel_for_a_voided_run_waits_for_the_void_then_is_remembered() -> No
     assert (marker["metadata"]["labels"] or {}).get(LABELS.key("cancel")) == "true"
 
 
+def work_the_queue(node: Node) -> set[str]:
+    """What the admission workers would do: reconcile every queued RB; which were."""
+    worked = set()
+    while (rb := node.controller.queue.get(timeout=0.1)) is not None:
+        worked.add(rb)
+        node.controller.reconcile(rb)
+        node.controller.queue.done(rb)
+    return worked
+
+
 def test_before_the_first_job_list_a_free_rb_is_admitted_from_the_apis_view_of_it() -> None:
     # A restart at 50,000 waiting runs: the Job list takes many seconds, and the
     # dispatcher consumes meanwhile. Its cache is empty, so each arriving run's RB is
@@ -352,14 +362,20 @@ def test_before_the_first_job_list_a_free_rb_is_admitted_from_the_apis_view_of_i
                           for rb in ("7000001", RB)]
     # Admission of waiting runs waits for the list: FIFO needs every Job of the RB.
     kube.finish(name(1, rb="7000001"))
-    restarted.controller.reconcile("7000001")
+    assert work_the_queue(restarted) == {"7000001", RB}
     assert is_suspended(kube.get_job(name(2, rb="7000001")))  # type: ignore[arg-type]
-    # The list comes in (its snapshot older than run 3's Job): run 3 stays known, and
-    # the RB's next run waits for it.
-    restarted.controller.cache.replace_all([kube.get_job(name(2, rb="7000001"))], "1")  # type: ignore[list-item]
+    assert restarted.controller.queue.get(timeout=0.3) is None  # no requeue loop meanwhile
+    # The list comes in, its snapshot older than run 3's Job (it was read before run 3
+    # arrived): run 3 stays known, and the list tells every RB it holds to admission.
+    listed = [kube.get_job(name(n, rb="7000001")) for n in (1, 2)]
+    kube.list_jobs = lambda **_: (listed, "1")  # type: ignore[method-assign,assignment]
+    restarted.controller.watch.relist()
     assert restarted.controller.cache.get(name(3)) is not None
     restarted.handle(message(4))
     assert is_suspended(kube.get_job(name(4)))  # type: ignore[arg-type]
+    assert work_the_queue(restarted) == {"7000001", RB}
+    assert not is_suspended(kube.get_job(name(2, rb="7000001")))  # type: ignore[arg-type]
+    assert holder_of(kube.of_kind("Lease")[lease_name("7000001")]) == name(2, rb="7000001")
 
 
 def test_before_the_first_job_list_a_run_behind_a_waiting_one_waits_too() -> None:
