@@ -34,7 +34,7 @@ Job = dict[str, Any]
 # Admission workers: different RBs are handed over in parallel, one RB never twice at once.
 ADMISSION_WORKERS = 4
 API_PROBE_S = 2.0  # readiness asks the API server's /readyz at most this often
-UNSYNCED_RETRY_S = 0.2
+PODS_UNSYNCED_RETRY_S = 0.2
 
 
 class Controller:
@@ -123,9 +123,6 @@ class Controller:
         if rb:
             self.queue.add(rb)
 
-    def synced(self) -> bool:
-        return self.cache.synced.is_set() and self.pods.synced.is_set()
-
     def jobs_of_rb(self, rb: str) -> list[Job]:
         """The RB's Jobs: from the cache once the first list is in, else from the API
         (one list by label, answered from the API server's watch cache)."""
@@ -190,7 +187,7 @@ class Controller:
         if not self.pods.synced.is_set():
             # Without the pods we cannot tell a free RB from one whose last pod is
             # still stopping: wait for the first pod list (a second or two).
-            self.queue.add_after(rb, UNSYNCED_RETRY_S)
+            self.queue.add_after(rb, PODS_UNSYNCED_RETRY_S)
             return
         if not self.cache.synced.is_set():
             # Without every Job we cannot tell which of an RB's runs waited longest.

@@ -1,7 +1,8 @@
 """Direct admission: a run whose RB is free on arrival takes the RB's Lease first and
 its Job is created already running, with no unsuspend.
 
-Four writes for such a run (Lease, Job, ConfigMap, Admitted Event) instead of five.
+Three writes for such a run (Lease, the Job carrying its message, Admitted Event; a
+message too large for its Job adds its ConfigMap) instead of five.
 Runs that must wait keep the suspended path (``controller``). What keeps one run per RB
 while the Lease names a Job that does not exist yet is in ``dispatcher.voids``.
 """

@@ -49,11 +49,11 @@ class JobWatch:
         self.metrics = metrics
         self.resync_seconds = resync_seconds
         self._stop = stop
+        self._selector = f"{labels.managed}=true"
         self.hold_first_list_s = hold_first_list_s
         self.healthy = False  # the watch is up (readiness adds the API's /readyz)
 
     def run(self) -> None:
-        selector = f"{self.labels.managed}=true"
         backoff = 0.2
         failed = False
         while not self._stop.is_set():
@@ -63,7 +63,7 @@ class JobWatch:
                     self.metrics.api_reconnects.inc()
                 failed = False
                 backoff = 0.2
-                self._follow(selector, resource_version)
+                self._follow(resource_version)
             except Gone:
                 log.info("Job watch expired; re-listing")
             except KubeError as error:
@@ -76,12 +76,11 @@ class JobWatch:
     def relist(self) -> str:
         """List every managed Job into the cache, tell every observer of each, and
         return the list's resourceVersion (to watch from)."""
-        selector = f"{self.labels.managed}=true"
         # Slimmed while the pages are read: the cache keeps no more, and the outcome
         # path reads a failed run's whole Job from the API.
         started = time.monotonic()
         first = not self.cache.synced.is_set()
-        jobs, resource_version = self.kube.list_jobs(selector=selector, keep=slim)
+        jobs, resource_version = self.kube.list_jobs(selector=self._selector, keep=slim)
         if first and self.hold_first_list_s:  # the fault suite's slow list (faults)
             self._stop.wait(self.hold_first_list_s)
         self.cache.replace_all(jobs, resource_version)
@@ -95,11 +94,11 @@ class JobWatch:
             self._tell(SYNC, job)
         return resource_version
 
-    def _follow(self, selector: str, resource_version: str) -> None:
+    def _follow(self, resource_version: str) -> None:
         last_resync = time.monotonic()
         while not self._stop.is_set():
             for event in self.kube.watch_jobs(
-                selector=selector, resource_version=resource_version, timeout_s=60
+                selector=self._selector, resource_version=resource_version, timeout_s=60
             ):
                 if event.kind == "BOOKMARK":
                     resource_version = event.obj["metadata"]["resourceVersion"]

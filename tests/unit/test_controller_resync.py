@@ -68,7 +68,7 @@ def test_resync_replays_the_cache_without_listing_again() -> None:
     )
     controller.cache.upsert(_job("waits", rb="1"))
     controller.cache.upsert(_job("done", rb="2", condition="Complete"))
-    follower = threading.Thread(target=controller.watch._follow, args=("x=y", "1"), daemon=True)
+    follower = threading.Thread(target=controller.watch._follow, args=("1",), daemon=True)
     follower.start()
     deadline = time.monotonic() + 5
     while not recorder.jobs and time.monotonic() < deadline:
